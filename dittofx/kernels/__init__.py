@@ -5,7 +5,8 @@ taylor_update_, taylor_forecast}``. CUDA tensors run Triton kernels when Triton 
 (``TRITON_AVAILABLE``); everything else runs the fp32 torch implementation of the same op.
 """
 
+from ._layout import TRITON_AVAILABLE
 from .residual_diff import cache_decision, l1_sums, residual_diff
 from .taylor import taylor_forecast, taylor_update_
 
-__all__ = ["l1_sums", "cache_decision", "residual_diff", "taylor_update_", "taylor_forecast"]
+__all__ = ["TRITON_AVAILABLE", "l1_sums", "cache_decision", "residual_diff", "taylor_update_", "taylor_forecast"]

@@ -6,9 +6,112 @@ levels in registers, so one update or forecast is one pass over ``k + 1`` buffer
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ._layout import CUDA_ELEMENTWISE, INTERPRETER, TRITON_AVAILABLE, Config, Layout, collapse, use_triton
+
 __all__ = ["taylor_update_", "taylor_forecast"]
+
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    from ._layout import strided_offsets
+
+    @triton.jit
+    def _taylor_update_kernel(
+        d_ptr, x_ptr, b_ptr, valid_ptr, gap_ptr, flag_ptr, n, D1, D2,
+        d_lvl, ds0, ds1, ds2, xs0, xs1, xs2, bs0, bs1, bs2,
+        LEVELS: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Each element reads ``D0..D(top-1)`` once and writes ``D0..D(top)``, ``top = min(valid, k)``.
+
+        A level's mask is ``j < (n if live else 0)``: ``and``-ing a scalar into a vector mask breaks the interpreter.
+        """
+        if tl.load(flag_ptr) != 0:
+            valid = tl.load(valid_ptr)
+            gap = tl.load(gap_ptr).to(tl.float32)
+            j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            m = j < n
+            do = strided_offsets(j, D1, D2, ds0, ds1, ds2, CONTIG)
+            xv = tl.load(x_ptr + strided_offsets(j, D1, D2, xs0, xs1, xs2, CONTIG), mask=m, other=0)
+            bv = tl.load(b_ptr + strided_offsets(j, D1, D2, bs0, bs1, bs2, CONTIG), mask=m, other=0)
+            cur = xv.to(tl.float32) - bv.to(tl.float32)
+            for i in tl.static_range(1, LEVELS):
+                lvl = d_ptr + (i - 1) * d_lvl + do
+                old = tl.load(lvl, mask=j < tl.where(valid >= i, n, 0), other=0)  # read before overwritten
+                tl.store(lvl, cur.to(d_ptr.dtype.element_ty), mask=j < tl.where(valid >= i - 1, n, 0))
+                cur = (cur - old.to(tl.float32)) / gap
+            tl.store(d_ptr + (LEVELS - 1) * d_lvl + do, cur.to(d_ptr.dtype.element_ty), mask=j < tl.where(valid >= LEVELS - 1, n, 0))
+
+    @triton.jit
+    def _taylor_forecast_kernel(
+        out_ptr, d_ptr, b_ptr, valid_ptr, e_ptr, n, D1, D2, d_lvl, ds0, ds1, ds2, bs0, bs1, bs2,
+        LEVELS: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """``out = base + sum_{i < valid} D(i) e^i / i!`` in fp32; levels past ``valid`` are not read."""
+        valid = tl.load(valid_ptr)
+        e = tl.load(e_ptr).to(tl.float32)
+        j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = j < n
+        do = strided_offsets(j, D1, D2, ds0, ds1, ds2, CONTIG)
+        acc = tl.load(b_ptr + strided_offsets(j, D1, D2, bs0, bs1, bs2, CONTIG), mask=m, other=0).to(tl.float32)
+        coef = e * 0 + 1
+        for i in tl.static_range(LEVELS):
+            if i > 0:
+                coef = coef * e / i
+            dv = tl.load(d_ptr + i * d_lvl + do, mask=j < tl.where(valid > i, n, 0), other=0)
+            acc += dv.to(tl.float32) * coef
+        tl.store(out_ptr + j, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _elementwise_plan(derivs: torch.Tensor, others: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], Layout]:
+    """Collapsed layout over ``S`` of ``derivs[i]`` and ``others``; non-collapsible operands are made contiguous."""
+    for _ in range(2):
+        lay = collapse(others[0].shape, [derivs.stride()[1:]] + [t.stride() for t in others])
+        if lay is not None:
+            return derivs, others, lay
+        derivs, others = derivs.contiguous(), [t.contiguous() for t in others]
+    raise AssertionError("contiguous tensors always collapse")
+
+
+def _config(t: torch.Tensor) -> Config:
+    return CUDA_ELEMENTWISE if t.is_cuda else INTERPRETER
+
+
+def taylor_update_triton(
+    derivs: torch.Tensor, x: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, gap: torch.Tensor, flag: torch.Tensor,
+    *, config: Optional[Config] = None,
+) -> None:
+    """Triton ``taylor_update_`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); no host sync."""
+    cfg = config or _config(x)
+    work, (xx, bb), lay = _elementwise_plan(derivs, [x, base])
+    n = x.numel()
+    _taylor_update_kernel[(triton.cdiv(n, cfg.block),)](
+        work, xx, bb, valid, gap, flag, n, lay.sizes[1], lay.sizes[2], work.stride(0), *lay.strides[0],
+        *lay.strides[1], *lay.strides[2], LEVELS=derivs.shape[0], CONTIG=lay.contig, BLOCK=cfg.block,
+        num_warps=cfg.num_warps,
+    )
+    if work is not derivs:  # derivs had a layout beyond MAX_RANK dims: write the result back
+        derivs.copy_(work)
+
+
+def taylor_forecast_triton(
+    derivs: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, e: torch.Tensor,
+    *, out: Optional[torch.Tensor] = None, config: Optional[Config] = None,
+) -> torch.Tensor:
+    """Triton ``taylor_forecast``; ``out`` (contiguous, ``base.dtype``) for tests and benchmarks."""
+    cfg = config or _config(base)
+    work, (bb,), lay = _elementwise_plan(derivs, [base])
+    out = out if out is not None else torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    n = base.numel()
+    _taylor_forecast_kernel[(triton.cdiv(n, cfg.block),)](
+        out, work, bb, valid, e, n, lay.sizes[1], lay.sizes[2], work.stride(0), *lay.strides[0], *lay.strides[1],
+        LEVELS=derivs.shape[0], CONTIG=lay.contig, BLOCK=cfg.block, num_warps=cfg.num_warps,
+    )
+    return out
 
 
 def _update_torch(
@@ -44,6 +147,8 @@ def taylor_update_(
     derivs: torch.Tensor, x: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, gap: torch.Tensor, flag: torch.Tensor
 ) -> None:
     """If ``flag``: ``D0 = x - base``, ``D(i) = (D(i-1)_new - D(i-1)_old) / gap`` for ``i <= min(valid, k)``."""
+    if use_triton(x):
+        return taylor_update_triton(derivs, x, base, valid, gap, flag)
     _update_torch(derivs, x, base, valid, gap, flag)
 
 
@@ -55,6 +160,8 @@ def _(derivs, x, base, valid, gap, flag):
 @torch.library.custom_op("dittofx::taylor_forecast", mutates_args=())
 def taylor_forecast(derivs: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """``base + sum_{i < valid} derivs[i] * e^i / i!`` computed in fp32, returned in ``base.dtype``."""
+    if use_triton(base):
+        return taylor_forecast_triton(derivs, base, valid, e)
     return _forecast_torch(derivs, base, valid, e)
 
 
