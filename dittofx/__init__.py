@@ -1,0 +1,22 @@
+"""dittofx: make diffusion transformers skip what barely changes between denoising steps.
+
+    import dittofx
+    dittofx.optimize(transformer, {"Fn_compute_blocks": 1, "residual_diff_threshold": 0.12})
+"""
+
+from . import kernels  # registers the torch.ops.dittofx custom ops
+from .api import CacheStats, disable, explain, optimize, refresh, reset, summary
+from .config import DBCacheConfig
+
+__all__ = [
+    "CacheStats",
+    "DBCacheConfig",
+    "disable",
+    "explain",
+    "kernels",
+    "optimize",
+    "refresh",
+    "reset",
+    "summary",
+]
+__version__ = "0.1.0"

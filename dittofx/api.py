@@ -1,0 +1,202 @@
+"""The public verbs: optimize, refresh, reset, summary, explain, disable (SPEC §1)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import DBCacheConfig, parse_config
+from .runtime.engine import Engine
+
+__all__ = ["CacheStats", "optimize", "refresh", "reset", "summary", "explain", "disable"]
+
+log = logging.getLogger("dittofx")
+
+# Each CFG branch and each input structure / static shape is its own dynamo graph of the model's
+# forward; the default limit (8) is hit by e.g. 2 branches x 4 resolutions. We only ever raise it.
+_RECOMPILE_LIMIT = 64
+_ACCUMULATED_RECOMPILE_LIMIT = 512
+
+
+def _tune_dynamo() -> None:
+    cfg = torch._dynamo.config
+    for name, value in (
+        ("recompile_limit", _RECOMPILE_LIMIT),
+        ("cache_size_limit", _RECOMPILE_LIMIT),
+        ("accumulated_recompile_limit", _ACCUMULATED_RECOMPILE_LIMIT),
+        ("accumulated_cache_size_limit", _ACCUMULATED_RECOMPILE_LIMIT),
+    ):
+        if hasattr(cfg, name) and getattr(cfg, name) < value:
+            setattr(cfg, name, value)
+
+
+def _engine(model: torch.nn.Module) -> Engine:
+    target = getattr(model, "_orig_mod", model)  # accept the module torch.compile returned
+    engine = target.__dict__.get("_dittofx") if isinstance(target, torch.nn.Module) else None
+    if engine is None:
+        raise ValueError(f"model={type(model).__name__}: not optimized by dittofx (call dittofx.optimize first)")
+    return engine
+
+
+def optimize(
+    model: torch.nn.Module,
+    cache_config: DBCacheConfig | dict[str, Any] | None = None,
+    *,
+    example_inputs: tuple[tuple, dict] | None = None,
+) -> torch.nn.Module:
+    """Enable step caching on `model` in place and return it.
+
+    The forward is captured lazily on the first call (with the real inputs), or now when
+    `example_inputs=(args, kwargs)` is given. Bad input raises before the model is touched.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model={type(model).__name__}: must be a torch.nn.Module (a diffusers transformer)")
+    if "_dittofx" in model.__dict__:
+        raise ValueError(f"model={type(model).__name__}: already optimized; call dittofx.disable(model) first")
+    cfg = parse_config({} if cache_config is None else cache_config)
+    if example_inputs is not None and not (
+        isinstance(example_inputs, tuple) and len(example_inputs) == 2
+        and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], dict)
+    ):  # fmt: skip
+        raise TypeError(f"example_inputs={type(example_inputs).__name__}: must be a tuple (args: tuple, kwargs: dict)")
+    _warn_if_never_caches(cfg)
+    engine = Engine(model, cfg)
+    if example_inputs is not None:
+        engine.pre_call(*example_inputs)  # raises before anything is attached
+    engine.attach()
+    _tune_dynamo()
+    return model
+
+
+def _warn_if_never_caches(cfg: DBCacheConfig) -> None:
+    reasons = []
+    if cfg.residual_diff_threshold == 0:
+        reasons.append("residual_diff_threshold=0 (no diff is ever < 0)")
+    if cfg.max_cached_steps == 0 or cfg.max_continuous_cached_steps == 0:
+        reasons.append("max_cached_steps or max_continuous_cached_steps is 0")
+    if cfg.num_inference_steps is not None and cfg.max_warmup_steps >= cfg.num_inference_steps and cfg.warmup_interval == 1:
+        reasons.append(f"max_warmup_steps={cfg.max_warmup_steps} >= num_inference_steps={cfg.num_inference_steps}")
+    if reasons:
+        log.warning("dittofx: this config can never cache a step: %s", "; ".join(reasons))
+
+
+def refresh(model: torch.nn.Module, num_inference_steps: int | None = None) -> None:
+    """Set the request length (None: detect new requests from the timestep) and reset state."""
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps={num_inference_steps!r}: must be an int >= 1 or None")
+    engine = _engine(model)
+    engine.num_steps = num_inference_steps
+    for state in engine.states.values():
+        state.reset(num_steps=num_inference_steps or 0)
+
+
+def reset(model: torch.nn.Module) -> None:
+    """Forget all cached state (a new request of the same length)."""
+    for state in _engine(model).states.values():
+        state.reset()
+
+
+def disable(model: torch.nn.Module) -> torch.nn.Module:
+    """Restore the original forward exactly (and drop all cache state)."""
+    _engine(model).detach()
+    return getattr(model, "_orig_mod", model)
+
+
+@dataclass
+class CacheStats:
+    name: str
+    branch: str
+    config: str
+    cached_steps: list[int]
+    computed_steps: list[int]
+    diffs: list[float]  # per step, NaN where not measured
+
+    @property
+    def cache_ratio(self) -> float:
+        total = len(self.cached_steps) + len(self.computed_steps)
+        return len(self.cached_steps) / total if total else 0.0
+
+
+def summary(model: torch.nn.Module, log_table: bool = True) -> list[CacheStats]:
+    """Stats of the latest request, one entry per cached region and CFG branch."""
+    engine = _engine(model)
+    name = "+".join(engine.entries[-1].chain.lists) if engine.entries else "chain"
+    stats = []
+    for branch, state in engine.states.items():
+        flags = state.hist_cached.tolist()
+        diffs = state.hist_diff.tolist()
+        ran = [i for i, f in enumerate(flags) if f >= 0]
+        stats.append(
+            CacheStats(
+                name=name,
+                branch=branch,
+                config=engine.cfg.short_name(),
+                cached_steps=[i for i in ran if flags[i] == 1],
+                computed_steps=[i for i in ran if flags[i] == 0],
+                diffs=[diffs[i] for i in ran],
+            )
+        )
+    if log_table:
+        log.info("%s", _table(stats))
+    return stats
+
+
+def _percentiles(values: list[float]) -> str:
+    finite = sorted(v for v in values if not math.isnan(v))
+    if not finite:
+        return "no diffs measured"
+    pick = lambda q: finite[min(len(finite) - 1, int(q * (len(finite) - 1) + 0.5))]  # noqa: E731
+    return "  ".join(f"P{int(q * 100)}={pick(q):.4f}" for q in (0.0, 0.25, 0.5, 0.75, 0.95, 1.0))
+
+
+def _table(stats: list[CacheStats]) -> str:
+    lines = ["dittofx summary"]
+    for s in stats:
+        lines.append(
+            f"  {s.name} [{s.branch}] {s.config}: cached {len(s.cached_steps)}/{len(s.cached_steps) + len(s.computed_steps)} "
+            f"steps {s.cached_steps}; diffs {_percentiles(s.diffs)}"
+        )
+    return "\n".join(lines)
+
+
+def explain(model: torch.nn.Module) -> str:
+    """Human-readable account of what the passes found and decided."""
+    engine = _engine(model)
+    cfg = engine.cfg
+    lines = [f"dittofx: {type(engine.model).__name__}, {cfg.short_name()}, path: {engine.path}"]
+    if not engine.entries:
+        lines.append("  not captured yet: the graph is captured on the first call")
+    for i, entry in enumerate(engine.entries):
+        part, chain = entry.partition, entry.chain
+        n = len(chain)
+        lines.append(f"graph {i}: {len(entry.captured.gm.graph.nodes)} nodes, symbolic input dims {entry.captured.dynamic_dims}")
+        lines.append(f"  block lists seen: {chain.candidates}; chain: {' -> '.join(chain.lists)} ({n} blocks)")
+        first_mid, last_mid = chain.blocks[part.fn_blocks].path if part.fn_blocks < n else "-", (
+            chain.blocks[n - part.bn_blocks - 1].path if n - part.bn_blocks - 1 >= part.fn_blocks else "-"
+        )
+        lines.append(
+            f"  Fn = {part.fn_blocks} blocks ({chain.blocks[0].path}..{chain.blocks[part.fn_blocks - 1].path}), "
+            f"middle = {n - part.fn_blocks - part.bn_blocks} blocks ({first_mid}..{last_mid}), Bn = {part.bn_blocks} blocks"
+        )
+        lines.append("  nodes per region: " + ", ".join(f"{r}={c}" for r, c in entry.region_counts.items()))
+        lines.append(f"  residual diff on: {part.h_fn.name} - {part.h0.name} {_shape(part.h_fn)}")
+        carried = ", ".join(f"{o.name} <- {part.pairs[o].name} {_shape(o)}" for o in part.middle_outputs)
+        lines.append(f"  carried through the middle (out <- in): {carried}")
+        lines.append(f"  carried into the middle: {[i.name for i in part.carried_inputs]}")
+        weights = set(entry.captured.gm.graph.find_nodes(op="placeholder")[: len(entry.slots) + len(entry.captured.constants)])
+        invariant = [i.name for i in part.middle_inputs if i not in part.carried_inputs and i not in weights]
+        lines.append(f"  loop-invariant inputs of the middle (besides weights): {invariant}")
+        if part.hoisted:
+            lines.append(f"  moved to the prologue: {[h.name for h in part.hoisted]}")
+    for branch, state in engine.states.items():
+        lines.append(f"state [{branch}]: {state.bytes() / 2**20:.2f} MiB")
+    return "\n".join(lines)
+
+
+def _shape(node) -> str:
+    val = node.meta.get("val")
+    return f"{tuple(val.shape)} {val.dtype}" if isinstance(val, torch.Tensor) else ""

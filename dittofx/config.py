@@ -1,0 +1,153 @@
+"""Cache configurations and their validation.
+
+A config is a frozen dataclass; `parse_config` also takes the plain dicts that cache-dit and
+vLLM-omni users already write (`{"Fn_compute_blocks": 1, "residual_diff_threshold": 0.12}`).
+Validation happens before anything touches the model, so bad input never half-applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+__all__ = ["DBCacheConfig", "parse_config"]
+
+
+@dataclass(frozen=True)
+class DBCacheConfig:
+    """DBCache: run the first `Fn_compute_blocks` blocks every step, skip the middle when the
+    relative L1 change of their residual is below `residual_diff_threshold` (SPEC §3)."""
+
+    Fn_compute_blocks: int = 1
+    Bn_compute_blocks: int = 0
+    residual_diff_threshold: float = 0.08
+    max_warmup_steps: int = 8
+    warmup_interval: int = 1
+    max_cached_steps: int = -1
+    max_continuous_cached_steps: int = -1
+    max_accumulated_residual_diff_threshold: float | None = None
+    enable_separate_cfg: bool | None = None
+    cfg_compute_first: bool = False
+    cfg_diff_compute_separate: bool = True
+    num_inference_steps: int | None = None
+    # Which `nn.ModuleList`s form the block chain, in run order (e.g. ["transformer_blocks",
+    # "single_transformer_blocks"]). None: detected from the captured graph.
+    blocks: tuple[str, ...] | None = None
+    # "export" (torch.export, non-strict) captures the whole forward; "blocks" drives the block
+    # ModuleLists directly (for forwards with data-dependent Python); "auto" tries export first.
+    capture: str = "auto"
+
+    def short_name(self) -> str:
+        """cache-dit style tag, e.g. `DBCache_F1B0_W4I1M-1MC3_R0.12`."""
+        return (
+            f"DBCache_F{self.Fn_compute_blocks}B{self.Bn_compute_blocks}_"
+            f"W{self.max_warmup_steps}I{self.warmup_interval}M{self.max_cached_steps}"
+            f"MC{self.max_continuous_cached_steps}_R{self.residual_diff_threshold:g}"
+        )
+
+
+_METHODS = {"dbcache": DBCacheConfig}
+
+# vLLM-omni / cache-dit spellings that are accepted verbatim but not implemented in this release.
+_PLANNED_KEYS = {
+    "enable_taylorseer": "TaylorSeer calibrator (issue 4)",
+    "taylorseer_order": "TaylorSeer calibrator (issue 4)",
+    "scm_steps_mask_policy": "steps computation masks (issue 4)",
+    "scm_steps_policy": "steps computation masks (issue 4)",
+    "steps_computation_mask": "steps computation masks (issue 4)",
+    "steps_computation_policy": "steps computation masks (issue 4)",
+}
+
+
+def _check_int(name: str, value: Any, low: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}): must be an int, {what}")
+    if value < low:
+        raise ValueError(f"{name}={value!r}: must be {what}")
+
+
+def _check_float(name: str, value: Any, what: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}): must be a float, {what}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r}: must be {what}")
+
+
+def _check_optional_bool(name: str, value: Any, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise TypeError(f"{name}={value!r}: must be {allowed}")
+
+
+def validate(cfg: DBCacheConfig) -> DBCacheConfig:
+    """Raise a ValueError/TypeError naming the field, the value and what is allowed."""
+    _check_int("Fn_compute_blocks", cfg.Fn_compute_blocks, 1, ">= 1")
+    _check_int("Bn_compute_blocks", cfg.Bn_compute_blocks, 0, ">= 0")
+    _check_float("residual_diff_threshold", cfg.residual_diff_threshold, "a finite number >= 0")
+    _check_int("max_warmup_steps", cfg.max_warmup_steps, 0, ">= 0")
+    _check_int("warmup_interval", cfg.warmup_interval, 1, ">= 1")
+    _check_int("max_cached_steps", cfg.max_cached_steps, -1, ">= 0, or -1 for no limit")
+    _check_int(
+        "max_continuous_cached_steps", cfg.max_continuous_cached_steps, -1, ">= 0, or -1 for no limit"
+    )
+    _check_float(
+        "max_accumulated_residual_diff_threshold",
+        cfg.max_accumulated_residual_diff_threshold,
+        "a finite number >= 0 or None",
+        allow_none=True,
+    )
+    _check_optional_bool("enable_separate_cfg", cfg.enable_separate_cfg, allow_none=True)
+    _check_optional_bool("cfg_compute_first", cfg.cfg_compute_first, allow_none=False)
+    _check_optional_bool("cfg_diff_compute_separate", cfg.cfg_diff_compute_separate, allow_none=False)
+    if cfg.num_inference_steps is not None:
+        _check_int("num_inference_steps", cfg.num_inference_steps, 1, ">= 1 or None")
+    if cfg.blocks is not None:
+        if isinstance(cfg.blocks, str) or not all(isinstance(b, str) and b for b in cfg.blocks):
+            raise TypeError(
+                f"blocks={cfg.blocks!r}: must be a list of ModuleList attribute paths, "
+                "e.g. ['transformer_blocks', 'single_transformer_blocks'], or None"
+            )
+    if cfg.capture not in ("auto", "export", "blocks"):
+        raise ValueError(f"capture={cfg.capture!r}: must be one of 'auto', 'export', 'blocks'")
+    return cfg
+
+
+def parse_config(cache_config: Any) -> DBCacheConfig:
+    """Turn a config object or a cache-dit / vLLM-omni style dict into a validated config."""
+    if isinstance(cache_config, DBCacheConfig):
+        return validate(cache_config)
+    if not isinstance(cache_config, Mapping):
+        raise TypeError(
+            f"cache_config={cache_config!r} ({type(cache_config).__name__}): must be a "
+            f"DBCacheConfig or a dict of its fields"
+        )
+    options = dict(cache_config)
+    method = options.pop("method", "dbcache")
+    if method not in _METHODS:
+        raise ValueError(f"method={method!r}: must be one of {sorted(_METHODS)}")
+    cls = _METHODS[method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in options:
+        if not isinstance(key, str):
+            raise TypeError(f"cache_config key {key!r}: keys must be strings")
+        if key in _PLANNED_KEYS and key not in names:
+            raise ValueError(
+                f"{key}={options[key]!r}: {_PLANNED_KEYS[key]} is not available in this release; "
+                f"allowed keys: {sorted(names | {'method'})}"
+            )
+        if key not in names:
+            raise ValueError(f"unknown cache_config key {key!r}; allowed keys: {sorted(names | {'method'})}")
+    if "blocks" in options and isinstance(options["blocks"], list):
+        options["blocks"] = tuple(options["blocks"])
+    return validate(cls(**options))
+
+
+def replace(cfg: DBCacheConfig, **changes: Any) -> DBCacheConfig:
+    return validate(dataclasses.replace(cfg, **changes))
+

@@ -1,0 +1,124 @@
+"""Capture a transformer's forward as one flat torch.fx graph.
+
+`torch.fx.symbolic_trace` cannot trace diffusers transformers (Python control flow on inputs,
+`len()` of attention outputs); `torch.export` (non-strict) can, keeps `nn_module_stack` on every
+node (the handle for finding blocks), and lifts parameters to placeholders. We keep the lifted
+form: the graph is a pure function of (parameters, buffers, constants, user inputs), and at run
+time we feed it the model's *live* parameters, so `.to()`, dtype casts and `state_dict()` keep
+working with no weight copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+__all__ = ["CapturedGraph", "InputKey", "capture", "input_key"]
+
+
+@dataclass
+class CapturedGraph:
+    """The flat graph plus what is needed to call it with a model's live state."""
+
+    gm: fx.GraphModule
+    # placeholder order: state tensors of the model (FQNs), then lifted constants, then user inputs
+    state_fqns: list[str]
+    constants: list[torch.Tensor]
+    num_user_inputs: int
+    out_spec: pytree.TreeSpec
+    dynamic_dims: dict[int, tuple[int, ...]]  # user-input index -> dims kept symbolic
+
+
+# One key per graph: what the capture specialized on (structure, dtypes, ranks, devices, the
+# values of non-tensor inputs and the sizes of dims that could not stay symbolic).
+InputKey = tuple
+
+
+def _leaf_key(leaf: Any, dynamic: tuple[int, ...] | None) -> Any:
+    if isinstance(leaf, torch.Tensor):
+        dims = tuple(-1 if dynamic is not None and d in dynamic else s for d, s in enumerate(leaf.shape))
+        return ("T", leaf.dtype, leaf.device.type, dims if dynamic is not None else leaf.dim())
+    return ("V", type(leaf).__name__, leaf)
+
+
+def input_key(args: tuple, kwargs: dict, dynamic_dims: dict[int, tuple[int, ...]] | None = None) -> InputKey:
+    """Structure key (dtypes, ranks, None-ness, non-tensor values). With `dynamic_dims` (known after
+    a capture) static dims are included too, so a graph is reused only where it is valid."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    if dynamic_dims is None:
+        return (spec, tuple(_leaf_key(x, None) for x in leaves))
+    return (spec, tuple(_leaf_key(x, dynamic_dims.get(i, ())) for i, x in enumerate(leaves)))
+
+
+def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
+    def spec(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return {d: Dim.AUTO for d in range(x.dim())}
+        return None
+
+    # export wants one spec per positional argument, then one per keyword argument, in order
+    return tuple(pytree.tree_map(spec, a) for a in (*args, *kwargs.values()))
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.export.ExportedProgram:
+    shapes = _dynamic_shapes(args, kwargs) if dynamic else None
+    with torch.no_grad():
+        return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = True) -> CapturedGraph:
+    """Export `model(*args, **kwargs)`; dims are kept symbolic where the model allows it."""
+    try:
+        ep = _export(model, args, kwargs, dynamic)
+    except Exception:
+        if not dynamic:
+            raise
+        ep = _export(model, args, kwargs, dynamic=False)
+    sig = ep.graph_signature
+    if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
+        raise NotImplementedError("the forward mutates buffers or inputs; dittofx cannot cache it")
+    gm = ep.graph_module
+    state_fqns, constants, user_index = [], [], []
+    for spec in sig.input_specs:
+        kind = spec.kind.name
+        if kind in ("PARAMETER", "BUFFER"):
+            state_fqns.append(spec.target)
+        elif kind in ("CONSTANT_TENSOR", "CUSTOM_OBJ"):
+            constants.append(ep.constants[spec.target])
+        elif kind == "USER_INPUT":
+            user_index.append(spec)
+        else:  # pragma: no cover - token inputs only appear with effectful ops
+            raise NotImplementedError(f"unsupported exported input kind {kind}")
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    n_state = len(state_fqns) + len(constants)
+    dynamic_dims = {}
+    for i, node in enumerate(placeholders[n_state:]):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            dims = tuple(d for d, s in enumerate(val.shape) if not isinstance(s, int))
+            if dims:
+                dynamic_dims[i] = dims
+    _strip_asserts(gm)
+    return CapturedGraph(
+        gm=gm,
+        state_fqns=state_fqns,
+        constants=constants,
+        num_user_inputs=len(placeholders) - n_state,
+        out_spec=ep.call_spec.out_spec,
+        dynamic_dims=dynamic_dims,
+    )
+
+
+def _strip_asserts(gm: fx.GraphModule) -> None:
+    """Drop the dtype asserts export adds for `.to()` calls: our input key already guards dtypes.
+    Shape-range asserts (`_assert_scalar`) stay: they guard the symbolic dims."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,197 @@
+"""Split the captured graph into prologue | Fn | middle | Bn | epilogue.
+
+Every node gets `meta["dittofx_region"]`. Code between blocks belongs to the block it follows.
+Nodes inside the chain that do not depend on the carried values (e.g. a rope table built lazily
+in block 0 and reused later) are moved to the prologue when something outside their region reads
+them, so that skipping the middle never leaves a later region without its inputs.
+
+The analysis also finds the carried values at the boundaries and pairs every middle output with
+the middle input it updates (same shape and dtype, ties broken along the residual stream), which
+is what the cache branch needs: `out = in + stored residual`.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..patterns.chain import Chain, block_inputs, read_by
+
+__all__ = ["Partition", "PartitionPass", "REGIONS"]
+
+REGIONS = ("prologue", "Fn", "middle", "Bn", "epilogue")
+
+# Ops along which a value keeps flowing "as itself" through a block (the residual stream).
+_RESIDUAL_OPS = {
+    "add", "sub", "clamp", "to", "_to_copy", "clone", "contiguous", "view", "reshape", "slice", "cat",
+    "squeeze", "unsqueeze", "select", "split", "split_with_sizes", "chunk", "getitem", "narrow", "alias",
+}
+
+
+class PartitionError(ValueError):
+    pass
+
+
+@dataclass
+class Partition:
+    chain: Chain
+    fn_blocks: int
+    bn_blocks: int
+    region: dict[fx.Node, str]
+    middle_inputs: list[fx.Node]  # read by the middle, produced outside it (params, invariants, carried)
+    middle_outputs: list[fx.Node]  # produced in the middle, read after it
+    carried_inputs: list[fx.Node]  # middle inputs that depend on the chain (the rest are invariant)
+    pairs: dict[fx.Node, fx.Node]  # middle output -> the middle input it updates
+    h0: fx.Node  # carried hidden state entering the chain
+    h_fn: fx.Node  # the same stream after Fn
+    hoisted: list[fx.Node]
+
+    def nodes_in(self, name: str) -> list[fx.Node]:
+        return [n for n, r in self.region.items() if r == name]
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.target is operator.getitem:
+        return "getitem"
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.split(".")[0]
+
+
+def _shape_key(node: fx.Node) -> tuple | None:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    return (val.dtype, tuple(str(d) for d in val.shape))
+
+
+def _numel_hint(node: fx.Node) -> int:
+    val = node.meta["val"]
+    total = 1
+    for d in val.shape:
+        total *= d if isinstance(d, int) else d.node.hint
+    return total
+
+
+def _residual_sources(out: fx.Node, inputs: set[fx.Node]) -> set[fx.Node]:
+    """Inputs reachable from `out` walking back only through residual-stream ops."""
+    found, stack, seen = set(), [out], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in inputs:
+            found.add(node)
+            continue
+        if node.op == "call_function" and _op_name(node) in _RESIDUAL_OPS:
+            stack.extend(node.all_input_nodes)
+    return found
+
+
+def pair_carried(outputs: list[fx.Node], inputs: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Match each output of a region with the input it is an updated version of."""
+    pairs: dict[fx.Node, fx.Node] = {}
+    free = list(inputs)
+    for out in outputs:
+        key = _shape_key(out)
+        same = [i for i in free if key is not None and _shape_key(i) == key]
+        if len(same) > 1:
+            reach = _residual_sources(out, set(same))
+            same = [i for i in same if i in reach] or same
+        if not same:
+            raise PartitionError(
+                f"cannot cache the middle region: its output {out.name} (shape {key}) matches no carried "
+                f"input; carried inputs: {[(i.name, _shape_key(i)) for i in inputs]}"
+            )
+        pairs[out] = same[0]
+        free.remove(same[0])
+    return pairs
+
+
+class PartitionPass(PassBase):
+    """Annotate regions (graph in, same graph out, nodes tagged) and record the boundary analysis."""
+
+    def __init__(self, chain: Chain, fn_blocks: int, bn_blocks: int, state_placeholders: set[fx.Node] | None = None):
+        super().__init__()
+        self.chain, self.fn, self.bn = chain, fn_blocks, bn_blocks
+        self.state_placeholders = state_placeholders
+        self.partition: Partition | None = None
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.partition = partition(gm, self.chain, self.fn, self.bn, self.state_placeholders or set())
+        return PassResult(gm, False)
+
+
+def partition(gm: fx.GraphModule, chain: Chain, fn_blocks: int, bn_blocks: int, params: set[fx.Node]) -> Partition:
+    nodes = list(gm.graph.nodes)
+    for pos, node in enumerate(nodes):
+        node.meta["dittofx_pos"] = pos
+    blocks = chain.blocks
+    n = len(blocks)
+    if fn_blocks + bn_blocks > n:
+        raise PartitionError(
+            f"Fn_compute_blocks + Bn_compute_blocks = {fn_blocks} + {bn_blocks} = {fn_blocks + bn_blocks}: "
+            f"must be <= the number of blocks in the chain ({n}: {chain.lists})"
+        )
+    start = blocks[0].start
+    mid_start = blocks[fn_blocks].start if fn_blocks < n else blocks[-1].end + 1
+    bn_start = blocks[n - bn_blocks].start if bn_blocks else blocks[-1].end + 1
+    chain_end = blocks[-1].end
+
+    def positional(pos: int) -> str:
+        if pos < start:
+            return "prologue"
+        if pos < mid_start:
+            return "Fn"
+        if pos < bn_start:
+            return "middle"
+        if pos <= chain_end:
+            return "Bn"
+        return "epilogue"
+
+    later = read_by(nodes, blocks[1:])
+    chain_inputs = [
+        i for i in block_inputs(nodes, blocks[0])
+        if i not in later and i not in params and isinstance(i.meta.get("val"), torch.Tensor)
+    ]
+    dependent: set[fx.Node] = set(chain_inputs)
+    for node in nodes[start:]:
+        if any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+
+    region = {node: positional(node.meta["dittofx_pos"]) for node in nodes}
+    hoisted: list[fx.Node] = []
+    # independent chain nodes read outside their own region run in the prologue instead
+    for node in reversed(nodes[start : chain_end + 1]):
+        if node in dependent or region[node] == "prologue":
+            continue
+        if any(region[u] != region[node] for u in node.users):
+            region[node] = "prologue"
+            hoisted.append(node)
+    hoisted.reverse()
+    for node, name in region.items():
+        node.meta["dittofx_region"] = name
+
+    middle = [nd for nd in nodes if region[nd] == "middle"]
+    middle_set = set(middle)
+    middle_inputs = list(dict.fromkeys(a for nd in middle for a in nd.all_input_nodes if a not in middle_set))
+    middle_outputs = [nd for nd in middle if any(u not in middle_set for u in nd.users)]
+    carried_in = [i for i in middle_inputs if i in dependent]
+    pairs = pair_carried(middle_outputs, carried_in) if middle else {}
+
+    fn_set = {nd for nd in nodes if region[nd] == "Fn"}
+    fn_out = [nd for nd in nodes if nd in fn_set and nd in dependent and any(u not in fn_set for u in nd.users)]
+    fn_tensors = [nd for nd in fn_out if isinstance(nd.meta.get("val"), torch.Tensor)]
+    if not fn_tensors:
+        raise PartitionError("the first Fn blocks produce no carried tensor; cannot measure the residual")
+    fn_pairs = pair_carried(sorted(fn_tensors, key=_numel_hint, reverse=True)[:1], chain_inputs)
+    (h_fn, h0), = fn_pairs.items()
+    return Partition(
+        chain=chain, fn_blocks=fn_blocks, bn_blocks=bn_blocks, region=region,
+        middle_inputs=middle_inputs, middle_outputs=middle_outputs, carried_inputs=carried_in, pairs=pairs,
+        h0=h0, h_fn=h_fn, hoisted=hoisted,
+    )

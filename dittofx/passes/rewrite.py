@@ -1,0 +1,161 @@
+"""Rewrite the partitioned graph into its cached form:
+
+    prologue | Fn | begin_step, gate, decide | cond(cache: carried + residual, compute: middle)
+             | finish_step (stores, counters) | Bn | epilogue
+
+The new graph takes the cache-state tensors as extra leading placeholders and updates them in
+place *outside* the cond, so both branches stay pure (torch.cond requires it) and the same graph
+runs eagerly, under `torch.compile(fullgraph=True)` and under `torch.export`.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..runtime import gates
+from ..runtime.state import SCALARS
+from .partition import Partition
+
+__all__ = ["CacheRewritePass", "RewriteOptions", "state_placeholder_names"]
+
+
+@dataclass(frozen=True)
+class RewriteOptions:
+    threshold: float
+    acc_limit: float
+    max_warmup_steps: int
+    warmup_interval: int
+    max_cached_steps: int
+    max_continuous_cached_steps: int
+    timestep_input: str | None  # placeholder name of the timestep input, if the model has one
+
+
+def state_placeholder_names(num_residuals: int) -> list[str]:
+    return [*SCALARS, "hist_diff", "hist_cached", "p", *(f"residual_{j}" for j in range(num_residuals))]
+
+
+def _copy_meta(dst: fx.Node, src: fx.Node) -> fx.Node:
+    dst.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
+    return dst
+
+
+def _branch(gm: fx.GraphModule, operands: list[fx.Node], body, name: str) -> fx.GraphModule:
+    """A cond branch taking `operands` (as placeholders) and returning `body(env)`'s nodes."""
+    graph = fx.Graph()
+    env = {op: _copy_meta(graph.placeholder(f"{op.name}"), op) for op in operands}
+    outs = body(graph, env)
+    graph.output(tuple(outs))
+    return fx.GraphModule(gm, graph, class_name=name)
+
+
+class CacheRewritePass(PassBase):
+    """Graph in (partitioned, with `meta["dittofx_region"]`), cached graph out."""
+
+    def __init__(self, partition: Partition, options: RewriteOptions):
+        super().__init__()
+        self.part, self.opt = partition, options
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        return PassResult(rewrite(gm, self.part, self.opt), True)
+
+
+def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions) -> fx.GraphModule:
+    region = part.region
+    nodes = list(gm.graph.nodes)
+    outs = part.middle_outputs
+    ins = [part.pairs[o] for o in outs]
+
+    g = fx.Graph()
+    st = {name: g.placeholder(f"dittofx_{name}") for name in state_placeholder_names(len(outs))}
+    residuals = [st[f"residual_{j}"] for j in range(len(outs))]
+    env: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node.op == "placeholder":
+            env[node] = _copy_meta(g.placeholder(node.name), node)
+
+    def copy(node: fx.Node) -> None:
+        env[node] = _copy_meta(g.node_copy(node, lambda n: env[n]), node)
+
+    for node in nodes:
+        if node.op not in ("placeholder", "output") and region[node] in ("prologue", "Fn"):
+            copy(node)
+
+    timestep = next((env[n] for n in nodes if n.op == "placeholder" and n.name == opt.timestep_input), None)
+    scalars = [st[n] for n in SCALARS]
+    step, _num, _last_ts, valid, last_compute, cached_count, cont_count, acc = scalars
+    g.call_function(
+        gates.begin_step,
+        (step, st["num_steps"], st["last_ts"], valid, cached_count, cont_count, acc, st["hist_diff"], st["hist_cached"], timestep),
+    )
+    gate = g.call_function(
+        gates.step_gate,
+        (step, valid, cached_count, cont_count),
+        dict(
+            max_warmup_steps=opt.max_warmup_steps,
+            warmup_interval=opt.warmup_interval,
+            max_cached_steps=opt.max_cached_steps,
+            max_continuous_cached_steps=opt.max_continuous_cached_steps,
+        ),
+    )
+    decision = g.call_function(
+        gates.decide,
+        (env[part.h_fn], env[part.h0], st["p"], gate, acc),
+        dict(threshold=opt.threshold, acc_limit=opt.acc_limit),
+    )
+    diff = g.call_function(operator.getitem, (decision, 0))
+    cache = g.call_function(operator.getitem, (decision, 1))
+    elapsed = g.call_function(torch.sub, (step, last_compute))
+
+    operands = list(part.middle_inputs)
+    # the cache branch needs the stored residuals, the level count and the steps since a compute
+    cache_extra = [*residuals, valid, elapsed]
+
+    def compute_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
+        for node in nodes:
+            if region[node] == "middle":
+                benv[node] = _copy_meta(graph.node_copy(node, lambda n: benv[n]), node)
+        return [benv[o] for o in outs]
+
+    def cache_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
+        vld, el = benv[valid], benv[elapsed]
+        return [graph.call_function(gates.forecast, (benv[r], benv[i], vld, el)) for r, i in zip(residuals, ins)]
+
+    # branch placeholders: the middle inputs (original nodes) and the extra state (new nodes)
+    branch_ops = operands + cache_extra
+    cache_gm = _branch(gm, branch_ops, cache_body, "CacheBranch")
+    compute_gm = _branch(gm, branch_ops, compute_body, "ComputeBranch")
+    gm.add_submodule("dittofx_cache_branch", cache_gm)
+    gm.add_submodule("dittofx_compute_branch", compute_gm)
+    cond = g.call_function(
+        torch.ops.higher_order.cond,
+        (
+            cache,
+            g.get_attr("dittofx_cache_branch"),
+            g.get_attr("dittofx_compute_branch"),
+            tuple([env[o] for o in operands] + cache_extra),
+        ),
+    )
+    for j, out in enumerate(outs):
+        env[out] = _copy_meta(g.call_function(operator.getitem, (cond, j)), out)
+
+    g.call_function(
+        gates.finish_step,
+        (
+            cache, diff, step, valid, last_compute, cached_count, cont_count, acc,
+            st["hist_diff"], st["hist_cached"], st["p"], env[part.h_fn], env[part.h0],
+            residuals, [env[o] for o in outs], [env[i] for i in ins],
+        ),
+    )  # fmt: skip
+
+    for node in nodes:
+        if node.op == "output":
+            g.output(fx.map_arg(node.args[0], lambda n: env[n]))
+        elif node.op != "placeholder" and region[node] in ("Bn", "epilogue"):
+            copy(node)
+    g.lint()
+    return fx.GraphModule(gm, g, class_name="DittofxCached")

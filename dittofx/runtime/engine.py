@@ -1,0 +1,243 @@
+"""What `optimize` attaches to a model: graphs per input structure, states per CFG branch.
+
+A forward pre-hook does the Python-side work before every call, outside dynamo (torch.compile
+runs module hooks eagerly and traces only `forward`): recapture when the input structure changes,
+pick the CFG branch, (re)allocate state when shapes change. The replaced `forward` then only
+feeds the live parameters, the state tensors and the inputs to the rewritten graph, which is
+what dynamo traces: no Python value in it changes from step to step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from ..config import DBCacheConfig
+from ..passes.capture import CapturedGraph, capture, input_key
+from ..passes.partition import Partition, PartitionPass
+from ..passes.rewrite import CacheRewritePass, RewriteOptions
+from ..patterns.chain import Chain, find_chain
+from .state import CacheState
+
+log = logging.getLogger("dittofx")
+
+__all__ = ["Engine", "Entry", "CaptureError"]
+
+
+class CaptureError(RuntimeError):
+    pass
+
+
+@dataclass
+class Entry:
+    """One captured + rewritten graph, valid for one input structure."""
+
+    captured: CapturedGraph
+    chain: Chain
+    partition: Partition
+    gm: fx.GraphModule  # rewritten
+    slots: list[tuple[torch.nn.Module, str, bool]]  # (owner module, attribute, is_parameter) per state placeholder
+    key: tuple
+    region_counts: dict[str, int] = field(default_factory=dict)
+
+    def live_state(self) -> list[torch.Tensor]:
+        return [(m._parameters if is_p else m._buffers)[name] for m, name, is_p in self.slots]
+
+
+def _resolve(model: torch.nn.Module, fqn: str) -> tuple[torch.nn.Module, str, bool]:
+    owner_path, _, name = fqn.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    return owner, name, name in owner._parameters
+
+
+def _concrete(shape, bindings: dict) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else int(d.node.expr.xreplace(bindings)) for d in shape)
+
+
+def _symbol_bindings(entry: Entry, leaves: list) -> dict:
+    placeholders = [n for n in entry.captured.gm.graph.nodes if n.op == "placeholder"]
+    user = placeholders[len(placeholders) - entry.captured.num_user_inputs :]
+    bindings = {}
+    for node, leaf in zip(user, leaves):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(leaf, torch.Tensor):
+            for d, s in enumerate(val.shape):
+                if not isinstance(s, int) and s.node.expr.is_Symbol:
+                    bindings[s.node.expr] = leaf.shape[d]
+    return bindings
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, cfg: DBCacheConfig, levels: int = 1):
+        self.model = model
+        self.cfg = cfg
+        self.levels = levels
+        self.num_steps = cfg.num_inference_steps
+        self.entries: list[Entry] = []
+        self.states = torch.nn.ModuleDict()
+        self.current: tuple[Entry, CacheState] | None = None
+        self.context_name: str | None = None
+        self.calls = 0
+        self.capturing = False
+        self.path = "torch.export graph"
+        self._had_forward = "forward" in model.__dict__
+        self._had_cache_context = "cache_context" in model.__dict__
+        self._hook = None
+
+    # ---- attach / detach -------------------------------------------------------------------
+    def attach(self) -> None:
+        model = self.model
+        model.add_module("_dittofx_states", self.states)
+        self._hook = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        model.forward = types.MethodType(_cached_forward, model)
+        model.cache_context = self._cache_context_factory(getattr(model, "cache_context", None))
+        model._dittofx = self
+
+    def detach(self) -> None:
+        model = self.model
+        self._hook.remove()
+        for attr, had in (("forward", self._had_forward), ("cache_context", self._had_cache_context)):
+            if not had:
+                model.__dict__.pop(attr, None)
+        del model._modules["_dittofx_states"]
+        del model.__dict__["_dittofx"]
+
+    def _cache_context_factory(self, original: Callable | None) -> Callable:
+        engine = self
+
+        @contextlib.contextmanager
+        def cache_context(name: str, **kwargs: Any):
+            prev, engine.context_name = engine.context_name, name
+            try:
+                with original(name, **kwargs) if original is not None else contextlib.nullcontext():
+                    yield
+            finally:
+                engine.context_name = prev
+
+        return cache_context
+
+    # ---- per call (eager, outside dynamo) -------------------------------------------------
+    def _branch(self) -> str:
+        sep = self.cfg.enable_separate_cfg
+        if sep is False:
+            return "default"
+        if self.context_name is not None:
+            return self.context_name
+        if sep is True:
+            self.calls += 1
+            even = (self.calls - 1) % 2 == 0
+            return "cond" if even != self.cfg.cfg_compute_first else "uncond"
+        return "default"
+
+    def _entry_for(self, args: tuple, kwargs: dict) -> Entry:
+        for entry in self.entries:
+            if input_key(args, kwargs, entry.captured.dynamic_dims) == entry.key:
+                return entry
+        entry = self._build(args, kwargs)
+        self.entries.append(entry)
+        return entry
+
+    def _capture(self, args: tuple, kwargs: dict) -> CapturedGraph:
+        model = self.model
+        saved = model.__dict__.pop("forward")
+        self.capturing = True
+        try:
+            try:
+                return capture(model, args, kwargs)
+            except Exception:
+                # some models build tables lazily on their first eager call (e.g. rope caches)
+                with torch.no_grad():
+                    model(*args, **kwargs)
+                return capture(model, args, kwargs)
+        except Exception as err:
+            raise CaptureError(
+                f"{type(model).__name__}.forward cannot be captured as one graph with torch.export "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:300]}). Data-dependent Python "
+                f"(.tolist(), .item(), .numpy() driving loops) blocks capture."
+            ) from err
+        finally:
+            self.capturing = False
+            model.forward = saved
+
+    def _build(self, args: tuple, kwargs: dict) -> Entry:
+        cfg = self.cfg
+        captured = self._capture(args, kwargs)
+        gm = captured.gm
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        n_state = len(captured.state_fqns) + len(captured.constants)
+        params = set(placeholders[:n_state])
+        chain = find_chain(gm, self.model, params, cfg.blocks)
+        part_pass = PartitionPass(chain, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, params)
+        part_pass(gm)
+        part = part_pass.partition
+        user_names = [n.name for n in placeholders[n_state:]]
+        opts = RewriteOptions(
+            threshold=float(cfg.residual_diff_threshold),
+            acc_limit=float("inf")
+            if cfg.max_accumulated_residual_diff_threshold is None
+            else float(cfg.max_accumulated_residual_diff_threshold),
+            max_warmup_steps=cfg.max_warmup_steps,
+            warmup_interval=cfg.warmup_interval,
+            max_cached_steps=cfg.max_cached_steps,
+            max_continuous_cached_steps=cfg.max_continuous_cached_steps,
+            timestep_input="timestep" if "timestep" in user_names else None,
+        )
+        counts = {r: len(part.nodes_in(r)) for r in ("prologue", "Fn", "middle", "Bn", "epilogue")}
+        rewritten = CacheRewritePass(part, opts)(gm).graph_module
+        return Entry(
+            captured=captured,
+            chain=chain,
+            partition=part,
+            gm=rewritten,
+            slots=[_resolve(self.model, f) for f in captured.state_fqns],
+            key=input_key(args, kwargs, captured.dynamic_dims),
+            region_counts=counts,
+        )
+
+    def _state_for(self, branch: str, entry: Entry, leaves: list) -> CacheState:
+        bindings = _symbol_bindings(entry, leaves)
+        part = entry.partition
+        device = next(x.device for x in leaves if isinstance(x, torch.Tensor))
+
+        def like(node: fx.Node) -> torch.Tensor:
+            val = node.meta["val"]
+            return torch.empty(_concrete(val.shape, bindings), dtype=val.dtype, device=device)
+
+        p_like = like(part.h0)
+        carried = [like(o) for o in part.middle_outputs]
+        want = (tuple(p_like.shape), tuple(tuple(c.shape) for c in carried), p_like.dtype, device)
+        state = self.states[branch] if branch in self.states else None
+        if state is None or state.shapes != want:
+            state = CacheState(p_like, carried, self.levels, self.num_steps)
+            self.states[branch] = state
+        return state
+
+    def pre_call(self, args: tuple, kwargs: dict) -> None:
+        entry = self._entry_for(args, kwargs)
+        leaves = pytree.tree_leaves((args, kwargs))
+        device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), None)
+        captured = entry.captured
+        if captured.constants and device is not None and captured.constants[0].device != device:
+            captured.constants[:] = [c.to(device) for c in captured.constants]
+        self.current = (entry, self._state_for(self._branch(), entry, leaves))
+
+    @torch._dynamo.disable
+    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.capturing:
+            self.pre_call(args, kwargs)
+
+
+def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward `optimize` installs: run the rewritten graph on live weights and state."""
+    engine: Engine = self._dittofx
+    entry, state = engine.current
+    with torch.no_grad():
+        flat = entry.gm(*state.tensors(), *entry.live_state(), *entry.captured.constants, *pytree.tree_leaves((args, kwargs)))
+    return pytree.tree_unflatten(list(flat), entry.captured.out_spec)

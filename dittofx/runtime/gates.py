@@ -1,0 +1,125 @@
+"""The DBCache step logic of SPEC §3, as tensor functions called from the rewritten graph.
+
+All inputs and outputs are device tensors; counters are updated in place. Nothing here returns a
+Python value that depends on the step, so the same graph (eager, compiled or exported) serves
+every step of every request.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import kernels
+
+__all__ = ["begin_step", "step_gate", "decide", "finish_step", "GATE_DIFF", "GATE_COMPUTE", "GATE_CACHE"]
+
+# gate codes understood by the residual_diff kernel
+GATE_DIFF, GATE_COMPUTE, GATE_CACHE = 0, 1, 2
+
+
+def begin_step(
+    step: torch.Tensor,
+    num_steps: torch.Tensor,
+    last_ts: torch.Tensor,
+    valid: torch.Tensor,
+    cached_count: torch.Tensor,
+    cont_count: torch.Tensor,
+    acc: torch.Tensor,
+    hist_diff: torch.Tensor,
+    hist_cached: torch.Tensor,
+    timestep: torch.Tensor | None,
+) -> None:
+    """Start a new request when the known step count is used up, or (count unknown) when the
+    timestep went up: a stale cache is never applied to a new image."""
+    ts = timestep.reshape(-1)[0].to(torch.float32) if timestep is not None else torch.full_like(last_ts, -math.inf)
+    new = torch.where(num_steps > 0, step >= num_steps, ts > last_ts)
+    zero = torch.zeros_like(step)
+    for counter in (step, valid, cached_count, cont_count):
+        counter.copy_(torch.where(new, zero, counter))
+    acc.copy_(torch.where(new, torch.zeros_like(acc), acc))
+    hist_diff.copy_(torch.where(new, torch.full_like(hist_diff, math.nan), hist_diff))
+    hist_cached.copy_(torch.where(new, torch.full_like(hist_cached, -1), hist_cached))
+    last_ts.copy_(ts)
+
+
+def step_gate(
+    step: torch.Tensor,
+    valid: torch.Tensor,
+    cached_count: torch.Tensor,
+    cont_count: torch.Tensor,
+    *,
+    max_warmup_steps: int,
+    warmup_interval: int,
+    max_cached_steps: int,
+    max_continuous_cached_steps: int,
+) -> torch.Tensor:
+    """Gates 1-5 of SPEC §3 as an int32 code: compute, cache, or let the diff decide."""
+    warm = (step < max_warmup_steps) & (step % warmup_interval == 0)
+    force = warm | (valid == 0)
+    if max_cached_steps >= 0:
+        force = force | (cached_count >= max_cached_steps)
+    if max_continuous_cached_steps >= 0:
+        force = force | (cont_count >= max_continuous_cached_steps)
+    return torch.where(force, GATE_COMPUTE, GATE_DIFF).to(torch.int32)
+
+
+def decide(
+    h_fn: torch.Tensor,
+    h0: torch.Tensor,
+    p: torch.Tensor,
+    gate: torch.Tensor,
+    acc: torch.Tensor,
+    *,
+    threshold: float,
+    acc_limit: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gates 6-7: relative L1 of the Fn residual against the stored one, per sample; one bool."""
+    return kernels.residual_diff(h_fn, p[0], h0, gate, acc, threshold, acc_limit, True)
+
+
+def finish_step(
+    cache: torch.Tensor,
+    diff: torch.Tensor,
+    step: torch.Tensor,
+    valid: torch.Tensor,
+    last_compute: torch.Tensor,
+    cached_count: torch.Tensor,
+    cont_count: torch.Tensor,
+    acc: torch.Tensor,
+    hist_diff: torch.Tensor,
+    hist_cached: torch.Tensor,
+    p: torch.Tensor,
+    h_fn: torch.Tensor,
+    h0: torch.Tensor,
+    residuals: list[torch.Tensor],
+    outs: list[torch.Tensor],
+    ins: list[torch.Tensor],
+) -> None:
+    """Store what a computed step produced (Fn residual, middle residuals or Taylor derivatives)
+    and advance the counters. The stores are no-ops on cached steps (flag read on the device)."""
+    compute = ~cache
+    gap = (step - last_compute).to(torch.float32)
+    no_levels = torch.zeros_like(valid)
+    kernels.taylor_update_(p, h_fn, h0, no_levels, gap, compute)
+    for res, out, inp in zip(residuals, outs, ins):
+        kernels.taylor_update_(res, out, inp, valid, gap, compute)
+    levels = residuals[0].shape[0] if residuals else 1
+    valid.copy_(torch.where(compute, torch.clamp(valid + 1, max=levels), valid))
+    last_compute.copy_(torch.where(compute, step, last_compute))
+    measured = torch.nan_to_num(diff, nan=0.0)
+    acc.copy_(torch.where(cache, acc + measured, torch.zeros_like(acc)))
+    cached_count.copy_(cached_count + cache.to(cached_count.dtype))
+    cont_count.copy_(torch.where(cache, cont_count + 1, torch.zeros_like(cont_count)))
+    slot = torch.clamp(step, max=hist_diff.shape[0] - 1)
+    in_range = step < hist_diff.shape[0]
+    hist_diff.index_put_((slot,), torch.where(in_range, diff, hist_diff[slot]))
+    hist_cached.index_put_((slot,), torch.where(in_range, cache.to(hist_cached.dtype), hist_cached[slot]))
+    step.copy_(step + 1)
+
+
+def forecast(residual: torch.Tensor, carried: torch.Tensor, valid: torch.Tensor, elapsed: torch.Tensor) -> torch.Tensor:
+    """Cache branch: the carried value after the middle = after Fn + stored residual (or its
+    Taylor forecast `elapsed` steps after the last compute)."""
+    return kernels.taylor_forecast(residual, carried, valid, elapsed)

@@ -1,0 +1,78 @@
+"""Per-branch cache state, held as (non-persistent) module buffers.
+
+Everything that changes from step to step is a tensor updated in place inside the graph, so
+dynamo never sees a per-step Python value (which would recompile every step) and CUDA graphs see
+fixed addresses. Buffers are non-persistent: `state_dict()` is unchanged by `optimize`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["CacheState", "HISTORY", "SCALARS"]
+
+HISTORY = 1024  # steps of per-request history kept for `summary()`
+
+# name -> dtype of the 0-d counters, in the order the rewritten graph takes them
+SCALARS = {
+    "step": torch.int64,  # index of the step about to run, in this branch's current request
+    "num_steps": torch.int64,  # request length; 0 = unknown (new request detected from the timestep)
+    "last_ts": torch.float32,  # timestep of the previous call (request detection)
+    "valid": torch.int64,  # residual levels stored (0 = nothing stored yet; Taylor order k: up to k+1)
+    "last_compute": torch.int64,  # step of the last computed middle
+    "cached_count": torch.int64,  # cached steps in this request
+    "cont_count": torch.int64,  # current run of consecutive cached steps
+    "acc": torch.float32,  # sum of the diffs of the cached steps since the last compute
+}
+
+
+class CacheState(torch.nn.Module):
+    """State of one cached region for one CFG branch.
+
+    `p` is the Fn residual stored at the last computed step; `residuals[j]` holds the middle
+    residual of carried value j as `[levels, *shape]` (levels = 1, or k+1 Taylor derivatives).
+    """
+
+    def __init__(self, p_like: torch.Tensor, carried_like: list[torch.Tensor], levels: int, num_steps: int | None):
+        super().__init__()
+        device = p_like.device
+        for name, dtype in SCALARS.items():
+            self.register_buffer(name, torch.zeros((), dtype=dtype, device=device), persistent=False)
+        self.num_steps.fill_(num_steps or 0)
+        self.last_ts.fill_(-math.inf)
+        self.register_buffer("hist_diff", torch.full((HISTORY,), math.nan, device=device), persistent=False)
+        self.register_buffer("hist_cached", torch.full((HISTORY,), -1, dtype=torch.int8, device=device), persistent=False)
+        self.register_buffer("p", p_like.new_zeros((1, *p_like.shape)), persistent=False)
+        self.residual_names = []
+        for j, like in enumerate(carried_like):
+            name = f"residual_{j}"
+            self.register_buffer(name, like.new_zeros((levels, *like.shape)), persistent=False)
+            self.residual_names.append(name)
+        self.shapes = (tuple(p_like.shape), tuple(tuple(c.shape) for c in carried_like), p_like.dtype, device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The flat list the rewritten graph takes, in its placeholder order."""
+        return [
+            *(getattr(self, n) for n in SCALARS),
+            self.hist_diff,
+            self.hist_cached,
+            self.p,
+            *(getattr(self, n) for n in self.residual_names),
+        ]
+
+    @torch.no_grad()
+    def reset(self, num_steps: int | None = None) -> None:
+        """Forget the request: the next call computes. `num_steps` None keeps the request length."""
+        for name in SCALARS:
+            if name != "num_steps":
+                getattr(self, name).zero_()
+        self.last_ts.fill_(-math.inf)
+        if num_steps is not None:
+            self.num_steps.fill_(num_steps)
+        self.hist_diff.fill_(math.nan)
+        self.hist_cached.fill_(-1)
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
