@@ -132,13 +132,13 @@ def _update_torch(
 
 def _forecast_torch(derivs: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """fp32 reference of ``taylor_forecast``: ``base + sum_{i < valid} D(i) e^i / i!``."""
-    out = base.float()
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device).copy_(base)  # fresh, contiguous
     coef = torch.ones((), dtype=torch.float32, device=base.device)
     ef = e.float()
     for i in range(min(int(valid), derivs.shape[0])):
         if i:
             coef = coef * ef / i
-        out = out + derivs[i].float() * coef
+        out.addcmul_(derivs[i], coef)
     return out.to(base.dtype)
 
 
