@@ -1,0 +1,260 @@
+"""Microbenchmark of the dittofx kernels against torch eager, torch.compile and a plain device copy.
+
+    python bench/kernels.py --out bench/results/kernels.json            # CUDA: N = 1M..64M, bf16 and fp32
+    python bench/kernels.py --smoke --out /tmp/kernels_smoke.json       # CPU: Triton interpreter, tiny sizes
+
+Each kernel is timed with ``triton.testing.do_bench`` (median, after warm-up), rotating among enough
+input sets that one round exceeds L2 four times over. Bytes are the fewest each op must move:
+  residual_diff  (with base)          reads x, ref, base
+  taylor_update_ (order k, steady)    reads x, base, D0..D(k-1); writes D0..Dk
+  taylor_forecast (order k, all valid) reads D0..Dk, base; writes out
+GB/s are compared with ``dst.copy_(src)`` (read + write) measured in the same run at the same size.
+Smoke mode only proves the script runs end to end: its timings are the interpreter's, not speed claims.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+
+def load_kernels() -> types.ModuleType:
+    """Import ``dittofx.kernels`` without running ``dittofx/__init__.py`` (it imports diffusers, absent on GPU images)."""
+    if "dittofx" not in sys.modules:
+        pkg = types.ModuleType("dittofx")
+        pkg.__path__ = [str(ROOT / "dittofx")]
+        sys.modules["dittofx"] = pkg
+    return importlib.import_module("dittofx.kernels")
+
+
+K = load_kernels()
+RD = importlib.import_module("dittofx.kernels.residual_diff")
+TY = importlib.import_module("dittofx.kernels.taylor")
+Config = importlib.import_module("dittofx.kernels._layout").Config
+
+ORDER = 2  # TaylorSeer order k for the benchmark: k + 1 = 3 derivative buffers
+THRESHOLD = 0.1
+L2_BYTES = 50 * 2**20  # H100; the rotation takes 4x this
+
+
+def elsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class Case:
+    """One op at one (N, dtype): input sets, the fewest bytes moved, and the implementations to time."""
+
+    def __init__(self, name: str, n: int, dtype: torch.dtype, device: str, sets: int) -> None:
+        self.name, self.n, self.dtype, self.device = name, n, dtype, device
+        g = torch.Generator(device=device).manual_seed(0)
+        s = elsize(dtype)
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+        self.scalars = dict(
+            gate=torch.zeros((), dtype=torch.int32, device=device),
+            acc=torch.zeros((), device=device),
+            valid=torch.full((), ORDER + 1, dtype=torch.int64, device=device),
+            gap=torch.full((), 2.0, device=device),
+            flag=torch.ones((), dtype=torch.bool, device=device),
+            e=torch.full((), 1.0, device=device),
+        )
+        if name == "residual_diff":
+            self.inputs = [(rand(n), rand(n), rand(n)) for _ in range(sets)]  # x, ref, base
+            self.bytes = 3 * n * s
+        elif name == "taylor_update_":
+            self.inputs = [(rand(ORDER + 1, n), rand(n), rand(n)) for _ in range(sets)]  # derivs, x, base
+            self.bytes = (2 + ORDER) * n * s + (ORDER + 1) * n * s
+        else:  # taylor_forecast
+            self.inputs = [(rand(ORDER + 1, n), rand(n)) for _ in range(sets)]  # derivs, base
+            self.bytes = (ORDER + 2) * n * s + n * s
+
+    def ours(self, config: Config | None = None) -> Callable[..., object]:
+        """The Triton launcher (the op calls it with ``config=None``)."""
+        c = self.scalars
+        if self.name == "residual_diff":
+            return lambda x, ref, base: RD.residual_diff_triton(
+                x, ref, base, c["gate"], c["acc"], THRESHOLD, math.inf, False, config=config
+            )
+        if self.name == "taylor_update_":
+            return lambda d, x, base: TY.taylor_update_triton(d, x, base, c["valid"], c["gap"], c["flag"], config=config)
+        return lambda d, base: TY.taylor_forecast_triton(d, base, c["valid"], c["e"], config=config)
+
+    def math(self) -> Callable[..., object]:
+        """The same math in plain torch (no host syncs), for eager and for torch.compile."""
+        c = self.scalars
+        if self.name == "residual_diff":
+            return lambda x, ref, base: RD._decide_torch(RD._sums_torch(x, ref, base, False), c["gate"], c["acc"], THRESHOLD, math.inf)
+        if self.name == "taylor_update_":
+            return lambda d, x, base: taylor_update_math(d, x, base, c["gap"])
+        return lambda d, base: taylor_forecast_math(d, base, c["e"])
+
+
+def taylor_update_math(derivs: torch.Tensor, x: torch.Tensor, base: torch.Tensor, gap: torch.Tensor) -> None:
+    """Steady-state update (all levels valid), written functionally and copied into the buffers."""
+    new = [x.float() - base.float()]
+    for i in range(1, derivs.shape[0]):
+        new.append((new[-1] - derivs[i - 1].float()) / gap)
+    derivs.copy_(torch.stack(new))
+
+
+def taylor_forecast_math(derivs: torch.Tensor, base: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    out, coef = base.float(), torch.ones_like(e)
+    for i in range(derivs.shape[0]):
+        coef = coef * e / i if i else coef
+        out = out + derivs[i].float() * coef
+    return out.to(base.dtype)
+
+
+def rotating(fn: Callable[..., object], inputs: list[tuple]) -> Callable[[], object]:
+    it = itertools.cycle(inputs)
+    return lambda: fn(*next(it))
+
+
+def time_us(fn: Callable[[], object], device: str) -> float:
+    """Median microseconds: do_bench on CUDA; a host timer under the interpreter (smoke, no claims)."""
+    if device == "cuda":
+        return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def copy_gbs(n: int, dtype: torch.dtype, device: str) -> float:
+    sets = max(2, math.ceil(4 * L2_BYTES / (2 * n * elsize(dtype))))
+    pairs = [(torch.randn(n, device=device).to(dtype), torch.empty(n, device=device, dtype=dtype)) for _ in range(sets)]
+    us = time_us(rotating(lambda src, dst: dst.copy_(src), pairs), device)
+    return 2 * n * elsize(dtype) / us / 1e3
+
+
+def check(case: Case) -> float:
+    """Max relative error of ours vs the torch math on the first input set (fp32 math, so ~1e-6)."""
+    args = case.inputs[0]
+    if case.name == "taylor_update_":
+        a, b = args[0].clone(), args[0].clone()
+        case.ours()(a, *args[1:])
+        case.math()(b, *args[1:])
+        got, exp = a.float(), b.float()
+    elif case.name == "residual_diff":
+        got, exp = case.ours()(*args)[0], case.math()(*args)[0]
+    else:
+        got, exp = case.ours()(*args).float(), case.math()(*args).float()
+    return float((got - exp).abs().max() / exp.abs().max().clamp_min(1e-30))
+
+
+def bench_case(name: str, n: int, dtype: torch.dtype, device: str, copy: float) -> dict:
+    sets = max(2, math.ceil(4 * L2_BYTES / (n * (2 * ORDER + 3) * elsize(dtype))))
+    case = Case(name, n, dtype, device, sets)
+    row = dict(kernel=name, dtype=str(dtype).replace("torch.", ""), n=n, bytes=case.bytes, sets=sets)
+    row["max_rel_err_vs_torch"] = check(case)
+    row["ours_us"] = time_us(rotating(case.ours(), case.inputs), device)
+    row["eager_us"] = time_us(rotating(case.math(), case.inputs), device)
+    torch._dynamo.reset()  # the math lambdas share code objects: no recompile limit, no cached guards
+    compiled = torch.compile(case.math(), dynamic=False)
+    row["compile_us"] = time_us(rotating(compiled, case.inputs), device)
+    row["copy_gbs"] = copy
+    for impl in ("ours", "eager", "compile"):
+        row[f"{impl}_gbs"] = case.bytes / row[f"{impl}_us"] / 1e3
+    row["ours_pct_copy"] = 100 * row["ours_gbs"] / copy
+    row["speedup_vs_compile"] = row["compile_us"] / row["ours_us"]
+    row["speedup_vs_eager"] = row["eager_us"] / row["ours_us"]
+    del case
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def sweep(name: str, n: int, dtype: torch.dtype, device: str, configs: list[Config]) -> list[dict]:
+    """Launch configurations at one size, to choose the defaults in dittofx/kernels/_layout.py."""
+    case = Case(name, n, dtype, device, sets=max(2, math.ceil(4 * L2_BYTES / (n * 5 * elsize(dtype)))))
+    out = []
+    for cfg in configs:
+        us = time_us(rotating(case.ours(cfg), case.inputs), device)
+        out.append(dict(kernel=name, n=n, dtype=str(dtype).replace("torch.", ""), config=cfg._asdict(), us=us, gbs=case.bytes / us / 1e3))
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = "| kernel | dtype | N | ours µs | ours GB/s | % copy | eager µs | compile µs | vs compile | vs eager | copy GB/s | rel err |"
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(
+            f"| {r['kernel']} | {r['dtype']} | {r['n'] / 2**20:g}M | {r['ours_us']:.1f} | {r['ours_gbs']:.0f} | "
+            f"{r['ours_pct_copy']:.1f} | {r['eager_us']:.1f} | {r['compile_us']:.1f} | {r['speedup_vs_compile']:.2f}x | "
+            f"{r['speedup_vs_eager']:.2f}x | {r['copy_gbs']:.0f} | {r['max_rel_err_vs_torch']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes; no speed claims")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kernels.json")
+    ap.add_argument("--sizes", type=str, default="1,4,8,16,32,64", help="N in units of 2**20 elements")
+    ap.add_argument("--sweep", action="store_true", help="also time launch configurations at N = 16M bf16")
+    args = ap.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    sizes = [2**16 + 3] if args.smoke else [int(s) * 2**20 for s in args.sizes.split(",")]
+    meta = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([Path(sys.executable).name] + sys.argv),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
+        smoke=args.smoke,
+        taylor_order=ORDER,
+    )
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        meta.update(sms=props.multi_processor_count, l2_bytes=getattr(props, "L2_cache_size", None))
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for n in sizes:
+            copy = copy_gbs(n, dtype, device)
+            for name in ("residual_diff", "taylor_update_", "taylor_forecast"):
+                rows.append(bench_case(name, n, dtype, device, copy))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    sweeps = []
+    if args.sweep and not args.smoke:
+        n = 16 * 2**20
+        reduce_cfgs = [Config(b, w, p) for b, w, p in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16), (528, 1056, 2112)) if b // (32 * w) >= 4]
+        ew_cfgs = [Config(b, w, 0) for b, w in itertools.product((512, 1024, 2048, 4096), (2, 4, 8)) if b // (32 * w) >= 2]
+        sweeps += sweep("residual_diff", n, torch.bfloat16, device, reduce_cfgs)
+        sweeps += sweep("taylor_update_", n, torch.bfloat16, device, ew_cfgs)
+        sweeps += sweep("taylor_forecast", n, torch.bfloat16, device, ew_cfgs)
+        for s in sorted(sweeps, key=lambda s: (s["kernel"], s["us"])):
+            print(f"sweep {s['kernel']:16s} {s['config']} {s['us']:.1f} us {s['gbs']:.0f} GB/s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweeps), indent=1))
+    print(json.dumps(meta))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
