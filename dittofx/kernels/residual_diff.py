@@ -199,13 +199,12 @@ def _sums_torch(
 def _decide_torch(
     sums: torch.Tensor, gate: torch.Tensor, acc: torch.Tensor, threshold: float, acc_limit: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 reference implementation of ``cache_decision``; no host sync."""
+    """fp32 reference implementation of ``cache_decision``; no host sync, no host-to-device copy (graph-capturable)."""
     d = sums[:, 0] / (sums[:, 1] + _EPS)
     finite = torch.isfinite(d)
     ok = finite & (d < threshold) & (acc.float() + d <= acc_limit)
-    by_diff_val = torch.where(finite.all(), d.max(), d.new_tensor(float("nan")))
     gated = gate != 0
-    diff = torch.where(gated, d.new_tensor(float("nan")), by_diff_val)
+    diff = torch.where(gated | ~finite.all(), float("nan"), d.max())
     cache = torch.where(gated, gate == 2, ok.all())
     return diff, cache
 

@@ -24,27 +24,31 @@ if TRITON_AVAILABLE:
     def _taylor_update_kernel(
         d_ptr, x_ptr, b_ptr, valid_ptr, gap_ptr, flag_ptr, n, D1, D2,
         d_lvl, ds0, ds1, ds2, xs0, xs1, xs2, bs0, bs1, bs2,
-        LEVELS: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr,
+        LEVELS: tl.constexpr, LEVELS_P2: tl.constexpr, CONTIG: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """Each element reads ``D0..D(top-1)`` once and writes ``D0..D(top)``, ``top = min(valid, k)``.
 
-        A level's mask is ``j < (n if live else 0)``: ``and``-ing a scalar into a vector mask breaks the interpreter.
+        The levels are one ``[LEVELS_P2, BLOCK]`` tile: a single load issued before any store. Level-by-level
+        loads interleaved with the stores cannot be hoisted over them (same buffer), which serialised
+        them on memory latency and halved the bandwidth (bench/results, 2026-11-22).
         """
         if tl.load(flag_ptr) != 0:
-            valid = tl.load(valid_ptr)
+            top = tl.minimum(tl.load(valid_ptr), LEVELS - 1)
             gap = tl.load(gap_ptr).to(tl.float32)
             j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
             m = j < n
-            do = strided_offsets(j, D1, D2, ds0, ds1, ds2, CONTIG)
+            lv = tl.arange(0, LEVELS_P2)[:, None]
+            ptrs = d_ptr + lv * d_lvl + strided_offsets(j, D1, D2, ds0, ds1, ds2, CONTIG)[None, :]
+            old = tl.load(ptrs, mask=(lv < top) & m[None, :], other=0).to(tl.float32)
             xv = tl.load(x_ptr + strided_offsets(j, D1, D2, xs0, xs1, xs2, CONTIG), mask=m, other=0)
             bv = tl.load(b_ptr + strided_offsets(j, D1, D2, bs0, bs1, bs2, CONTIG), mask=m, other=0)
             cur = xv.to(tl.float32) - bv.to(tl.float32)
+            new = tl.where(lv == 0, cur[None, :], 0.0)
             for i in tl.static_range(1, LEVELS):
-                lvl = d_ptr + (i - 1) * d_lvl + do
-                old = tl.load(lvl, mask=j < tl.where(valid >= i, n, 0), other=0)  # read before overwritten
-                tl.store(lvl, cur.to(d_ptr.dtype.element_ty), mask=j < tl.where(valid >= i - 1, n, 0))
-                cur = (cur - old.to(tl.float32)) / gap
-            tl.store(d_ptr + (LEVELS - 1) * d_lvl + do, cur.to(d_ptr.dtype.element_ty), mask=j < tl.where(valid >= LEVELS - 1, n, 0))
+                prev = tl.sum(tl.where(lv == i - 1, old, 0.0), axis=0)  # row i - 1 of the tile, exactly
+                cur = (cur - prev) / gap
+                new = tl.where(lv == i, cur[None, :], new)
+            tl.store(ptrs, new.to(d_ptr.dtype.element_ty), mask=(lv <= top) & m[None, :])
 
     @triton.jit
     def _taylor_forecast_kernel(
@@ -91,7 +95,8 @@ def taylor_update_triton(
     n = x.numel()
     _taylor_update_kernel[(triton.cdiv(n, cfg.block),)](
         work, xx, bb, valid, gap, flag, n, lay.sizes[1], lay.sizes[2], work.stride(0), *lay.strides[0],
-        *lay.strides[1], *lay.strides[2], LEVELS=derivs.shape[0], CONTIG=lay.contig, BLOCK=cfg.block,
+        *lay.strides[1], *lay.strides[2], LEVELS=derivs.shape[0], LEVELS_P2=triton.next_power_of_2(derivs.shape[0]),
+        CONTIG=lay.contig, BLOCK=cfg.block,
         num_warps=cfg.num_warps,
     )
     if work is not derivs:  # derivs had a layout beyond MAX_RANK dims: write the result back

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..patterns.chain import Chain, block_inputs, read_by
+from ..patterns.chain import Chain, block_inputs, numel_hint, read_by
 
 __all__ = ["Partition", "PartitionPass", "REGIONS"]
 
@@ -66,14 +66,6 @@ def _shape_key(node: fx.Node) -> tuple | None:
     if not isinstance(val, torch.Tensor):
         return None
     return (val.dtype, tuple(str(d) for d in val.shape))
-
-
-def _numel_hint(node: fx.Node) -> int:
-    val = node.meta["val"]
-    total = 1
-    for d in val.shape:
-        total *= d if isinstance(d, int) else d.node.hint
-    return total
 
 
 def _residual_sources(out: fx.Node, inputs: set[fx.Node]) -> set[fx.Node]:
@@ -188,7 +180,7 @@ def partition(gm: fx.GraphModule, chain: Chain, fn_blocks: int, bn_blocks: int, 
     fn_tensors = [nd for nd in fn_out if isinstance(nd.meta.get("val"), torch.Tensor)]
     if not fn_tensors:
         raise PartitionError("the first Fn blocks produce no carried tensor; cannot measure the residual")
-    fn_pairs = pair_carried(sorted(fn_tensors, key=_numel_hint, reverse=True)[:1], chain_inputs)
+    fn_pairs = pair_carried(sorted(fn_tensors, key=numel_hint, reverse=True)[:1], chain_inputs)
     (h_fn, h0), = fn_pairs.items()
     return Partition(
         chain=chain, fn_blocks=fn_blocks, bn_blocks=bn_blocks, region=region,

@@ -161,14 +161,25 @@ def find_chain(
     return Chain(blocks=blocks, lists=names, candidates=candidates)
 
 
+def numel_hint(node: fx.Node) -> int:
+    """Element count of a node's example value (symbolic dims at their example sizes)."""
+    total = 1
+    for d in node.meta["val"].shape:
+        total *= d if isinstance(d, int) else d.node.hint
+    return total
+
+
 def _feeds(nodes, per_list, ancestry, params, src: str, dst: str) -> bool:
-    """`src` directly precedes `dst` in the chain: every carried input of dst's first block depends
-    on src's last block, and on no list that src's last block does not itself depend on."""
+    """`src` directly precedes `dst` in the chain: dst's main carried input (the largest) depends on
+    src's last block, and no carried input depends on a list that src's last block does not."""
     later = read_by(nodes, per_list[dst][1:])
     carried = [
         n
         for n in block_inputs(nodes, per_list[dst][0])
         if n not in later and n not in params and isinstance(n.meta.get("val"), torch.Tensor)
     ]
+    if not carried:
+        return False
     upstream = ancestry[nodes[per_list[src][-1].end]]
-    return bool(carried) and all(src in ancestry[n] and ancestry[n] <= upstream for n in carried)
+    main = max(carried, key=numel_hint)
+    return src in ancestry[main] and all(ancestry[n] <= upstream for n in carried)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import traceback
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -72,6 +73,15 @@ def _symbol_bindings(entry: Entry, leaves: list) -> dict:
                 if not isinstance(s, int) and s.node.expr.is_Symbol:
                     bindings[s.node.expr] = leaf.shape[d]
     return bindings
+
+
+def _model_frame(err: BaseException) -> str:
+    """The innermost traceback line outside torch: the model code that blocked capture."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return "an unknown place"
+    f = frames[-1]
+    return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}: {f.line}"
 
 
 class Engine:
@@ -146,7 +156,7 @@ class Engine:
 
     def _capture(self, args: tuple, kwargs: dict) -> CapturedGraph:
         model = self.model
-        saved = model.__dict__.pop("forward")
+        saved = model.__dict__.pop("forward", None)  # ours, once attached: capture the original
         self.capturing = True
         try:
             try:
@@ -159,12 +169,14 @@ class Engine:
         except Exception as err:
             raise CaptureError(
                 f"{type(model).__name__}.forward cannot be captured as one graph with torch.export "
-                f"({type(err).__name__}: {str(err).splitlines()[0][:300]}). Data-dependent Python "
-                f"(.tolist(), .item(), .numpy() driving loops) blocks capture."
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}), at {_model_frame(err)}. "
+                f"Data-dependent Python (.tolist(), .item(), .numpy() driving loops or shapes) blocks capture; "
+                f"dittofx has no caching for this model."
             ) from err
         finally:
             self.capturing = False
-            model.forward = saved
+            if saved is not None:
+                model.forward = saved
 
     def _build(self, args: tuple, kwargs: dict) -> Entry:
         cfg = self.cfg
@@ -230,8 +242,14 @@ class Engine:
 
     @torch._dynamo.disable
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self.capturing:
+        if self.capturing:
+            return
+        try:
             self.pre_call(args, kwargs)
+        except (ValueError, CaptureError):
+            if not self.entries:  # the first capture failed: leave the model exactly as it was
+                self.detach()
+            raise
 
 
 def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -112,10 +112,9 @@ def finish_step(
     acc.copy_(torch.where(cache, acc + measured, torch.zeros_like(acc)))
     cached_count.copy_(cached_count + cache.to(cached_count.dtype))
     cont_count.copy_(torch.where(cache, cont_count + 1, torch.zeros_like(cont_count)))
-    slot = torch.clamp(step, max=hist_diff.shape[0] - 1)
-    in_range = step < hist_diff.shape[0]
-    hist_diff.index_put_((slot,), torch.where(in_range, diff, hist_diff[slot]))
-    hist_cached.index_put_((slot,), torch.where(in_range, cache.to(hist_cached.dtype), hist_cached[slot]))
+    here = torch.arange(hist_diff.shape[0], device=step.device) == step  # one-hot write, no data-dependent index
+    hist_diff.copy_(torch.where(here, diff, hist_diff))
+    hist_cached.copy_(torch.where(here, cache.to(hist_cached.dtype), hist_cached))
     step.copy_(step + 1)
 
 

@@ -1,0 +1,139 @@
+"""Bad input (SPEC §1): a clear ValueError/TypeError naming the field, the value and what is
+allowed, and the model left exactly as it was."""
+
+import math
+
+import pytest
+import torch
+
+import dittofx
+import zoo
+
+
+def snapshot(model):
+    return (
+        dict(model.__dict__.items()) | {"_modules": dict(model._modules)},
+        {k: v.clone() for k, v in model.state_dict().items()},
+        dict(model._forward_pre_hooks),
+    )
+
+
+def assert_untouched(model, before):
+    attrs, state, hooks = snapshot(model)
+    assert attrs.keys() == before[0].keys()
+    assert attrs["_modules"] == before[0]["_modules"]
+    assert hooks == before[2]
+    assert state.keys() == before[1].keys() and all(torch.equal(state[k], before[1][k]) for k in state)
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    return zoo.get("pixart")
+
+
+CASES = [
+    ({"foo": 1}, ValueError, ["'foo'", "allowed keys"]),
+    ({"Fn_compute_blocks": 0}, ValueError, ["Fn_compute_blocks=0", ">= 1"]),
+    ({"Fn_compute_blocks": "1"}, TypeError, ["Fn_compute_blocks='1'", "int"]),
+    ({"Fn_compute_blocks": True}, TypeError, ["Fn_compute_blocks=True", "int"]),
+    ({"Bn_compute_blocks": -1}, ValueError, ["Bn_compute_blocks=-1", ">= 0"]),
+    ({"residual_diff_threshold": -0.1}, ValueError, ["residual_diff_threshold=-0.1", ">= 0"]),
+    ({"residual_diff_threshold": math.nan}, ValueError, ["residual_diff_threshold=nan", "finite"]),
+    ({"residual_diff_threshold": "0.1"}, TypeError, ["residual_diff_threshold='0.1'", "float"]),
+    ({"max_warmup_steps": -2}, ValueError, ["max_warmup_steps=-2", ">= 0"]),
+    ({"warmup_interval": 0}, ValueError, ["warmup_interval=0", ">= 1"]),
+    ({"max_cached_steps": -2}, ValueError, ["max_cached_steps=-2", "-1 for no limit"]),
+    ({"max_continuous_cached_steps": 1.5}, TypeError, ["max_continuous_cached_steps=1.5", "int"]),
+    ({"max_accumulated_residual_diff_threshold": -1.0}, ValueError, ["max_accumulated_residual_diff_threshold=-1.0"]),
+    ({"enable_separate_cfg": "yes"}, TypeError, ["enable_separate_cfg='yes'", "True, False or None"]),
+    ({"cfg_compute_first": None}, TypeError, ["cfg_compute_first=None", "True or False"]),
+    ({"num_inference_steps": 0}, ValueError, ["num_inference_steps=0", ">= 1"]),
+    ({"method": "fastcache"}, ValueError, ["method='fastcache'", "dbcache"]),
+    ({"blocks": "transformer_blocks"}, TypeError, ["blocks='transformer_blocks'", "list of ModuleList"]),
+    ({"capture": "trace"}, ValueError, ["capture='trace'", "'auto', 'export', 'blocks'"]),
+    ({"enable_taylorseer": True}, ValueError, ["enable_taylorseer=True", "not available in this release"]),
+    ([("Fn_compute_blocks", 1)], TypeError, ["cache_config=", "DBCacheConfig or a dict"]),
+]
+
+
+@pytest.mark.parametrize("cfg, exc, words", CASES, ids=[str(c[0])[:40] for c in CASES])
+def test_bad_config_is_rejected_and_model_untouched(pixart, cfg, exc, words):
+    model = pixart.build()
+    before = snapshot(model)
+    with pytest.raises(exc) as info:
+        dittofx.optimize(model, cfg)
+    for word in words:
+        assert word in str(info.value)
+    assert_untouched(model, before)
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match=r"model=function: must be a torch.nn.Module"):
+        dittofx.optimize(lambda x: x, {})
+
+
+def _call(model, z):
+    with torch.no_grad():
+        return model(**z.inputs(0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "cfg, words",
+    [
+        ({"Fn_compute_blocks": 3, "Bn_compute_blocks": 2}, ["Fn_compute_blocks + Bn_compute_blocks = 3 + 2 = 5", "<= the number of blocks in the chain (4"]),
+        ({"blocks": ["nope"]}, ["blocks=['nope']", "not found", "transformer_blocks"]),
+    ],
+)
+def test_model_dependent_errors_leave_model_untouched(pixart, cfg, words):
+    """Errors only known once the graph is captured: raised at optimize() with example_inputs,
+    or at the first call (lazy); in both cases the model is restored."""
+    for eager_capture in (True, False):
+        model = pixart.build()
+        before = snapshot(model)
+        ref = _call(model, pixart)[0]
+        example = ((), pixart.inputs(0, 1.0))
+        with pytest.raises(ValueError) as info:
+            dittofx.optimize(model, cfg, example_inputs=example if eager_capture else None)
+            _call(model, pixart)
+        for word in words:
+            assert word in str(info.value)
+        assert_untouched(model, before)
+        assert torch.equal(_call(model, pixart)[0], ref)
+
+
+class NoBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, hidden_states):
+        return self.proj(hidden_states)
+
+
+def test_model_without_block_chain_explains_what_was_searched():
+    model = NoBlocks()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"no transformer block chain found in NoBlocks: searched .*nn.ModuleList"):
+        dittofx.optimize(model, {}, example_inputs=((torch.randn(1, 3, 4),), {}))
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("name", ["hidream", "lumina2"])
+def test_uncapturable_model_names_the_blocking_construct(name):
+    z = zoo.get(name)
+    model = z.build()
+    before = snapshot(model)
+    dittofx.optimize(model, {})
+    with pytest.raises(RuntimeError, match=r"cannot be captured as one graph.*at transformer_\w+\.py:\d+: .+"):
+        _call(model, z)
+    assert_untouched(model, before)
+
+
+def test_already_optimized_and_refresh_errors(pixart):
+    model = dittofx.optimize(pixart.build(), {})
+    with pytest.raises(ValueError, match="already optimized"):
+        dittofx.optimize(model, {})
+    with pytest.raises(ValueError, match=r"num_inference_steps=0: must be an int >= 1 or None"):
+        dittofx.refresh(model, num_inference_steps=0)
+    with pytest.raises(ValueError, match="not optimized by dittofx"):
+        dittofx.summary(pixart.build())

@@ -1,0 +1,39 @@
+"""torch.compile(fullgraph=True) on optimized models: no graph break, no recompile across requests
+and steps, outputs equal to the eager optimized model. Few and small: each compile costs ~30 s."""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import dittofx
+import zoo
+
+STEPS = 8
+CFG = {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "num_inference_steps": STEPS}
+
+
+@pytest.mark.parametrize("name", ["pixart", "flux"])
+def test_fullgraph_compile_no_break_no_recompile(name):
+    z = zoo.get(name)
+    torch._dynamo.reset()
+    compiled_model = dittofx.optimize(z.build(), CFG)
+    eager_model = dittofx.optimize(z.build(), CFG)
+    with torch.no_grad():
+        compiled_model(**z.inputs(0, 1.0))  # captures the graph (eager, in the pre-hook)
+        dittofx.reset(compiled_model)
+        explanation = torch._dynamo.explain(compiled_model)(**z.inputs(0, 1.0))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    dittofx.reset(compiled_model)
+    torch._dynamo.reset()
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for _request in range(2):
+            got = [compiled(**z.inputs(s, 1 - s / STEPS))[0] for s in range(STEPS)]
+            want = [eager_model(**z.inputs(s, 1 - s / STEPS))[0] for s in range(STEPS)]
+            assert dittofx.summary(compiled)[0].cached_steps == dittofx.summary(eager_model)[0].cached_steps
+            assert dittofx.summary(compiled)[0].cached_steps, "the config should cache some steps"
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+    assert counter.frame_count == 1  # one compilation for 2 requests x 8 steps
