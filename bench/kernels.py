@@ -3,8 +3,9 @@
     python bench/kernels.py --out bench/results/kernels.json            # CUDA: N = 1M..64M, bf16 and fp32
     python bench/kernels.py --smoke --out /tmp/kernels_smoke.json       # CPU: Triton interpreter, tiny sizes
 
-Each kernel is timed with ``triton.testing.do_bench`` (median, after warm-up), rotating among enough
-input sets that one round exceeds L2 four times over. Bytes are the fewest each op must move:
+Each kernel is timed with ``triton.testing.do_bench`` (median, after warm-up) replaying a CUDA graph
+that calls it on enough input sets in turn that one round exceeds L2 four times over (device time,
+as under the core's CUDA graphs); the last column times eager calls, Python launch overhead included. Bytes are the fewest each op must move:
   residual_diff  (with base)          reads x, ref, base
   taylor_update_ (order k, steady)    reads x, base, D0..D(k-1); writes D0..Dk
   taylor_forecast (order k, all valid) reads D0..Dk, base; writes out
@@ -128,28 +129,39 @@ def taylor_forecast_math(derivs: torch.Tensor, base: torch.Tensor, e: torch.Tens
     return out.to(base.dtype)
 
 
-def rotating(fn: Callable[..., object], inputs: list[tuple]) -> Callable[[], object]:
-    it = itertools.cycle(inputs)
-    return lambda: fn(*next(it))
+def time_us(fn: Callable[..., object], inputs: list[tuple], device: str, graph: bool = True) -> float:
+    """Median microseconds per call of ``fn`` rotating over ``inputs``.
 
-
-def time_us(fn: Callable[[], object], device: str) -> float:
-    """Median microseconds: do_bench on CUDA; a host timer under the interpreter (smoke, no claims)."""
+    CUDA, ``graph``: one CUDA graph calls ``fn`` on every input set in turn and ``do_bench`` times its
+    replays: device time only, as under the core's CUDA graphs. CUDA, not ``graph``: ``do_bench`` of
+    eager calls, Python launch overhead included. CPU (smoke): a host timer, no claims.
+    """
     if device == "cuda":
-        return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
+        for args in inputs:  # warm-up: Triton/Inductor compilation, allocations
+            fn(*args)
+        torch.cuda.synchronize()
+        if not graph:
+            it = itertools.cycle(inputs)
+            return 1e3 * triton.testing.do_bench(lambda: fn(*next(it)), warmup=25, rep=100, return_mode="median")
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for args in inputs:
+                fn(*args)
+        us = 1e3 * triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median") / len(inputs)
+        del g
+        return us
     times = []
-    for _ in range(3):
+    for args in [inputs[0]] + inputs[:3]:
         t0 = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(times)
+    return 1e6 * statistics.median(times[1:])
 
 
 def copy_gbs(n: int, dtype: torch.dtype, device: str) -> float:
     sets = max(2, math.ceil(4 * L2_BYTES / (2 * n * elsize(dtype))))
     pairs = [(torch.randn(n, device=device).to(dtype), torch.empty(n, device=device, dtype=dtype)) for _ in range(sets)]
-    us = time_us(rotating(lambda src, dst: dst.copy_(src), pairs), device)
+    us = time_us(lambda src, dst: dst.copy_(src), pairs, device)
     return 2 * n * elsize(dtype) / us / 1e3
 
 
@@ -173,11 +185,12 @@ def bench_case(name: str, n: int, dtype: torch.dtype, device: str, copy: float) 
     case = Case(name, n, dtype, device, sets)
     row = dict(kernel=name, dtype=str(dtype).replace("torch.", ""), n=n, bytes=case.bytes, sets=sets)
     row["max_rel_err_vs_torch"] = check(case)
-    row["ours_us"] = time_us(rotating(case.ours(), case.inputs), device)
-    row["eager_us"] = time_us(rotating(case.math(), case.inputs), device)
+    row["ours_us"] = time_us(case.ours(), case.inputs, device)
+    row["ours_launch_us"] = time_us(case.ours(), case.inputs, device, graph=False) if device == "cuda" else math.nan
+    row["eager_us"] = time_us(case.math(), case.inputs, device)
     torch._dynamo.reset()  # the math lambdas share code objects: no recompile limit, no cached guards
     compiled = torch.compile(case.math(), dynamic=False)
-    row["compile_us"] = time_us(rotating(compiled, case.inputs), device)
+    row["compile_us"] = time_us(compiled, case.inputs, device)
     row["copy_gbs"] = copy
     for impl in ("ours", "eager", "compile"):
         row[f"{impl}_gbs"] = case.bytes / row[f"{impl}_us"] / 1e3
@@ -195,19 +208,19 @@ def sweep(name: str, n: int, dtype: torch.dtype, device: str, configs: list[Conf
     case = Case(name, n, dtype, device, sets=max(2, math.ceil(4 * L2_BYTES / (n * 5 * elsize(dtype)))))
     out = []
     for cfg in configs:
-        us = time_us(rotating(case.ours(cfg), case.inputs), device)
+        us = time_us(case.ours(cfg), case.inputs, device)
         out.append(dict(kernel=name, n=n, dtype=str(dtype).replace("torch.", ""), config=cfg._asdict(), us=us, gbs=case.bytes / us / 1e3))
     return out
 
 
 def table(rows: list[dict]) -> str:
-    head = "| kernel | dtype | N | ours µs | ours GB/s | % copy | eager µs | compile µs | vs compile | vs eager | copy GB/s | rel err |"
-    lines = [head, "|" + "---|" * 12]
+    head = "| kernel | dtype | N | ours µs | ours GB/s | % copy | eager µs | compile µs | vs compile | vs eager | copy GB/s | rel err | ours µs, eager launch |"
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(
             f"| {r['kernel']} | {r['dtype']} | {r['n'] / 2**20:g}M | {r['ours_us']:.1f} | {r['ours_gbs']:.0f} | "
             f"{r['ours_pct_copy']:.1f} | {r['eager_us']:.1f} | {r['compile_us']:.1f} | {r['speedup_vs_compile']:.2f}x | "
-            f"{r['speedup_vs_eager']:.2f}x | {r['copy_gbs']:.0f} | {r['max_rel_err_vs_torch']:.1e} |"
+            f"{r['speedup_vs_eager']:.2f}x | {r['copy_gbs']:.0f} | {r['max_rel_err_vs_torch']:.1e} | {r['ours_launch_us']:.1f} |"
         )
     return "\n".join(lines)
 
