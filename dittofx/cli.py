@@ -173,18 +173,17 @@ def _save_plot(path: Path, rows: list[Row], num_inference_steps: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    cached = [r for r in rows if r.label != UNCACHED]
-    ax.scatter([1 / r.time_ratio for r in cached], [r.psnr for r in cached], color="tab:blue", zorder=3)
-    for r in cached:
+    markers = "osD^vP*Xhp"
+    for i, r in enumerate(r for r in rows if r.label != UNCACHED):
         n = "/".join(str(len(v)) for v in r.cached_steps.values())
-        ax.annotate(f"{r.label}\n({n} of {num_inference_steps} cached)", (1 / r.time_ratio, r.psnr),
-                    fontsize=7, xytext=(5, 3), textcoords="offset points")  # fmt: skip
+        ax.scatter(1 / r.time_ratio, r.psnr, marker=markers[i % len(markers)], s=50, zorder=3,
+                   label=f"{r.label}: {n} of {num_inference_steps} steps cached")  # fmt: skip
     ax.axvline(1.0, color="gray", ls="--", lw=1, label="uncached (PSNR = inf)")
     ax.set_xlabel("speedup vs uncached (wall time, CPU)")
     ax.set_ylabel("PSNR vs uncached (dB)")
     ax.set_title("dittofx on the fixture DiT: speed vs quality")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,65 @@
+"""`dittofx demo`: table, images, grid and plot, checked against direct sampling and the metrics CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dittofx
+from dittofx.cli import DEMO_CONFIGS, config_label, main
+from dittofx.fixtures import EVAL_PROMPTS, follows_prompt, load_fixture, sample
+from dittofx.metrics import compare_dirs, load_pngs, to_uint8
+
+CONFIG = {"Fn_compute_blocks": 1, "residual_diff_threshold": 0.5, "max_warmup_steps": 2}
+
+
+def test_demo_small_run(tmp_path, capsys):
+    torch.set_num_threads(1)
+    steps, prompts = 6, list(EVAL_PROMPTS[:2])
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--prompts", "2", "--steps", str(steps), "--repeats", "1"]
+    assert main([*args, "--config", json.dumps(CONFIG)]) == 0
+    label = config_label(CONFIG)
+    assert label == "F1B0_W2_R0.5"
+
+    table = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in table.splitlines() if line.split()}
+    assert lines["uncached"][1:5] == ["0", "1.00", "inf", "1.000"]
+    assert label in lines
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["prompts"] == prompts and results["num_inference_steps"] == steps
+    rows = {r["label"]: r for r in results["rows"]}
+    assert set(rows) == {"uncached", label}
+
+    # the uncached images are exactly what the sampler gives for the same prompts and seeds
+    ref = sample(load_fixture(), prompts, seeds=[0, 1], num_inference_steps=steps)
+    saved = load_pngs(out / "images" / "uncached")
+    assert np.array_equal(np.stack(list(saved.values())), to_uint8(ref.images))
+    assert rows["uncached"]["prompts_ok"] == sum(follows_prompt(im, p) for im, p in zip(ref.images, prompts))
+
+    # cached run: warmup 2 steps computed in both branches, the rest decided by the threshold
+    cached = rows[label]["cached_steps"]
+    assert set(cached) == {"cond", "uncond"}
+    assert all(min(v) >= 2 and max(v) < steps for v in cached.values() if v)
+    assert lines[label][1] == "/".join(str(len(v)) for v in cached.values())
+    # the demo's float PSNR agrees with `dittofx metrics` on the PNGs it wrote (uint8 rounding only)
+    on_disk = compare_dirs(out / "images" / "uncached", out / "images" / label)
+    if rows[label]["psnr"] == float("inf"):
+        assert on_disk["psnr"] == float("inf")
+    else:
+        assert on_disk["psnr"] == pytest.approx(rows[label]["psnr"], abs=0.5)
+
+    grid = Image.open(out / "grid.png")
+    plot = Image.open(out / "speed_vs_psnr.png")
+    assert grid.size[0] > 200 and grid.size[1] > 200 and plot.size[0] > 300
+
+
+def test_default_demo_configs_are_accepted_by_optimize():
+    model = load_fixture().transformer
+    for cfg in DEMO_CONFIGS:
+        assert dittofx.optimize(model, cfg) is model
+        dittofx.disable(model)
+    assert len({config_label(c) for c in DEMO_CONFIGS}) == len(DEMO_CONFIGS)
