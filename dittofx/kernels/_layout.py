@@ -29,9 +29,11 @@ class Config(NamedTuple):
     max_programs: int  # reduction kernels: programs per launch (a grid-stride loop covers the rest)
 
 
-# The interpreter costs per program instance: few, large programs. CUDA values from bench/kernels.py.
+# The interpreter costs per program instance: few, large programs. CUDA values from the H100 sweep in
+# bench/results/kernels_h100_2026-11-22.md: 8 elements per thread (16-byte bf16 accesses) and, for the
+# reduction, 4 programs per SM of 132, which all fit in one wave (fewer registers than BLOCK=4096).
 INTERPRETER = Config(block=65536, num_warps=1, max_programs=64)
-CUDA_REDUCE = Config(block=4096, num_warps=8, max_programs=1056)
+CUDA_REDUCE = Config(block=2048, num_warps=8, max_programs=528)
 CUDA_ELEMENTWISE = Config(block=2048, num_warps=8, max_programs=0)
 
 
