@@ -1,8 +1,9 @@
 """Relative-L1 residual diff and the DBCache decision (SPEC.md section 3) as custom ops.
 
 ``l1_sums`` reduces ``sum|x - base - ref|`` and ``sum|ref|`` in fp32; ``cache_decision`` turns the
-sums and the host-side gate into a device bool; ``residual_diff`` fuses both, so the predicate
-for ``torch.cond`` comes out of the device without a host sync.
+sums and the core's gate (a device int) into a device bool; ``residual_diff`` fuses both, so the
+predicate for ``torch.cond`` comes out without a host sync. Reductions are two-stage (fixed
+partition, fixed order, no atomics): bitwise reproducible run to run.
 """
 
 from __future__ import annotations

@@ -96,8 +96,7 @@ def taylor_update_triton(
     _taylor_update_kernel[(triton.cdiv(n, cfg.block),)](
         work, xx, bb, valid, gap, flag, n, lay.sizes[1], lay.sizes[2], work.stride(0), *lay.strides[0],
         *lay.strides[1], *lay.strides[2], LEVELS=derivs.shape[0], LEVELS_P2=triton.next_power_of_2(derivs.shape[0]),
-        CONTIG=lay.contig, BLOCK=cfg.block,
-        num_warps=cfg.num_warps,
+        CONTIG=lay.contig, BLOCK=cfg.block, num_warps=cfg.num_warps,
     )
     if work is not derivs:  # derivs had a layout beyond MAX_RANK dims: write the result back
         derivs.copy_(work)
@@ -153,8 +152,9 @@ def taylor_update_(
 ) -> None:
     """If ``flag``: ``D0 = x - base``, ``D(i) = (D(i-1)_new - D(i-1)_old) / gap`` for ``i <= min(valid, k)``."""
     if use_triton(x):
-        return taylor_update_triton(derivs, x, base, valid, gap, flag)
-    _update_torch(derivs, x, base, valid, gap, flag)
+        taylor_update_triton(derivs, x, base, valid, gap, flag)
+    else:
+        _update_torch(derivs, x, base, valid, gap, flag)
 
 
 @taylor_update_.register_fake
