@@ -68,7 +68,7 @@ class Case:
 
 
 CASES = [
-    # Wan (Pattern_2: hidden only out), CFG with separate branches whose decisions diverge.
+    # Wan (Pattern_2: hidden only out), CFG: separate branches whose decisions part (see _threshold).
     Case("wan", ForwardPattern.Pattern_2,
          dict(Fn_compute_blocks=1, Bn_compute_blocks=1, max_warmup_steps=2, max_continuous_cached_steps=2),
          cfg=True),
@@ -162,14 +162,19 @@ def _run_dittofx(z, case: Case, threshold: float):
 
 
 def _threshold(z, case: Case) -> float:
-    """A threshold between two of the model's own diffs near their median (cache-dit, one request,
-    every step after warmup eligible), so that some steps cache and some compute."""
-    probe = Case(case.name, case.pattern, dict(case.config, max_cached_steps=-1, max_continuous_cached_steps=-1))
+    """A threshold from the model's own diffs (cache-dit, one request, every step after warmup eligible)
+    so that some steps cache and some compute: between the two diffs around the median; with CFG,
+    between the two branches' diffs at the first eligible step (same history there), so that the
+    branches' decisions part."""
+    probe = Case(case.name, case.pattern, dict(case.config, max_cached_steps=-1, max_continuous_cached_steps=-1),
+                 cfg=case.cfg)  # fmt: skip
     _, (stats,) = _run_cachedit(z, probe, threshold=0.999)  # < 1: cache-dit still measures the diff
+    if case.cfg:
+        first = min(stats["cond"][1])
+        return (stats["cond"][1][first] + stats["uncond"][1][first]) / 2
     diffs = sorted(stats["cond"][1].values())
     assert len(diffs) >= 4, diffs
-    k = len(diffs) // 2
-    return (diffs[k - 1] + diffs[k]) / 2
+    return (diffs[len(diffs) // 2 - 1] + diffs[len(diffs) // 2]) / 2
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -184,6 +189,8 @@ def test_dittofx_matches_cachedit(case: Case):
     assert len(got_stats) == len(want_stats) == case.requests
     for request, (want, got) in enumerate(zip(want_stats, got_stats)):
         assert sorted(got) == sorted(want), (context, request, got.keys(), want.keys())
+        if case.cfg:  # the threshold makes the branches' decisions part (see _threshold)
+            assert want["cond"][0] != want["uncond"][0], (context, want)
         for branch, (want_cached, want_diffs) in want.items():
             got_cached, got_diffs = got[branch]
             where = f"{context} request={request} branch={branch}"
