@@ -184,8 +184,10 @@ def explain(model: torch.nn.Module) -> str:
         )
         lines.append("  nodes per region: " + ", ".join(f"{r}={c}" for r, c in entry.region_counts.items()))
         lines.append(f"  residual diff on: {part.h_fn.name} - {part.h0.name} {_shape(part.h_fn)}")
-        carried = ", ".join(f"{o.name} <- {part.pairs[o].name} {_shape(o)}" for o in part.middle_outputs)
-        lines.append(f"  carried through the middle (out <- in): {carried}")
+        carried = ", ".join(f"{o.name} <- {part.base[o].name} {_shape(o)}" for o in part.middle_outputs)
+        lines.append(f"  carried through the middle (out <- base it is cached as base + residual): {carried}")
+        if part.glue:
+            lines.append(f"  code between middle blocks kept on cached steps: {[n.name for n in part.glue]}")
         lines.append(f"  carried into the middle: {[i.name for i in part.carried_inputs]}")
         weights = set(entry.captured.gm.graph.find_nodes(op="placeholder")[: len(entry.slots) + len(entry.captured.constants)])
         invariant = [i.name for i in part.middle_inputs if i not in part.carried_inputs and i not in weights]

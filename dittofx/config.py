@@ -105,6 +105,11 @@ def validate(cfg: DBCacheConfig) -> DBCacheConfig:
     _check_optional_bool("enable_separate_cfg", cfg.enable_separate_cfg, allow_none=True)
     _check_optional_bool("cfg_compute_first", cfg.cfg_compute_first, allow_none=False)
     _check_optional_bool("cfg_diff_compute_separate", cfg.cfg_diff_compute_separate, allow_none=False)
+    if not cfg.cfg_diff_compute_separate:
+        raise ValueError(
+            "cfg_diff_compute_separate=False: reusing one CFG branch's decision in the other is not "
+            "available in this release; allowed: True"
+        )
     if cfg.num_inference_steps is not None:
         _check_int("num_inference_steps", cfg.num_inference_steps, 1, ">= 1 or None")
     if cfg.blocks is not None:

@@ -31,6 +31,7 @@ class NaiveConfig:
 
 @dataclass
 class _Step:
+    hidden: str = ""
     h0: torch.Tensor | None = None
     outs: dict = field(default_factory=dict)
     skip: bool = False
@@ -131,8 +132,9 @@ class NaiveDBCache:
         def wrap(j, orig):
             def forward(*args, **kw):
                 named = _bind(orig, args, kw)
-                if j == 0:
-                    st.h0 = named["hidden_states"]
+                if j == 0:  # the hidden stream: the largest carried argument (image tokens > text tokens)
+                    st.hidden = max(self.formats[0], key=lambda k: named[k].numel())
+                    st.h0 = named[st.hidden]
                 if st.skip and mid_lo <= j <= mid_hi:
                     streams = {name: named[name] for name in self.formats[j]}
                     if j == mid_hi:
@@ -142,7 +144,7 @@ class NaiveDBCache:
                 out = orig(*args, **kw)
                 st.outs[j] = dict(zip(self.formats[j], _as_tuple(out)))
                 if j == cfg.Fn - 1:
-                    r = st.outs[j]["hidden_states"] - st.h0
+                    r = st.outs[j][st.hidden] - st.h0
                     st.skip, st.diff = self._decide(r)
                     st.r = r
                 return out

@@ -45,7 +45,11 @@ class Partition:
     middle_inputs: list[fx.Node]  # read by the middle, produced outside it (params, invariants, carried)
     middle_outputs: list[fx.Node]  # produced in the middle, read after it
     carried_inputs: list[fx.Node]  # middle inputs that depend on the chain (the rest are invariant)
-    pairs: dict[fx.Node, fx.Node]  # middle output -> the middle input it updates
+    # middle output -> its value with every middle block skipped (the base the residual is added
+    # to): a middle input, or one of `glue` (code between blocks, e.g. a cat of two streams)
+    base: dict[fx.Node, fx.Node]
+    glue: list[fx.Node]
+    skip: dict[fx.Node, fx.Node]  # every middle block output met -> the value it stands for when skipped
     h0: fx.Node  # carried hidden state entering the chain
     h_fn: fx.Node  # the same stream after Fn
     hoisted: list[fx.Node]
@@ -173,7 +177,7 @@ def partition(gm: fx.GraphModule, chain: Chain, fn_blocks: int, bn_blocks: int, 
     middle_inputs = list(dict.fromkeys(a for nd in middle for a in nd.all_input_nodes if a not in middle_set))
     middle_outputs = [nd for nd in middle if any(u not in middle_set for u in nd.users)]
     carried_in = [i for i in middle_inputs if i in dependent]
-    pairs = pair_carried(middle_outputs, carried_in) if middle else {}
+    base, glue, skip = _skeleton(nodes, blocks[fn_blocks : n - bn_blocks], middle_set, dependent, middle_outputs)
 
     fn_set = {nd for nd in nodes if region[nd] == "Fn"}
     fn_out = [nd for nd in nodes if nd in fn_set and nd in dependent and any(u not in fn_set for u in nd.users)]
@@ -184,6 +188,44 @@ def partition(gm: fx.GraphModule, chain: Chain, fn_blocks: int, bn_blocks: int, 
     (h_fn, h0), = fn_pairs.items()
     return Partition(
         chain=chain, fn_blocks=fn_blocks, bn_blocks=bn_blocks, region=region,
-        middle_inputs=middle_inputs, middle_outputs=middle_outputs, carried_inputs=carried_in, pairs=pairs,
+        middle_inputs=middle_inputs, middle_outputs=middle_outputs, carried_inputs=carried_in, base=base, glue=glue, skip=skip,
         h0=h0, h_fn=h_fn, hoisted=hoisted,
     )
+
+
+def _skeleton(nodes, mid_blocks, middle_set, dependent, outputs):
+    """What each middle output becomes when every middle block is the identity on its carried
+    stream: follow block outputs back to the block input they update (pair_carried), keep the code
+    between blocks. Usually that is just a middle input; FLUX.2 / AuraFlow's cat of the text and
+    image streams between their two block lists is kept as glue."""
+    owner = {nd: b for b in mid_blocks for nd in nodes[b.start : b.end + 1]}
+    pairs_of: dict[str, dict[fx.Node, fx.Node]] = {}
+
+    def block_pairs(b):
+        if b.path not in pairs_of:
+            span = nodes[b.start : b.end + 1]
+            inside = set(span)
+            outs = [nd for nd in span if any(u not in inside for u in nd.users) and isinstance(nd.meta.get("val"), torch.Tensor)]
+            ins = list(dict.fromkeys(a for nd in span for a in nd.all_input_nodes if a not in inside and a in dependent))
+            pairs_of[b.path] = pair_carried(outs, ins)
+        return pairs_of[b.path]
+
+    glue: dict[fx.Node, None] = {}
+    skip: dict[fx.Node, fx.Node] = {}
+
+    def source(node: fx.Node) -> fx.Node:
+        if node not in middle_set:
+            return node
+        if node not in owner:  # code between blocks: kept, on the skeleton of its inputs
+            for arg in node.all_input_nodes:
+                source(arg)
+            glue[node] = None
+            return node
+        pairs = block_pairs(owner[node])
+        if node not in pairs:
+            raise PartitionError(f"cannot cache the middle region: {node.name} leaves block {owner[node].path} but is not a carried tensor")
+        skip[node] = source(pairs[node])
+        return skip[node]
+
+    base = {o: source(o) for o in outputs}
+    return base, sorted(glue, key=lambda nd: nd.meta["dittofx_pos"]), skip

@@ -44,10 +44,17 @@ def _copy_meta(dst: fx.Node, src: fx.Node) -> fx.Node:
     return dst
 
 
+def _is_view(node: fx.Node) -> bool:
+    """Whether the op returns an alias of an input (aten view ops, and items of split/chunk)."""
+    if node.target is operator.getitem:
+        return _is_view(node.args[0])
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
+
+
 def _branch(gm: fx.GraphModule, operands: list[fx.Node], body, name: str) -> fx.GraphModule:
     """A cond branch taking `operands` (as placeholders) and returning `body(env)`'s nodes."""
     graph = fx.Graph()
-    env = {op: _copy_meta(graph.placeholder(f"{op.name}"), op) for op in operands}
+    env = {op: _copy_meta(graph.placeholder(op.name), op) for op in operands}
     outs = body(graph, env)
     graph.output(tuple(outs))
     return fx.GraphModule(gm, graph, class_name=name)
@@ -68,7 +75,6 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions) -> fx.Grap
     region = part.region
     nodes = list(gm.graph.nodes)
     outs = part.middle_outputs
-    ins = [part.pairs[o] for o in outs]
 
     g = fx.Graph()
     st = {name: g.placeholder(f"dittofx_{name}") for name in state_placeholder_names(len(outs))}
@@ -111,34 +117,42 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions) -> fx.Grap
     cache = g.call_function(operator.getitem, (decision, 1))
     elapsed = g.call_function(torch.sub, (step, last_compute))
 
-    operands = list(part.middle_inputs)
-    # the cache branch needs the stored residuals, the level count and the steps since a compute
-    cache_extra = [*residuals, valid, elapsed]
+    # the skeleton of the middle (blocks skipped, code between them kept) gives each output's base
+    def skeleton_arg(n: fx.Node) -> fx.Node:
+        return env[part.skip.get(n, n)]
+
+    for node in part.glue:
+        env[node] = _copy_meta(g.node_copy(node, skeleton_arg), node)
+    bases = [env[part.base[o]] for o in outs]
+
+    operands = list(dict.fromkeys([env[i] for i in part.middle_inputs] + bases + [*residuals, valid, elapsed]))
+    to_parent = {i: env[i] for i in part.middle_inputs}
 
     def compute_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
+        local: dict[fx.Node, fx.Node] = {}
         for node in nodes:
             if region[node] == "middle":
-                benv[node] = _copy_meta(graph.node_copy(node, lambda n: benv[n]), node)
-        return [benv[o] for o in outs]
+                local[node] = _copy_meta(graph.node_copy(node, lambda n: local[n] if n in local else benv[to_parent[n]]), node)
+        # both branches must return fresh tensors of one layout: views (e.g. FLUX's slice of its
+        # text+image stream) and strided values are copied to contiguous ones
+        return [
+            graph.call_function(torch.ops.aten.clone.default, (local[o],), {"memory_format": torch.contiguous_format})
+            if _is_view(o) or not o.meta["val"].is_contiguous()
+            else local[o]
+            for o in outs
+        ]
 
     def cache_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
         vld, el = benv[valid], benv[elapsed]
-        return [graph.call_function(gates.forecast, (benv[r], benv[i], vld, el)) for r, i in zip(residuals, ins)]
+        return [graph.call_function(gates.forecast, (benv[r], benv[b], vld, el)) for r, b in zip(residuals, bases)]
 
-    # branch placeholders: the middle inputs (original nodes) and the extra state (new nodes)
-    branch_ops = operands + cache_extra
-    cache_gm = _branch(gm, branch_ops, cache_body, "CacheBranch")
-    compute_gm = _branch(gm, branch_ops, compute_body, "ComputeBranch")
+    cache_gm = _branch(gm, operands, cache_body, "CacheBranch")
+    compute_gm = _branch(gm, operands, compute_body, "ComputeBranch")
     gm.add_submodule("dittofx_cache_branch", cache_gm)
     gm.add_submodule("dittofx_compute_branch", compute_gm)
     cond = g.call_function(
         torch.ops.higher_order.cond,
-        (
-            cache,
-            g.get_attr("dittofx_cache_branch"),
-            g.get_attr("dittofx_compute_branch"),
-            tuple([env[o] for o in operands] + cache_extra),
-        ),
+        (cache, g.get_attr("dittofx_cache_branch"), g.get_attr("dittofx_compute_branch"), tuple(operands)),
     )
     for j, out in enumerate(outs):
         env[out] = _copy_meta(g.call_function(operator.getitem, (cond, j)), out)
@@ -148,7 +162,7 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions) -> fx.Grap
         (
             cache, diff, step, valid, last_compute, cached_count, cont_count, acc,
             st["hist_diff"], st["hist_cached"], st["p"], env[part.h_fn], env[part.h0],
-            residuals, [env[o] for o in outs], [env[i] for i in ins],
+            residuals, [env[o] for o in outs], bases,
         ),
     )  # fmt: skip
 

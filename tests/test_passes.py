@@ -1,0 +1,97 @@
+"""Each pass on its own: capture (graph out), chain detection and partition (graph in, annotated
+graph out), rewrite (graph in, cached graph out), and the engine's capture keys."""
+
+import pytest
+import torch
+
+import dittofx
+import zoo
+from dittofx.passes.capture import capture
+from dittofx.passes.partition import REGIONS, partition
+from dittofx.passes.rewrite import RewriteOptions, rewrite
+from dittofx.patterns.chain import find_chain
+
+
+def captured(name, dynamic=False):
+    z = zoo.get(name)
+    model = z.build()
+    graph = capture(model, (), z.inputs(0, 1.0), dynamic=dynamic)
+    placeholders = graph.gm.graph.find_nodes(op="placeholder")
+    weights = set(placeholders[: len(graph.state_fqns) + len(graph.constants)])
+    return z, model, graph, weights
+
+
+@pytest.mark.parametrize("name", zoo.names(capturable=True))
+def test_chain_detection_matches_the_models_main_lists(name):
+    """No per-model code: the lists found equal what a reader of the diffusers source names as the
+    main chain (refiners, guidance approximators and hint blocks stay out)."""
+    z, model, graph, weights = captured(name)
+    chain = find_chain(graph.gm, model, weights)
+    assert tuple(chain.lists) == z.block_lists
+    assert [b.path for b in chain.blocks] == [f"{lst}.{i}" for lst in z.block_lists for i in range(len(model.get_submodule(lst)))]
+
+
+def test_capture_keeps_dims_symbolic_and_runs_on_live_weights():
+    z, model, graph, _ = captured("flux", dynamic=True)
+    assert graph.dynamic_dims[0] == (1, 2)  # hidden_states: tokens and channels symbolic, batch 1 specialized
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    kwargs = z.inputs(3, 0.7)
+    with torch.no_grad():
+        out = graph.gm(*(params[f] for f in graph.state_fqns), *graph.constants, *torch.utils._pytree.tree_leaves(kwargs))
+        assert torch.equal(out[0], model(**kwargs)[0])
+    assert all(params[f].data_ptr() == p.data_ptr() for f, p in zip(graph.state_fqns, (params[f] for f in graph.state_fqns)))
+
+
+@pytest.mark.parametrize("fn, bn", [(1, 0), (1, 1), (2, 1)])
+def test_partition_regions_are_ordered_and_pairs_keep_shape(fn, bn):
+    z, model, graph, weights = captured("flux")
+    chain = find_chain(graph.gm, model, weights)
+    part = partition(graph.gm, chain, fn, bn, weights)
+    order = [REGIONS.index(n.meta["dittofx_region"]) for n in graph.gm.graph.nodes if n not in part.hoisted]
+    assert order == sorted(order)
+    assert part.middle_outputs and all(o.meta["val"].shape == i.meta["val"].shape for o, i in part.pairs.items())
+    # the diff is measured on the image stream (16 tokens), not the text stream (7)
+    assert part.h_fn.meta["val"].shape[1] == part.h0.meta["val"].shape[1] == 16
+    with pytest.raises(ValueError, match="<= the number of blocks in the chain"):
+        partition(graph.gm, chain, 3, 2, weights)
+
+
+def test_rewrite_puts_the_middle_inside_one_cond():
+    z, model, graph, weights = captured("pixart")
+    chain = find_chain(graph.gm, model, weights)
+    part = partition(graph.gm, chain, 1, 1, weights)
+    opts = RewriteOptions(0.1, float("inf"), 0, 1, -1, -1, "timestep")
+    cached = rewrite(graph.gm, part, opts)
+    conds = cached.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond)
+    assert len(conds) == 1
+    compute = cached.get_submodule(conds[0].args[2].target)
+    middle = [n for n in graph.gm.graph.nodes if n.meta["dittofx_region"] == "middle"]
+    assert len([n for n in compute.graph.nodes if n.op == "call_function"]) == len(middle)
+    assert not any(n.meta.get("dittofx_region") == "middle" for n in cached.graph.nodes if n.op == "call_function")
+
+
+def test_input_structure_changes_recapture_and_resolution_changes_do_not():
+    z = zoo.get("flux")
+    model = dittofx.optimize(z.build(), {"residual_diff_threshold": 0.0})
+    reference = z.build()
+    engine = model._dittofx
+
+    def check(kwargs):
+        with torch.no_grad():
+            assert torch.equal(model(**kwargs)[0], reference(**kwargs)[0])
+
+    kwargs = z.inputs(0, 1.0)
+    check(kwargs)
+    n_tokens = kwargs["hidden_states"].shape[1]
+    bigger = dict(kwargs, hidden_states=torch.randn(1, 4 * n_tokens, kwargs["hidden_states"].shape[2]),
+                  img_ids=torch.zeros(4 * n_tokens, 3))  # fmt: skip
+    check(bigger)
+    assert len(engine.entries) == 1  # new resolution, same graph
+    check(dict(kwargs, joint_attention_kwargs={}))
+    assert len(engine.entries) == 2  # a new keyword argument: captured again
+    check(kwargs)
+    assert len(engine.entries) == 2  # the first structure again: its graph is reused
+    model.double()  # .to() after optimize keeps working: the graph reads the live parameters
+    reference.double()
+    check({k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()})
+    assert len(engine.entries) == 3  # new dtype: captured again
