@@ -129,12 +129,12 @@ def run_demo(
 
 def format_table(rows: list[Row], num_prompts: int) -> str:
     """The demo table as fixed-width text."""
-    head = f"{'config':<24} {'cached steps':>14} {'time ratio':>10} {'PSNR dB':>8} {'SSIM':>6} {'rel L2':>7} {'prompts ok':>10}"
+    head = f"{'config':<24} {'cached steps c/u':>16} {'time ratio':>10} {'PSNR dB':>8} {'SSIM':>6} {'rel L2':>7} {'prompts ok':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
         cached = "/".join(str(len(v)) for v in r.cached_steps.values()) or "0"
         lines.append(
-            f"{r.label:<24} {cached:>14} {r.time_ratio:>10.2f} {r.psnr:>8.2f} {r.ssim:>6.3f} {r.rel_l2:>7.4f} "
+            f"{r.label:<24} {cached:>16} {r.time_ratio:>10.2f} {r.psnr:>8.2f} {r.ssim:>6.3f} {r.rel_l2:>7.4f} "
             f"{f'{r.prompts_ok}/{num_prompts}':>10}"
         )
     return "\n".join(lines)
@@ -177,7 +177,7 @@ def _save_plot(path: Path, rows: list[Row], num_inference_steps: int) -> None:
     for i, r in enumerate(r for r in rows if r.label != UNCACHED):
         n = "/".join(str(len(v)) for v in r.cached_steps.values())
         ax.scatter(1 / r.time_ratio, r.psnr, marker=markers[i % len(markers)], s=50, zorder=3,
-                   label=f"{r.label}: {n} of {num_inference_steps} steps cached")  # fmt: skip
+                   label=f"{r.label}: {n} of {num_inference_steps} steps cached (cond/uncond)")  # fmt: skip
     ax.axvline(1.0, color="gray", ls="--", lw=1, label="uncached (PSNR = inf)")
     ax.set_xlabel("speedup vs uncached (wall time, CPU)")
     ax.set_ylabel("PSNR vs uncached (dB)")
