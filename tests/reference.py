@@ -3,9 +3,11 @@ by hand: it wraps each block's `forward` in Python, measures the Fn residual in 
 the gates in plain Python, and on a cached step replaces the middle blocks by pass-throughs and
 adds the stored residual at the end of the middle. No code is shared with dittofx.
 
-Block I/O conventions are learned from one clean run: output position k of block j is the tensor
-block j+1 receives as argument `name` (identity), so streams are known by their argument names
-("hidden_states", "encoder_hidden_states", ...) without any per-model code.
+Block I/O conventions are learned from one clean run: output k of block j is the new value of the
+block's argument of the same shape (ties broken by the name under which block j+1 receives it),
+so a skipped block is the identity on its streams, with no per-model code. The residual is taken
+against a second pass with the middle blocks as identities, so code between blocks (FLUX.2's cat
+of the text and image streams) is kept, as SPEC's "carried values after Fn + R" requires.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class NaiveConfig:
 
 @dataclass
 class _Step:
+    skeleton: bool = False  # run the middle blocks as identities, to get the base of the residual
+    base: tuple = ()
     hidden: str = ""
     h0: torch.Tensor | None = None
     outs: dict = field(default_factory=dict)
@@ -74,6 +78,8 @@ class NaiveDBCache:
 
     # --- learning the stream names ---------------------------------------------------------
     def _learn(self, kwargs: dict) -> None:
+        """formats[j][k]: the argument of block j that its output k is the new value of (same
+        shape; ties broken by the name under which block j+1 receives that output)."""
         ins, outs = {}, {}
 
         def record(j, module, args, kwargs, out):
@@ -87,17 +93,22 @@ class NaiveDBCache:
             self.model(**kwargs)
         for h in hooks:
             h.remove()
-        formats = []
-        for j in range(self.n - 1):
+        self.formats = []
+        for j in range(self.n):
             names = []
-            for o in _as_tuple(outs[j]):
-                match = [k for k, v in ins[j + 1].items() if v is o]
-                names.append(match[0] if match else None)
-            if None in names:
-                raise UnsupportedByReference(f"block {j}'s outputs do not flow unchanged into block {j + 1}")
-            formats.append(names)
-        formats.append(formats[-1])
-        self.formats = formats
+            for pos, o in enumerate(_as_tuple(outs[j])):
+                if o is None:  # e.g. SD3's last block returns no text stream
+                    names.append(None)
+                    continue
+                same = [k for k, v in ins[j].items() if isinstance(v, torch.Tensor) and v.shape == o.shape and v.dtype == o.dtype]
+                if len(same) > 1 and j + 1 < self.n:
+                    same = [k for k in same if ins[j + 1].get(k) is o] or same
+                if len(same) > 1 and j > 0:  # the last block: as the block before it
+                    same = [k for k in same if k == self.formats[j - 1][pos]] or same
+                if len(same) != 1:
+                    raise UnsupportedByReference(f"block {j}: cannot tell which argument output {len(names)} updates: {same}")
+                names.append(same[0])
+            self.formats.append(names)
 
     # --- the gates of SPEC §3 --------------------------------------------------------------
     def _decide(self, r: torch.Tensor) -> tuple[bool, float]:
@@ -121,32 +132,29 @@ class NaiveDBCache:
             return False, diff
         return all(d < c.threshold for d in per_sample), diff
 
-    def __call__(self, **kwargs):
-        if self.formats is None:
-            self._learn(kwargs)
+    def _run(self, kwargs: dict, st: "_Step"):
         cfg, n = self.cfg, self.n
         mid_lo, mid_hi = cfg.Fn, n - cfg.Bn - 1  # inclusive middle range
-        st = _Step()
         originals = [b.forward for b in self.blocks]
 
         def wrap(j, orig):
             def forward(*args, **kw):
                 named = _bind(orig, args, kw)
                 if j == 0:  # the hidden stream: the largest carried argument (image tokens > text tokens)
-                    st.hidden = max(self.formats[0], key=lambda k: named[k].numel())
+                    st.hidden = max((k for k in self.formats[0] if k), key=lambda k: named[k].numel())
                     st.h0 = named[st.hidden]
-                if st.skip and mid_lo <= j <= mid_hi:
-                    streams = {name: named[name] for name in self.formats[j]}
-                    if j == mid_hi:
-                        streams = {k: v + self.R[k] for k, v in streams.items()}
-                    out = tuple(streams[name] for name in self.formats[j])
+                if j == cfg.Fn and not st.skeleton:  # the carried hidden after Fn, as block Fn reads it
+                    st.r = named[st.hidden] - st.h0
+                    st.skip, st.diff = self._decide(st.r)
+                if (st.skip or st.skeleton) and mid_lo <= j <= mid_hi:  # the block as identity
+                    out = tuple(named[name] if name else None for name in self.formats[j])
+                    if j == mid_hi and st.skeleton:
+                        st.base = out
+                    elif j == mid_hi:
+                        out = tuple(o + r if o is not None else None for o, r in zip(out, self.R))
                     return out if len(out) > 1 else out[0]
                 out = orig(*args, **kw)
-                st.outs[j] = dict(zip(self.formats[j], _as_tuple(out)))
-                if j == cfg.Fn - 1:
-                    r = st.outs[j][st.hidden] - st.h0
-                    st.skip, st.diff = self._decide(r)
-                    st.r = r
+                st.outs[j] = _as_tuple(out)
                 return out
 
             return forward
@@ -155,10 +163,18 @@ class NaiveDBCache:
             b.forward = wrap(j, originals[j])
         try:
             with torch.no_grad():
-                out = self.model(**kwargs)
+                return self.model(**kwargs)
         finally:
             for b in self.blocks:
                 del b.forward
+
+    def __call__(self, **kwargs):
+        if self.formats is None:
+            self._learn(kwargs)
+        cfg = self.cfg
+        mid_lo, mid_hi = cfg.Fn, self.n - cfg.Bn - 1
+        st = _Step()
+        out = self._run(kwargs, st)
         if st.skip:
             self.cached_count += 1
             self.cont += 1
@@ -167,9 +183,10 @@ class NaiveDBCache:
         else:
             self.cont, self.acc = 0, 0.0
             self.p = st.r
-            if mid_lo <= mid_hi:
-                before, after = st.outs[cfg.Fn - 1], st.outs[mid_hi]
-                self.R = {k: after[k] - before[k] for k in after if k in before}
+            if mid_lo <= mid_hi:  # the residual against the middle run as identity (a second pass)
+                skeleton = _Step(skeleton=True)
+                self._run(kwargs, skeleton)
+                self.R = [o - b if o is not None else None for o, b in zip(st.outs[mid_hi], skeleton.base)]
         self.diffs.append(st.diff)
         self.step += 1
         return out

@@ -14,7 +14,7 @@ STEPS = 10
 # The five classes the contract names, plus every other class whose chain we support.
 MODELS = [
     "flux", "wan", "qwenimage", "hunyuanvideo", "pixart", "sd3", "cogvideox", "ltx", "sana",
-    "skyreels_v2", "hunyuanimage", "mochi", "zimage", "wan_vace",
+    "skyreels_v2", "hunyuanimage", "mochi", "zimage", "wan_vace", "cosmos", "chroma", "flux2", "auraflow",
 ]  # fmt: skip
 
 
@@ -66,12 +66,7 @@ def test_threshold_zero_is_bitwise_and_disable_restores(name):
     assert all(torch.equal(a, b) for a, b in zip(run(model, z, 4), ref))
 
 
-# WanVACE adds its hints between blocks, so its blocks' outputs are not what the next block reads:
-# the pass-through reference cannot skip them (dittofx caches it; the bitwise test above covers it).
-REFERENCE_MODELS = [m for m in MODELS if m != "wan_vace"]
-
-
-@pytest.mark.parametrize("name", REFERENCE_MODELS)
+@pytest.mark.parametrize("name", MODELS)
 def test_dbcache_matches_naive_reference(name):
     z = zoo.get(name)
     # threshold from the model's own diffs, so that some steps cache and some compute

@@ -10,6 +10,8 @@ working with no weight copies.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,9 +67,21 @@ def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
     return tuple(pytree.tree_map(spec, a) for a in (*args, *kwargs.values()))
 
 
+@contextlib.contextmanager
+def _quiet(name: str = "torch._export"):
+    """export warns for every dim it specializes (batch 1, fixed channels): expected, not news."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.export.ExportedProgram:
     shapes = _dynamic_shapes(args, kwargs) if dynamic else None
-    with torch.no_grad():
+    with torch.no_grad(), _quiet():
         return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
 
 
@@ -78,7 +92,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = T
     except Exception:
         if not dynamic:
             raise
-        ep = _export(model, args, kwargs, dynamic=False)
+        # a failed dynamic export leaves its dim markings on the input tensors: retry on aliases
+        fresh = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
+        ep = _export(model, pytree.tree_map(fresh, args), pytree.tree_map(fresh, kwargs), dynamic=False)
     sig = ep.graph_signature
     if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
         raise NotImplementedError("the forward mutates buffers or inputs; dittofx cannot cache it")

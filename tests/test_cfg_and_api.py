@@ -1,0 +1,102 @@
+"""CFG branches (SPEC §3), refresh/reset, summary and explain."""
+
+import logging
+
+import pytest
+import torch
+
+import dittofx
+import zoo
+
+STEPS = 6
+CFG = {"residual_diff_threshold": 0.08, "max_warmup_steps": 1, "num_inference_steps": STEPS}
+
+
+def uncond(kwargs):
+    return dict(kwargs, encoder_hidden_states=torch.zeros_like(kwargs["encoder_hidden_states"]))
+
+
+def single_branch_run(z, make_inputs):
+    """One optimized model fed only one branch's inputs: the independent expectation."""
+    model = dittofx.optimize(z.build(), CFG)
+    with torch.no_grad():
+        outs = [model(**make_inputs(z.inputs(s, 1 - s / STEPS)))[0] for s in range(STEPS)]
+    return outs, dittofx.summary(model)[0].cached_steps
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    return zoo.get("pixart")
+
+
+@pytest.fixture(scope="module")
+def expected(pixart):
+    return {"cond": single_branch_run(pixart, lambda k: k), "uncond": single_branch_run(pixart, uncond)}
+
+
+def cfg_loop(model, z, use_context: bool):
+    outs = {"cond": [], "uncond": []}
+    with torch.no_grad():
+        for s in range(STEPS):
+            kwargs = z.inputs(s, 1 - s / STEPS)
+            for branch, inputs in (("cond", kwargs), ("uncond", uncond(kwargs))):
+                if use_context:
+                    with model.cache_context(branch):
+                        outs[branch].append(model(**inputs)[0])
+                else:
+                    outs[branch].append(model(**inputs)[0])
+    return outs
+
+
+@pytest.mark.parametrize("separate, use_context", [(None, True), (True, True), (True, False)])
+def test_each_cfg_branch_has_its_own_state(pixart, expected, separate, use_context):
+    model = dittofx.optimize(pixart.build(), dict(CFG, enable_separate_cfg=separate))
+    outs = cfg_loop(model, pixart, use_context)
+    stats = {s.branch: s for s in dittofx.summary(model)}
+    assert set(stats) == {"cond", "uncond"}
+    for branch in ("cond", "uncond"):
+        want_outs, want_cached = expected[branch]
+        assert stats[branch].cached_steps == want_cached
+        assert all(torch.equal(a, b) for a, b in zip(outs[branch], want_outs))
+    assert expected["cond"][1] != expected["uncond"][1] or expected["cond"][1], "test needs caching"
+
+
+@pytest.mark.parametrize("separate, use_context", [(None, False), (False, True)])
+def test_one_shared_state_without_names_or_when_disabled(pixart, separate, use_context):
+    model = dittofx.optimize(pixart.build(), dict(CFG, enable_separate_cfg=separate, num_inference_steps=2 * STEPS))
+    cfg_loop(model, pixart, use_context)
+    (stats,) = dittofx.summary(model)
+    assert stats.branch == "default"
+    assert len(stats.cached_steps) + len(stats.computed_steps) == 2 * STEPS  # both branches counted in one state
+
+
+def test_refresh_reset_summary_and_explain(pixart, caplog):
+    model = dittofx.optimize(pixart.build(), dict(CFG, residual_diff_threshold=10.0, num_inference_steps=None))
+    dittofx.refresh(model, num_inference_steps=3)
+    with torch.no_grad():
+        for s in range(5):  # 3 steps, then a new request of 3 starts by itself
+            model(**pixart.inputs(s, 0.5))  # constant timestep: only the step count can end a request
+    stats = dittofx.summary(model)[0]
+    assert stats.computed_steps == [0] and stats.cached_steps == [1]
+    dittofx.reset(model)
+    with torch.no_grad():
+        model(**pixart.inputs(0, 0.5))
+    assert dittofx.summary(model)[0].computed_steps == [0] and dittofx.summary(model)[0].cached_steps == []
+    with caplog.at_level(logging.INFO, logger="dittofx"):
+        dittofx.summary(model)
+    assert "P50=" in caplog.text or "no diffs measured" in caplog.text
+    assert stats.config == "DBCache_F1B0_W1I1M-1MC-1_R10"
+    text = dittofx.explain(model)
+    for words in ("path: torch.export graph", "chain: transformer_blocks (4 blocks)", "Fn = 1 blocks", "middle = 3 blocks", "residual diff on:"):
+        assert words in text
+
+
+def test_two_models_keep_separate_state(pixart):
+    a = dittofx.optimize(pixart.build(), dict(CFG, residual_diff_threshold=10.0))
+    b = dittofx.optimize(pixart.build(), dict(CFG, residual_diff_threshold=0.0))
+    with torch.no_grad():
+        for s in range(3):
+            a(**pixart.inputs(s, 1 - s / STEPS))
+            b(**pixart.inputs(s, 1 - s / STEPS))
+    assert dittofx.summary(a)[0].cached_steps == [1, 2]
+    assert dittofx.summary(b)[0].cached_steps == []
