@@ -92,7 +92,7 @@ def _pair(rows: list[dict], sweep: str, key: str, value: int) -> tuple[dict, dic
 def tables(rows: list[dict], samples: int, steps: int) -> str:
     """Markdown: fixed-schedule pairs, capped (matched-count) pairs, and every dynamic run."""
     n = 2 * steps
-    head = "| config | cached (cond+uncond of {n}) | dittofx PSNR | cache-dit PSNR | dittofx SSIM | cache-dit SSIM | same steps |"
+    head = "| config | cached cond+uncond of {n} (dittofx / cache-dit) | dittofx PSNR | cache-dit PSNR | dittofx SSIM | cache-dit SSIM | same steps |"
     sep = "|---|---|---|---|---|---|---|"
     out = [f"# dittofx vs cache-dit on the fixture DiT ({samples} samples, {steps} steps, CFG 4, F1B0, W{WARMUP})", ""]
     out += ["## Fixed schedules (threshold 1000, max_continuous_cached_steps = k)", "", head.format(n=n), sep]
