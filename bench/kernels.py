@@ -66,8 +66,8 @@ def elsize(dtype: torch.dtype) -> int:
 class Case:
     """One op at one (N, dtype): input sets, the fewest bytes moved, and the implementations to time."""
 
-    def __init__(self, name: str, n: int, dtype: torch.dtype, device: str, sets: int) -> None:
-        self.name, self.n, self.dtype, self.device = name, n, dtype, device
+    def __init__(self, name: str, n: int, dtype: torch.dtype, device: str, sets: int, config: Config | None = None) -> None:
+        self.name, self.n, self.dtype, self.device, self.config = name, n, dtype, device, config
         g = torch.Generator(device=device).manual_seed(0)
         s = elsize(dtype)
 
@@ -93,8 +93,9 @@ class Case:
             self.bytes = (ORDER + 2) * n * s + n * s
 
     def ours(self, config: Config | None = None) -> Callable[..., object]:
-        """The Triton launcher (the op calls it with ``config=None``)."""
+        """The Triton launcher (the op calls it with ``config=None``); ``self.config`` unless given."""
         c = self.scalars
+        config = config or self.config
         if self.name == "residual_diff":
             return lambda x, ref, base: RD.residual_diff_triton(
                 x, ref, base, c["gate"], c["acc"], THRESHOLD, math.inf, False, config=config
@@ -175,16 +176,20 @@ def check(case: Case) -> float:
         got, exp = a.float(), b.float()
     elif case.name == "residual_diff":
         got, exp = case.ours()(*args)[0], case.math()(*args)[0]
+        again = case.ours()(*args)[0]
+        case.bitwise_repeat = torch.equal(got.view(torch.int32), again.view(torch.int32))  # recorded in the row
     else:
         got, exp = case.ours()(*args).float(), case.math()(*args).float()
     return float((got - exp).abs().max() / exp.abs().max().clamp_min(1e-30))
 
 
-def bench_case(name: str, n: int, dtype: torch.dtype, device: str, copy: float) -> dict:
+def bench_case(name: str, n: int, dtype: torch.dtype, device: str, copy: float, config: Config | None = None) -> dict:
     sets = max(2, math.ceil(4 * L2_BYTES / (n * (2 * ORDER + 3) * elsize(dtype))))
-    case = Case(name, n, dtype, device, sets)
+    case = Case(name, n, dtype, device, sets, config)
     row = dict(kernel=name, dtype=str(dtype).replace("torch.", ""), n=n, bytes=case.bytes, sets=sets)
+    row["config"] = config._asdict() if config is not None else None  # None: the op's default
     row["max_rel_err_vs_torch"] = check(case)
+    row["bitwise_repeat"] = getattr(case, "bitwise_repeat", None)
     row["ours_us"] = time_us(case.ours(), case.inputs, device)
     row["ours_launch_us"] = time_us(case.ours(), case.inputs, device, graph=False) if device == "cuda" else math.nan
     row["eager_us"] = time_us(case.math(), case.inputs, device)
@@ -203,14 +208,101 @@ def bench_case(name: str, n: int, dtype: torch.dtype, device: str, copy: float) 
     return row
 
 
+def rotation(n: int, dtype: torch.dtype) -> int:
+    """Input sets for the sweeps: one round reads more than 4x L2 (5 tensors' worth per set)."""
+    return max(2, math.ceil(4 * L2_BYTES / (n * 5 * elsize(dtype))))
+
+
 def sweep(name: str, n: int, dtype: torch.dtype, device: str, configs: list[Config]) -> list[dict]:
     """Launch configurations at one size, to choose the defaults in dittofx/kernels/_layout.py."""
-    case = Case(name, n, dtype, device, sets=max(2, math.ceil(4 * L2_BYTES / (n * 5 * elsize(dtype)))))
+    case = Case(name, n, dtype, device, sets=rotation(n, dtype))
     out = []
     for cfg in configs:
         us = time_us(case.ours(cfg), case.inputs, device)
         out.append(dict(kernel=name, n=n, dtype=str(dtype).replace("torch.", ""), config=cfg._asdict(), us=us, gbs=case.bytes / us / 1e3))
     return out
+
+
+def stages(n: int, dtype: torch.dtype, device: str, cfg: Config | None) -> dict:
+    """residual_diff split into its launches (graph timing, same rotation as the sweep): what stage 2 costs.
+
+    ``full`` = both launches; ``stage1`` = the partials kernel alone (gated); ``stage1_nogate`` = the same
+    without the gate load; ``stage2`` = the decision kernel alone on ready partials; ``l1_sums`` = the
+    ungated op with the sums finisher. ``full - stage1`` is what the second launch adds in the graph.
+    """
+    case = Case("residual_diff", n, dtype, device, rotation(n, dtype), cfg)
+    c = case.scalars
+    cfg = cfg or RD.CUDA_REDUCE
+    outs = RD._decision_outs(torch.device(device))
+    parts = [(RD._partials(x, r, b, c["gate"], False, cfg),) for x, r, b in case.inputs]
+    us = dict(
+        full=time_us(case.ours(), case.inputs, device),
+        stage1=time_us(lambda x, r, b: RD._partials(x, r, b, c["gate"], False, cfg), case.inputs, device),
+        stage1_nogate=time_us(lambda x, r, b: RD._partials(x, r, b, None, False, cfg), case.inputs, device),
+        stage2=time_us(lambda p: RD._finish(p, None, outs, c["gate"], c["acc"], THRESHOLD, math.inf), parts, device),
+        l1_sums=time_us(lambda x, r, b: RD.l1_sums_triton(x, r, b, False, config=cfg), case.inputs, device),
+    )
+    return dict(n=n, dtype=str(dtype).replace("torch.", ""), config=cfg._asdict(), programs=parts[0][0].shape[1], us=us)
+
+
+def profile_target(cfg: Config | None, code_path: Path) -> None:
+    """For Nsight Compute: residual_diff at 8M bf16, ours then torch.compile's, once each inside the NVTX
+    range ``profile`` (``ncu --nvtx --nvtx-include profile/``); writes Inductor's generated code to ``code_path``."""
+    from torch._inductor.utils import run_and_get_code
+
+    case = Case("residual_diff", 8 * 2**20, torch.bfloat16, "cuda", 1, cfg)
+    args = case.inputs[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(case.math(), dynamic=False)
+    _, code = run_and_get_code(compiled, *args)
+    code_path.write_text("\n\n".join(code))
+    case.ours()(*args)  # warm-up: compilation
+    compiled(*args)
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_push("profile")
+    case.ours()(*args)
+    compiled(*args)
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_pop()
+
+
+# One wave is 132 SMs x blocks/SM; 512 and 1024 divide the tile counts at 8M and 16M evenly.
+REDUCE_CONFIGS = [
+    Config(b, w, p)
+    for b, w, p in itertools.product((1024, 2048, 4096), (4, 8), (264, 396, 512, 528, 792, 1024, 1056))
+    if b // (32 * w) >= 4
+]
+
+
+def reduce_sweep(
+    device: str, sizes: tuple[int, ...], configs: list[Config], sweeps: list[dict], split: list[dict], save: Callable[[], None]
+) -> Config:
+    """residual_diff configs at each size (bf16), then its stages at the default and at the best; returns the best:
+    the least sum over sizes of time relative to that size's fastest."""
+    for n in sizes:
+        sweeps += sweep("residual_diff", n, torch.bfloat16, device, configs)
+        save()
+    score: dict[Config, float] = {}
+    for n in sizes:
+        at_n = [s for s in sweeps if s["kernel"] == "residual_diff" and s["n"] == n]
+        best_us = min(s["us"] for s in at_n)
+        for s in at_n:
+            cfg = Config(**s["config"])
+            score[cfg] = score.get(cfg, 0.0) + s["us"] / best_us
+    best = min(score, key=score.__getitem__)
+    for n in sizes:
+        for cfg in [None] + ([best] if best != RD.CUDA_REDUCE else []):
+            split.append(stages(n, torch.bfloat16, device, cfg))
+            print("stages", json.dumps(split[-1]), flush=True)
+        save()
+    for s in sorted(sweeps, key=lambda s: (s["n"], s["us"])):
+        print(f"sweep {s['kernel']:16s} {s['n'] >> 20}M {s['config']} {s['us']:.1f} us {s['gbs']:.0f} GB/s", flush=True)
+    print("sweep best (8M + 16M):", best, flush=True)
+    return best
+
+
+def parse_config(text: str) -> Config | None:
+    return None if text in ("default", "auto") else Config(*(int(v) for v in text.split(",")))
 
 
 def table(rows: list[dict]) -> str:
@@ -230,8 +322,17 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes; no speed claims")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kernels.json")
     ap.add_argument("--sizes", type=str, default="1,4,8,16,32,64", help="N in units of 2**20 elements")
-    ap.add_argument("--sweep", action="store_true", help="also time launch configurations at N = 16M bf16")
+    ap.add_argument("--sweep", action="store_true", help="first time residual_diff launch configurations at N = 8M and 16M bf16")
+    ap.add_argument("--sweep-ew", action="store_true", help="also time taylor launch configurations at N = 16M bf16")
+    ap.add_argument(
+        "--reduce-config", default="default",
+        help="residual_diff launch config for the table: 'default' (the op's), 'auto' (the --sweep's best at 8M+16M) or BLOCK,WARPS,PROGRAMS",
+    )
+    ap.add_argument("--profile", type=Path, help="only run profile_target (for ncu) and write Inductor's code here")
     args = ap.parse_args()
+    if args.profile:
+        profile_target(parse_config(args.reduce_config), args.profile)
+        return
     device = "cpu" if args.smoke else "cuda"
     sizes = [2**16 + 3] if args.smoke else [int(s) * 2**20 for s in args.sizes.split(",")]
     meta = dict(
@@ -246,25 +347,36 @@ def main() -> None:
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         meta.update(sms=props.multi_processor_count, l2_bytes=getattr(props, "L2_cache_size", None))
-    rows = []
+    rows: list[dict] = []
+    sweeps: list[dict] = []
+    split: list[dict] = []
+    reduce_cfg = parse_config(args.reduce_config)
+
+    def save() -> None:  # after every step: a run cut off at its time limit keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweeps, stages=split), indent=1))
+
+    if args.sweep and not args.smoke:
+        best = reduce_sweep(device, (8 * 2**20, 16 * 2**20), REDUCE_CONFIGS, sweeps, split, save)
+        meta["sweep_best_reduce"] = best._asdict()
+        if args.reduce_config == "auto":
+            reduce_cfg = best
+    meta["reduce_config"] = reduce_cfg._asdict() if reduce_cfg is not None else dict(RD.CUDA_REDUCE._asdict(), default=True)
+    print("residual_diff config for the table:", meta["reduce_config"], flush=True)
     for dtype in (torch.bfloat16, torch.float32):
         for n in sizes:
             copy = copy_gbs(n, dtype, device)
             for name in ("residual_diff", "taylor_update_", "taylor_forecast"):
-                rows.append(bench_case(name, n, dtype, device, copy))
+                rows.append(bench_case(name, n, dtype, device, copy, reduce_cfg if name == "residual_diff" else None))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
-    sweeps = []
-    if args.sweep and not args.smoke:
+                save()
+    if args.sweep_ew and not args.smoke:
         n = 16 * 2**20
-        reduce_cfgs = [Config(b, w, p) for b, w, p in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16), (528, 1056, 2112)) if b // (32 * w) >= 4]
         ew_cfgs = [Config(b, w, 0) for b, w in itertools.product((512, 1024, 2048, 4096), (2, 4, 8)) if b // (32 * w) >= 2]
-        sweeps += sweep("residual_diff", n, torch.bfloat16, device, reduce_cfgs)
         sweeps += sweep("taylor_update_", n, torch.bfloat16, device, ew_cfgs)
         sweeps += sweep("taylor_forecast", n, torch.bfloat16, device, ew_cfgs)
-        for s in sorted(sweeps, key=lambda s: (s["kernel"], s["us"])):
-            print(f"sweep {s['kernel']:16s} {s['config']} {s['us']:.1f} us {s['gbs']:.0f} GB/s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(meta=meta, rows=rows, sweep=sweeps), indent=1))
+        save()
+    save()
     print(json.dumps(meta))
     print(table(rows))
 

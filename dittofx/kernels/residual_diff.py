@@ -61,30 +61,31 @@ if TRITON_AVAILABLE:
         part_ptr, P, B, gate_ptr, acc_ptr, sums_ptr, diff_ptr, cache_ptr, threshold, acc_limit,
         DECIDE: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
-        """Stage 2 (one program): fixed-order sum of the partials; then the sums or the decision."""
+        """Stage 2 (one program): fixed-order sum of the partials; then the sums or the decision.
+
+        The decision issues every load up front: the gate, ``acc`` and the partials do not wait on one
+        another (the gate selects the result at the end), so the launch costs one memory latency, not three.
+        On a gated step the partials are unwritten; they are read and ignored.
+        """
         p = tl.arange(0, BLOCK_P)
         if DECIDE:
             g = tl.load(gate_ptr)
+            acc = tl.load(acc_ptr).to(tl.float32)
             nan = tl.full([], float("nan"), tl.float32)
-            if g != 0:
-                tl.store(diff_ptr, nan)
-                tl.store(cache_ptr, g == 2)
-            else:
-                acc = tl.load(acc_ptr).to(tl.float32)
-                dmax = tl.full([], float("-inf"), tl.float32)
-                bad = g != 0  # False, as a device scalar
-                ok = g == 0  # True
-                for b in range(B):
-                    row = part_ptr + (b * P + p) * 2
-                    s_d = tl.sum(tl.load(row, mask=p < P, other=0), axis=0)
-                    s_r = tl.sum(tl.load(row + 1, mask=p < P, other=0), axis=0)
-                    d = s_d / (s_r + 1e-12)
-                    finite = tl.abs(d) < float("inf")  # False for NaN and +-inf
-                    bad = bad | (finite == 0)
-                    ok = ok & finite & (d < threshold) & (acc + d <= acc_limit)
-                    dmax = tl.maximum(dmax, d)
-                tl.store(diff_ptr, tl.where(bad, nan, dmax))
-                tl.store(cache_ptr, ok)
+            dmax = tl.full([], float("-inf"), tl.float32)
+            bad = g != 0  # True on gated steps: the diff is NaN there
+            ok = g == 0
+            for b in range(B):
+                row = part_ptr + (b * P + p) * 2
+                s_d = tl.sum(tl.load(row, mask=p < P, other=0), axis=0)
+                s_r = tl.sum(tl.load(row + 1, mask=p < P, other=0), axis=0)
+                d = s_d / (s_r + 1e-12)
+                finite = tl.abs(d) < float("inf")  # False for NaN and +-inf
+                bad = bad | (finite == 0)
+                ok = ok & finite & (d < threshold) & (acc + d <= acc_limit)
+                dmax = tl.maximum(dmax, d)
+            tl.store(diff_ptr, tl.where(bad, nan, dmax))
+            tl.store(cache_ptr, tl.where(g != 0, g == 2, ok))
         else:
             for b in range(B):
                 row = part_ptr + (b * P + p) * 2
