@@ -6,6 +6,7 @@
 
 from . import kernels  # registers the torch.ops.dittofx custom ops
 from .api import CacheStats, disable, explain, optimize, refresh, reset, summary
+from .masks import steps_mask
 from .config import DBCacheConfig
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "optimize",
     "refresh",
     "reset",
+    "steps_mask",
     "summary",
 ]
 __version__ = "0.1.0"

@@ -90,8 +90,10 @@ def refresh(model: torch.nn.Module, num_inference_steps: int | None = None) -> N
         raise ValueError(f"num_inference_steps={num_inference_steps!r}: must be an int >= 1 or None")
     engine = _engine(model)
     engine.num_steps = num_inference_steps
+    mask = engine.mask()  # a preset mask is regenerated for the new length
     for state in engine.states.values():
         state.reset(num_steps=num_inference_steps or 0)
+        state.set_mask(mask)
 
 
 def reset(model: torch.nn.Module) -> None:

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .masks import PRESETS
+
 __all__ = ["DBCacheConfig", "parse_config"]
 
 
@@ -35,9 +37,15 @@ class DBCacheConfig:
     # Which `nn.ModuleList`s form the block chain, in run order (e.g. ["transformer_blocks",
     # "single_transformer_blocks"]). None: detected from the captured graph.
     blocks: tuple[str, ...] | None = None
-    # "export" (torch.export, non-strict) captures the whole forward; "blocks" drives the block
-    # ModuleLists directly (for forwards with data-dependent Python); "auto" tries export first.
-    capture: str = "auto"
+    # Steps computation mask (SPEC §5): an explicit 0/1 list, or a preset ("slow", "medium",
+    # "fast", "ultra") generated for num_inference_steps. "dynamic": a 0 only lets the other gates
+    # decide; "static": a 0 caches without measuring a diff.
+    steps_computation_mask: tuple[int, ...] | None = None
+    steps_mask_policy: str | None = None
+    steps_computation_policy: str = "dynamic"
+    # TaylorSeer (SPEC §4): forecast the middle residual from k derivatives instead of reusing it.
+    enable_taylorseer: bool = False
+    taylorseer_order: int = 1
 
     def short_name(self) -> str:
         """cache-dit style tag, e.g. `DBCache_F1B0_W4I1M-1MC3_R0.12`."""
@@ -45,20 +53,24 @@ class DBCacheConfig:
             f"DBCache_F{self.Fn_compute_blocks}B{self.Bn_compute_blocks}_"
             f"W{self.max_warmup_steps}I{self.warmup_interval}M{self.max_cached_steps}"
             f"MC{self.max_continuous_cached_steps}_R{self.residual_diff_threshold:g}"
+            f"_T{int(self.enable_taylorseer)}O{self.taylorseer_order if self.enable_taylorseer else 0}"
+            + (f"_SCM{self.steps_mask_policy or 'mask'}{self.steps_computation_policy[:1].upper()}" if self.has_mask else "")
         )
+
+    @property
+    def has_mask(self) -> bool:
+        return self.steps_computation_mask is not None or self.steps_mask_policy is not None
+
+    @property
+    def levels(self) -> int:
+        """Stored residual levels: the residual itself, or k+1 Taylor derivatives."""
+        return self.taylorseer_order + 1 if self.enable_taylorseer else 1
 
 
 _METHODS = {"dbcache": DBCacheConfig}
 
-# vLLM-omni / cache-dit spellings that are accepted verbatim but not implemented in this release.
-_PLANNED_KEYS = {
-    "enable_taylorseer": "TaylorSeer calibrator (issue 4)",
-    "taylorseer_order": "TaylorSeer calibrator (issue 4)",
-    "scm_steps_mask_policy": "steps computation masks (issue 4)",
-    "scm_steps_policy": "steps computation masks (issue 4)",
-    "steps_computation_mask": "steps computation masks (issue 4)",
-    "steps_computation_policy": "steps computation masks (issue 4)",
-}
+# vLLM-omni's spellings of our fields
+_ALIASES = {"scm_steps_mask_policy": "steps_mask_policy", "scm_steps_policy": "steps_computation_policy"}
 
 
 def _check_int(name: str, value: Any, low: int, what: str) -> None:
@@ -118,8 +130,20 @@ def validate(cfg: DBCacheConfig) -> DBCacheConfig:
                 f"blocks={cfg.blocks!r}: must be a list of ModuleList attribute paths, "
                 "e.g. ['transformer_blocks', 'single_transformer_blocks'], or None"
             )
-    if cfg.capture not in ("auto", "export", "blocks"):
-        raise ValueError(f"capture={cfg.capture!r}: must be one of 'auto', 'export', 'blocks'")
+    if cfg.steps_computation_mask is not None:
+        mask = cfg.steps_computation_mask
+        if isinstance(mask, (str, bytes)) or not all(m in (0, 1) and not isinstance(m, float) for m in mask) or not mask:
+            raise ValueError(f"steps_computation_mask={mask!r}: must be a non-empty list of 0/1 ints")
+        if cfg.steps_mask_policy is not None:
+            raise ValueError(
+                f"steps_computation_mask and scm_steps_mask_policy={cfg.steps_mask_policy!r}: give one of them, not both"
+            )
+    if cfg.steps_mask_policy is not None and cfg.steps_mask_policy not in PRESETS:
+        raise ValueError(f"scm_steps_mask_policy={cfg.steps_mask_policy!r}: must be one of {sorted(PRESETS)} or None")
+    if cfg.steps_computation_policy not in ("dynamic", "static"):
+        raise ValueError(f"scm_steps_policy={cfg.steps_computation_policy!r}: must be 'dynamic' or 'static'")
+    _check_optional_bool("enable_taylorseer", cfg.enable_taylorseer, allow_none=False)
+    _check_int("taylorseer_order", cfg.taylorseer_order, 1, ">= 1")
     return cfg
 
 
@@ -133,6 +157,11 @@ def parse_config(cache_config: Any) -> DBCacheConfig:
             f"DBCacheConfig or a dict of its fields"
         )
     options = dict(cache_config)
+    for alias, name in _ALIASES.items():
+        if alias in options:
+            if name in options and options[name] != options[alias]:
+                raise ValueError(f"{alias}={options[alias]!r} and {name}={options[name]!r}: the same setting twice, with different values")
+            options[name] = options.pop(alias)
     method = options.pop("method", "dbcache")
     if method not in _METHODS:
         raise ValueError(f"method={method!r}: must be one of {sorted(_METHODS)}")
@@ -141,15 +170,12 @@ def parse_config(cache_config: Any) -> DBCacheConfig:
     for key in options:
         if not isinstance(key, str):
             raise TypeError(f"cache_config key {key!r}: keys must be strings")
-        if key in _PLANNED_KEYS and key not in names:
-            raise ValueError(
-                f"{key}={options[key]!r}: {_PLANNED_KEYS[key]} is not available in this release; "
-                f"allowed keys: {sorted(names | {'method'})}"
-            )
         if key not in names:
-            raise ValueError(f"unknown cache_config key {key!r}; allowed keys: {sorted(names | {'method'})}")
-    if "blocks" in options and isinstance(options["blocks"], list):
-        options["blocks"] = tuple(options["blocks"])
+            allowed = sorted(names | {"method"} | set(_ALIASES))
+            raise ValueError(f"unknown cache_config key {key!r}; allowed keys: {allowed}")
+    for key in ("blocks", "steps_computation_mask"):
+        if isinstance(options.get(key), list):
+            options[key] = tuple(options[key])
     return validate(cls(**options))
 
 

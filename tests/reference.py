@@ -29,6 +29,9 @@ class NaiveConfig:
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
     max_accumulated: float | None = None
+    mask: list[int] | None = None  # steps computation mask (SPEC §5)
+    static_mask: bool = False
+    taylor_order: int = 0  # 0: reuse the residual; k >= 1: TaylorSeer of order k (SPEC §4)
 
 
 @dataclass
@@ -69,7 +72,8 @@ class NaiveDBCache:
         self.formats: list[list[str]] | None = None
         self.step = 0
         self.p = None
-        self.R: dict[str, torch.Tensor] | None = None
+        self.D: list[list[torch.Tensor]] | None = None  # per stream: the residual, or its Taylor derivatives
+        self.last_compute = 0
         self.cached_count = 0
         self.cont = 0
         self.acc = 0.0
@@ -117,6 +121,11 @@ class NaiveDBCache:
             return False, math.nan
         if self.p is None:
             return False, math.nan
+        if c.mask is not None:
+            if s < len(c.mask) and c.mask[s] == 1:
+                return False, math.nan
+            if c.static_mask:
+                return True, math.nan
         if c.max_cached_steps >= 0 and self.cached_count == c.max_cached_steps:
             return False, math.nan
         if c.max_continuous_cached_steps >= 0 and self.cont == c.max_continuous_cached_steps:
@@ -151,7 +160,7 @@ class NaiveDBCache:
                     if j == mid_hi and st.skeleton:
                         st.base = out
                     elif j == mid_hi:
-                        out = tuple(o + r if o is not None else None for o, r in zip(out, self.R))
+                        out = tuple(o + r if o is not None else None for o, r in zip(out, self._forecast()))
                     return out if len(out) > 1 else out[0]
                 out = orig(*args, **kw)
                 st.outs[j] = _as_tuple(out)
@@ -168,6 +177,28 @@ class NaiveDBCache:
             for b in self.blocks:
                 del b.forward
 
+    def _store(self, residuals: list) -> None:
+        """SPEC §4: D0 = R_new, D(i+1) = (D(i)_new - D(i)_old) / w where D(i)_old exists."""
+        k, w = self.cfg.taylor_order, float(self.step - self.last_compute)
+        new = []
+        for j, r in enumerate(residuals):
+            if r is None:
+                new.append(None)
+                continue
+            old = self.D[j] if self.D else []
+            levels = [r.float()]
+            for i in range(min(len(old), k)):
+                levels.append((levels[i] - old[i]) / w)
+            new.append(levels)
+        self.D = new
+
+    def _forecast(self) -> list:
+        e = float(self.step - self.last_compute)
+        return [
+            None if levels is None else sum(d * e**i / math.factorial(i) for i, d in enumerate(levels))
+            for levels in self.D
+        ]
+
     def __call__(self, **kwargs):
         if self.formats is None:
             self._learn(kwargs)
@@ -178,7 +209,7 @@ class NaiveDBCache:
         if st.skip:
             self.cached_count += 1
             self.cont += 1
-            self.acc += st.diff
+            self.acc += 0.0 if math.isnan(st.diff) else st.diff
             self.cached_steps.append(self.step)
         else:
             self.cont, self.acc = 0, 0.0
@@ -186,7 +217,9 @@ class NaiveDBCache:
             if mid_lo <= mid_hi:  # the residual against the middle run as identity (a second pass)
                 skeleton = _Step(skeleton=True)
                 self._run(kwargs, skeleton)
-                self.R = [o - b if o is not None else None for o, b in zip(st.outs[mid_hi], skeleton.base)]
+                residuals = [o - b if o is not None else None for o, b in zip(st.outs[mid_hi], skeleton.base)]
+                self._store(residuals)
+            self.last_compute = self.step
         self.diffs.append(st.diff)
         self.step += 1
         return out

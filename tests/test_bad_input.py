@@ -50,8 +50,14 @@ CASES = [
     ({"num_inference_steps": 0}, ValueError, ["num_inference_steps=0", ">= 1"]),
     ({"method": "fastcache"}, ValueError, ["method='fastcache'", "dbcache"]),
     ({"blocks": "transformer_blocks"}, TypeError, ["blocks='transformer_blocks'", "list of ModuleList"]),
-    ({"capture": "trace"}, ValueError, ["capture='trace'", "'auto', 'export', 'blocks'"]),
-    ({"enable_taylorseer": True}, ValueError, ["enable_taylorseer=True", "not available in this release"]),
+    ({"cfg_diff_compute_separate": False}, ValueError, ["cfg_diff_compute_separate=False", "not available in this release"]),
+    ({"taylorseer_order": 0}, ValueError, ["taylorseer_order=0", ">= 1"]),
+    ({"enable_taylorseer": 1}, TypeError, ["enable_taylorseer=1", "True or False"]),
+    ({"scm_steps_mask_policy": "turbo"}, ValueError, ["scm_steps_mask_policy='turbo'", "'fast'"]),
+    ({"scm_steps_policy": "always"}, ValueError, ["scm_steps_policy='always'", "'dynamic' or 'static'"]),
+    ({"steps_computation_mask": [1, 2, 0]}, ValueError, ["steps_computation_mask=(1, 2, 0)", "0/1 ints"]),
+    ({"steps_computation_mask": [1, 0], "scm_steps_mask_policy": "fast"}, ValueError, ["give one of them"]),
+    ({"scm_steps_policy": "static", "steps_computation_policy": "dynamic"}, ValueError, ["the same setting twice"]),
     ([("Fn_compute_blocks", 1)], TypeError, ["cache_config=", "DBCacheConfig or a dict"]),
 ]
 

@@ -85,7 +85,7 @@ def test_refresh_reset_summary_and_explain(pixart, caplog):
     with caplog.at_level(logging.INFO, logger="dittofx"):
         dittofx.summary(model)
     assert "P50=" in caplog.text or "no diffs measured" in caplog.text
-    assert stats.config == "DBCache_F1B0_W1I1M-1MC-1_R10"
+    assert stats.config == "DBCache_F1B0_W1I1M-1MC-1_R10_T0O0"
     text = dittofx.explain(model)
     for words in ("path: torch.export graph", "chain: transformer_blocks (4 blocks)", "Fn = 1 blocks", "middle = 3 blocks", "residual diff on:"):
         assert words in text

@@ -33,10 +33,12 @@ class RewriteOptions:
     max_cached_steps: int
     max_continuous_cached_steps: int
     timestep_input: str | None  # placeholder name of the timestep input, if the model has one
+    has_mask: bool = False
+    static_mask: bool = False
 
 
 def state_placeholder_names(num_residuals: int) -> list[str]:
-    return [*SCALARS, "hist_diff", "hist_cached", "p", *(f"residual_{j}" for j in range(num_residuals))]
+    return [*SCALARS, "hist_diff", "hist_cached", "mask", "p", *(f"residual_{j}" for j in range(num_residuals))]
 
 
 def _copy_meta(dst: fx.Node, src: fx.Node) -> fx.Node:
@@ -100,12 +102,14 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions) -> fx.Grap
     )
     gate = g.call_function(
         gates.step_gate,
-        (step, valid, cached_count, cont_count),
+        (step, valid, cached_count, cont_count, st["mask"]),
         dict(
             max_warmup_steps=opt.max_warmup_steps,
             warmup_interval=opt.warmup_interval,
             max_cached_steps=opt.max_cached_steps,
             max_continuous_cached_steps=opt.max_continuous_cached_steps,
+            has_mask=opt.has_mask,
+            static_mask=opt.static_mask,
         ),
     )
     decision = g.call_function(

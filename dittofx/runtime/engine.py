@@ -25,6 +25,7 @@ from ..passes.capture import CapturedGraph, capture, input_key
 from ..passes.partition import Partition, PartitionPass
 from ..passes.rewrite import CacheRewritePass, RewriteOptions
 from ..patterns.chain import Chain, find_chain
+from ..masks import steps_mask
 from .state import CacheState
 
 log = logging.getLogger("dittofx")
@@ -85,10 +86,9 @@ def _model_frame(err: BaseException) -> str:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, cfg: DBCacheConfig, levels: int = 1):
+    def __init__(self, model: torch.nn.Module, cfg: DBCacheConfig):
         self.model = model
         self.cfg = cfg
-        self.levels = levels
         self.num_steps = cfg.num_inference_steps
         self.entries: list[Entry] = []
         self.states = torch.nn.ModuleDict()
@@ -200,6 +200,8 @@ class Engine:
             max_cached_steps=cfg.max_cached_steps,
             max_continuous_cached_steps=cfg.max_continuous_cached_steps,
             timestep_input="timestep" if "timestep" in user_names else None,
+            has_mask=cfg.has_mask,
+            static_mask=cfg.steps_computation_policy == "static",
         )
         counts = {r: len(part.nodes_in(r)) for r in ("prologue", "Fn", "middle", "Bn", "epilogue")}
         rewritten = CacheRewritePass(part, opts)(gm).graph_module
@@ -227,9 +229,25 @@ class Engine:
         want = (tuple(p_like.shape), tuple(tuple(c.shape) for c in carried), p_like.dtype, device)
         state = self.states[branch] if branch in self.states else None
         if state is None or state.shapes != want:
-            state = CacheState(p_like, carried, self.levels, self.num_steps)
+            # Taylor derivatives are differences of differences: kept in fp32
+            residual_dtype = torch.float32 if self.cfg.enable_taylorseer else None
+            state = CacheState(p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype)
             self.states[branch] = state
         return state
+
+    def mask(self) -> list[int] | None:
+        """The steps computation mask for the current request length."""
+        cfg = self.cfg
+        if cfg.steps_computation_mask is not None:
+            return list(cfg.steps_computation_mask)
+        if cfg.steps_mask_policy is None:
+            return None
+        if self.num_steps is None:
+            raise ValueError(
+                f"scm_steps_mask_policy={cfg.steps_mask_policy!r} needs the request length: set num_inference_steps "
+                f"in the config or call dittofx.refresh(model, num_inference_steps=T) before the first call"
+            )
+        return steps_mask(cfg.steps_mask_policy, self.num_steps)
 
     def pre_call(self, args: tuple, kwargs: dict) -> None:
         entry = self._entry_for(args, kwargs)

@@ -49,20 +49,31 @@ def step_gate(
     valid: torch.Tensor,
     cached_count: torch.Tensor,
     cont_count: torch.Tensor,
+    mask: torch.Tensor,
     *,
     max_warmup_steps: int,
     warmup_interval: int,
     max_cached_steps: int,
     max_continuous_cached_steps: int,
+    has_mask: bool,
+    static_mask: bool,
 ) -> torch.Tensor:
     """Gates 1-5 of SPEC §3 as an int32 code: compute, cache, or let the diff decide."""
     warm = (step < max_warmup_steps) & (step % warmup_interval == 0)
-    force = warm | (valid == 0)
+    first = warm | (valid == 0)  # gates 1-2
+    capped = torch.zeros_like(first)  # gates 4-5
     if max_cached_steps >= 0:
-        force = force | (cached_count >= max_cached_steps)
+        capped = capped | (cached_count >= max_cached_steps)
     if max_continuous_cached_steps >= 0:
-        force = force | (cont_count >= max_continuous_cached_steps)
-    return torch.where(force, GATE_COMPUTE, GATE_DIFF).to(torch.int32)
+        capped = capped | (cont_count >= max_continuous_cached_steps)
+    if not has_mask:
+        return torch.where(first | capped, GATE_COMPUTE, GATE_DIFF).to(torch.int32)
+    # gate 3; one-hot read of mask[step] (no data-dependent index); past the mask's end it is 0
+    here = torch.arange(mask.shape[0], device=step.device) == step
+    compute_step = (mask * here).sum() > 0
+    if static_mask:  # a 0 caches without measuring a diff, before gates 4-5
+        return torch.where(first | compute_step, GATE_COMPUTE, GATE_CACHE).to(torch.int32)
+    return torch.where(first | compute_step | capped, GATE_COMPUTE, GATE_DIFF).to(torch.int32)
 
 
 def decide(

@@ -35,7 +35,15 @@ class CacheState(torch.nn.Module):
     residual of carried value j as `[levels, *shape]` (levels = 1, or k+1 Taylor derivatives).
     """
 
-    def __init__(self, p_like: torch.Tensor, carried_like: list[torch.Tensor], levels: int, num_steps: int | None):
+    def __init__(
+        self,
+        p_like: torch.Tensor,
+        carried_like: list[torch.Tensor],
+        levels: int,
+        num_steps: int | None,
+        mask: list[int] | None,
+        residual_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         device = p_like.device
         for name, dtype in SCALARS.items():
@@ -44,11 +52,14 @@ class CacheState(torch.nn.Module):
         self.last_ts.fill_(-math.inf)
         self.register_buffer("hist_diff", torch.full((HISTORY,), math.nan, device=device), persistent=False)
         self.register_buffer("hist_cached", torch.full((HISTORY,), -1, dtype=torch.int8, device=device), persistent=False)
+        self.register_buffer("mask", torch.zeros(HISTORY, dtype=torch.int8, device=device), persistent=False)
+        self.set_mask(mask)
         self.register_buffer("p", p_like.new_zeros((1, *p_like.shape)), persistent=False)
         self.residual_names = []
         for j, like in enumerate(carried_like):
             name = f"residual_{j}"
-            self.register_buffer(name, like.new_zeros((levels, *like.shape)), persistent=False)
+            shape = (levels, *like.shape)
+            self.register_buffer(name, like.new_zeros(shape, dtype=residual_dtype or like.dtype), persistent=False)
             self.residual_names.append(name)
         self.shapes = (tuple(p_like.shape), tuple(tuple(c.shape) for c in carried_like), p_like.dtype, device)
 
@@ -58,6 +69,7 @@ class CacheState(torch.nn.Module):
             *(getattr(self, n) for n in SCALARS),
             self.hist_diff,
             self.hist_cached,
+            self.mask,
             self.p,
             *(getattr(self, n) for n in self.residual_names),
         ]
@@ -73,6 +85,14 @@ class CacheState(torch.nn.Module):
             self.num_steps.fill_(num_steps)
         self.hist_diff.fill_(math.nan)
         self.hist_cached.fill_(-1)
+
+    @torch.no_grad()
+    def set_mask(self, mask: list[int] | None) -> None:
+        """Steps past the end of the mask count as 0 (SPEC §5)."""
+        self.mask.zero_()
+        if mask:
+            values = torch.tensor(mask[:HISTORY], dtype=torch.int8)
+            self.mask[: values.numel()].copy_(values)
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())

@@ -1,0 +1,163 @@
+"""TaylorSeer (SPEC §4) and steps computation masks (SPEC §5)."""
+
+import itertools
+import math
+
+import cache_dit
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dittofx
+import zoo
+from reference import NaiveConfig, NaiveDBCache
+
+SPEC_MASKS_28 = {
+    "slow": "1111111101110011100110010001",
+    "medium": "1111110110001100011000110001",
+    "fast": "1111110100010000100000100001",
+    "ultra": "1111001000001000000100000001",
+}
+
+
+def as_str(mask):
+    return "".join(map(str, mask))
+
+
+def cache_runs(mask):
+    return [len(list(g)) for k, g in itertools.groupby(mask) if k == 0] or [0]
+
+
+@pytest.mark.parametrize("policy", sorted(SPEC_MASKS_28))
+def test_preset_masks_equal_the_spec_at_28_and_cache_dit_at_28_and_50(policy):
+    assert as_str(dittofx.steps_mask(mask_policy=policy, total_steps=28)) == SPEC_MASKS_28[policy]
+    for steps in (28, 50):
+        assert dittofx.steps_mask(mask_policy=policy, total_steps=steps) == cache_dit.steps_mask(
+            mask_policy=policy, total_steps=steps
+        )
+
+
+def test_explicit_bins_are_taken_literally():
+    assert dittofx.steps_mask(compute_bins=[6, 1], cache_bins=[1, 3], total_steps=11) == [1] * 6 + [0] + [1] + [0] * 3
+    assert dittofx.steps_mask(compute_bins=[2, 1], cache_bins=[2, 3]) == [1, 1, 0, 0, 1, 0, 0, 0]
+    with pytest.raises(ValueError, match="must cover total_steps=20"):
+        dittofx.steps_mask(compute_bins=[2], cache_bins=[2], total_steps=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.integers(2, 400), policy=st.sampled_from(sorted(SPEC_MASKS_28)))
+def test_preset_masks_for_any_length_keep_the_spec_invariants(steps, policy):
+    mask = dittofx.steps_mask(mask_policy=policy, total_steps=steps)
+    ref = dittofx.steps_mask(mask_policy=policy, total_steps=28)
+    assert len(mask) == steps and mask[0] == 1 and mask[-1] == 1
+    assert max(cache_runs(mask)) <= math.ceil(max(cache_runs(ref)) * steps / 28)
+    if steps >= 16:  # short schedules compute more: every compute run keeps at least one step
+        assert abs(sum(mask) / steps - sum(ref) / 28) <= 0.12
+
+
+STEPS = 12
+
+
+def run(model, z):
+    with torch.no_grad():
+        return [model(**z.inputs(s, 1 - s / STEPS))[0] for s in range(STEPS)]
+
+
+@pytest.mark.parametrize(
+    "name, extra, naive",
+    [
+        ("pixart", {"enable_taylorseer": True, "taylorseer_order": 1}, {"taylor_order": 1}),
+        ("flux", {"enable_taylorseer": True, "taylorseer_order": 2}, {"taylor_order": 2}),
+        ("wan", {"scm_steps_mask_policy": "fast", "scm_steps_policy": "dynamic"}, {"mask": "fast"}),
+        ("qwenimage", {"scm_steps_mask_policy": "ultra", "scm_steps_policy": "static", "enable_taylorseer": True},
+         {"mask": "ultra", "static_mask": True, "taylor_order": 1}),
+        ("sd3", {"steps_computation_mask": [1, 1, 0, 0, 1, 0, 0, 0, 1], "steps_computation_policy": "static"},
+         {"mask": [1, 1, 0, 0, 1, 0, 0, 0, 1], "static_mask": True}),
+    ],
+)  # fmt: skip
+def test_taylorseer_and_masks_match_the_naive_reference(name, extra, naive):
+    z = zoo.get(name)
+    threshold = 0.5 if name != "flux" else 0.35
+    mask = naive.pop("mask", None)
+    if isinstance(mask, str):
+        mask = dittofx.steps_mask(mask_policy=mask, total_steps=STEPS)
+    reference = NaiveDBCache(z.build(), z.block_lists,
+                             NaiveConfig(Fn=1, Bn=1, threshold=threshold, max_warmup_steps=2, mask=mask, **naive))  # fmt: skip
+    expected = run(reference, z)
+    model = dittofx.optimize(
+        z.build(),
+        {"Fn_compute_blocks": 1, "Bn_compute_blocks": 1, "residual_diff_threshold": threshold,
+         "max_warmup_steps": 2, "num_inference_steps": STEPS, **extra},
+    )  # fmt: skip
+    got = run(model, z)
+    stats = dittofx.summary(model)[0]
+    assert stats.cached_steps == reference.cached_steps and len(stats.cached_steps) >= 3
+    if mask is not None:  # a 1 always computes; static: a 0 always caches (after the first compute)
+        assert not any(mask[s] for s in stats.cached_steps if s < len(mask))
+        if naive.get("static_mask"):
+            assert all(s in stats.cached_steps for s in range(2, STEPS) if s >= len(mask) or mask[s] == 0)
+    for g, w in zip(got, expected):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+
+
+class LinearMiddle(torch.nn.Module):
+    """A DiT whose middle residual is exactly c * s (s = the step index, from the timestep)."""
+
+    class Mix(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.proj = torch.nn.Linear(dim, dim)
+
+        def forward(self, hidden_states, temb):
+            return hidden_states + 0.1 * torch.tanh(self.proj(hidden_states))
+
+    class Drift(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.c = torch.nn.Parameter(torch.randn(dim))
+
+        def forward(self, hidden_states, temb):
+            return hidden_states + self.c * temb
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([self.Mix(dim), self.Drift(dim), self.Drift(dim), self.Mix(dim)])
+
+    def forward(self, hidden_states, timestep):
+        temb = (100.0 - timestep)[:, None, None]  # the step index, as the model sees it
+        for block in self.blocks:
+            hidden_states = block(hidden_states, temb)
+        return hidden_states
+
+
+def test_taylorseer_order_1_is_exact_for_a_linear_middle_residual():
+    torch.manual_seed(0)
+    model = LinearMiddle()
+    x = torch.randn(1, 5, 8)
+    with torch.no_grad():
+        expected = [model(x, torch.tensor([100.0 - s])) for s in range(STEPS)]
+    dittofx.optimize(model, {"Fn_compute_blocks": 1, "Bn_compute_blocks": 1, "residual_diff_threshold": 0.5,
+                             "max_warmup_steps": 2, "max_continuous_cached_steps": 4, "num_inference_steps": STEPS,
+                             "enable_taylorseer": True, "taylorseer_order": 1})  # fmt: skip
+    with torch.no_grad():
+        got = [model(x, torch.tensor([100.0 - s])) for s in range(STEPS)]
+    assert dittofx.summary(model)[0].cached_steps == [2, 3, 4, 5, 7, 8, 9, 10]
+    for g, w in zip(got, expected):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_refresh_regenerates_a_preset_mask_and_a_preset_needs_the_length():
+    z = zoo.get("pixart")
+    model = dittofx.optimize(z.build(), {"scm_steps_mask_policy": "fast", "scm_steps_policy": "static",
+                                         "max_warmup_steps": 0, "num_inference_steps": 8})  # fmt: skip
+    with torch.no_grad():
+        model(**z.inputs(0, 1.0))
+    state = model._dittofx.states["default"]
+    assert state.mask[:8].tolist() == dittofx.steps_mask(mask_policy="fast", total_steps=8)
+    dittofx.refresh(model, num_inference_steps=28)
+    assert state.mask[:28].tolist() == dittofx.steps_mask(mask_policy="fast", total_steps=28)
+    lazy = dittofx.optimize(z.build(), {"scm_steps_mask_policy": "fast"})
+    with pytest.raises(ValueError, match="scm_steps_mask_policy='fast' needs the request length"):
+        with torch.no_grad():
+            lazy(**z.inputs(0, 1.0))
