@@ -4,8 +4,10 @@
     python bench/kernels.py --smoke --out /tmp/kernels_smoke.json       # CPU: Triton interpreter, tiny sizes
 
 Each kernel is timed with ``triton.testing.do_bench`` (median, after warm-up) replaying a CUDA graph
-that calls it on enough input sets in turn that one round exceeds L2 four times over (device time,
-as under the core's CUDA graphs); the last column times eager calls, Python launch overhead included. Bytes are the fewest each op must move:
+that calls it on several input sets in turn (device time, as under the core's CUDA graphs). By default the
+ops share a set count under which one round of taylor_update_ exceeds L2 four times over. With ``--rotate-l2 K``,
+each case and the copy rotate enough sets that one round of its own tensors reads K x L2. The last column
+times eager calls, Python launch overhead included. Bytes are the fewest each op must move:
   residual_diff  (with base)          reads x, ref, base
   taylor_update_ (order k, steady)    reads x, base, D0..D(k-1); writes D0..Dk
   taylor_forecast (order k, all valid) reads D0..Dk, base; writes out
@@ -57,6 +59,18 @@ Config = importlib.import_module("dittofx.kernels._layout").Config
 ORDER = 2  # TaylorSeer order k for the benchmark: k + 1 = 3 derivative buffers
 THRESHOLD = 0.1
 L2_BYTES = 50 * 2**20  # H100; the rotation takes 4x this
+# --rotate-l2 K: every case and the copy rotate ceil(K x L2 / its own footprint per set) sets (>= 2). Unset (the
+# default, and runs 1-3): the ops share a rotation sized by taylor_update_'s 7 tensors, the copy by its own 2, so
+# at 8M-64M residual_diff rotates 2 sets against the copy's 4-7 and carries more of each replay's fixed cost per call.
+ROTATE_L2: float | None = None
+TENSORS_PER_SET = {"residual_diff": 3, "taylor_update_": ORDER + 3, "taylor_forecast": ORDER + 2, "copy": 2}
+
+
+def rotation_sets(name: str, n: int, dtype: torch.dtype, legacy: int) -> int:
+    """Input sets for one case: ``legacy`` (the rule runs 1-3 used) unless ``--rotate-l2`` is given."""
+    if ROTATE_L2 is None:
+        return legacy
+    return max(2, math.ceil(ROTATE_L2 * L2_BYTES / (TENSORS_PER_SET[name] * n * elsize(dtype))))
 
 
 def elsize(dtype: torch.dtype) -> int:
@@ -160,7 +174,7 @@ def time_us(fn: Callable[..., object], inputs: list[tuple], device: str, graph: 
 
 
 def copy_gbs(n: int, dtype: torch.dtype, device: str) -> float:
-    sets = max(2, math.ceil(4 * L2_BYTES / (2 * n * elsize(dtype))))
+    sets = rotation_sets("copy", n, dtype, max(2, math.ceil(4 * L2_BYTES / (2 * n * elsize(dtype)))))
     pairs = [(torch.randn(n, device=device).to(dtype), torch.empty(n, device=device, dtype=dtype)) for _ in range(sets)]
     us = time_us(lambda src, dst: dst.copy_(src), pairs, device)
     return 2 * n * elsize(dtype) / us / 1e3
@@ -184,7 +198,7 @@ def check(case: Case) -> float:
 
 
 def bench_case(name: str, n: int, dtype: torch.dtype, device: str, copy: float, config: Config | None = None) -> dict:
-    sets = max(2, math.ceil(4 * L2_BYTES / (n * (2 * ORDER + 3) * elsize(dtype))))
+    sets = rotation_sets(name, n, dtype, max(2, math.ceil(4 * L2_BYTES / (n * (2 * ORDER + 3) * elsize(dtype)))))
     case = Case(name, n, dtype, device, sets, config)
     row = dict(kernel=name, dtype=str(dtype).replace("torch.", ""), n=n, bytes=case.bytes, sets=sets)
     row["config"] = config._asdict() if config is not None else None  # None: the op's default
@@ -208,14 +222,14 @@ def bench_case(name: str, n: int, dtype: torch.dtype, device: str, copy: float, 
     return row
 
 
-def rotation(n: int, dtype: torch.dtype) -> int:
-    """Input sets for the sweeps: one round reads more than 4x L2 (5 tensors' worth per set)."""
-    return max(2, math.ceil(4 * L2_BYTES / (n * 5 * elsize(dtype))))
+def rotation(name: str, n: int, dtype: torch.dtype) -> int:
+    """Input sets for the sweeps: one round reads more than 4x L2 (5 tensors' worth per set), or ``--rotate-l2``'s rule."""
+    return rotation_sets(name, n, dtype, max(2, math.ceil(4 * L2_BYTES / (n * 5 * elsize(dtype)))))
 
 
 def sweep(name: str, n: int, dtype: torch.dtype, device: str, configs: list[Config]) -> list[dict]:
     """Launch configurations at one size, to choose the defaults in dittofx/kernels/_layout.py."""
-    case = Case(name, n, dtype, device, sets=rotation(n, dtype))
+    case = Case(name, n, dtype, device, sets=rotation(name, n, dtype))
     out = []
     for cfg in configs:
         us = time_us(case.ours(cfg), case.inputs, device)
@@ -230,7 +244,7 @@ def stages(n: int, dtype: torch.dtype, device: str, cfg: Config | None) -> dict:
     without the gate load; ``stage2`` = the decision kernel alone on ready partials; ``l1_sums`` = the
     ungated op with the sums finisher. ``full - stage1`` is what the second launch adds in the graph.
     """
-    case = Case("residual_diff", n, dtype, device, rotation(n, dtype), cfg)
+    case = Case("residual_diff", n, dtype, device, rotation("residual_diff", n, dtype), cfg)
     c = case.scalars
     cfg = cfg or RD.CUDA_REDUCE
     outs = RD._decision_outs(torch.device(device))
@@ -328,8 +342,14 @@ def main() -> None:
         "--reduce-config", default="default",
         help="residual_diff launch config for the table: 'default' (the op's), 'auto' (the --sweep's best at 8M+16M) or BLOCK,WARPS,PROGRAMS",
     )
+    ap.add_argument(
+        "--rotate-l2", type=float, default=None,
+        help="each case and the copy rotate enough input sets that one round reads K x L2 of its own tensors (default: the legacy shared rule)",
+    )
     ap.add_argument("--profile", type=Path, help="only run profile_target (for ncu) and write Inductor's code here")
     args = ap.parse_args()
+    global ROTATE_L2
+    ROTATE_L2 = None if args.smoke else args.rotate_l2  # smoke sizes are far below L2: nothing to rotate past
     if args.profile:
         profile_target(parse_config(args.reduce_config), args.profile)
         return
@@ -343,6 +363,7 @@ def main() -> None:
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
         smoke=args.smoke,
         taylor_order=ORDER,
+        rotate_l2=ROTATE_L2,
     )
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
