@@ -32,6 +32,10 @@ import os
 import sys
 import time
 from pathlib import Path
+
+# run as a script, bench/ is on sys.path and bench/kernels.py would pass for the `kernels` package
+# that diffusers probes for at import: keep bench/ off the path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 from typing import Any
 
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # before cache_dit is imported

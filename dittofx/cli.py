@@ -27,6 +27,10 @@ DEMO_CONFIGS: list[dict[str, Any]] = [
      "max_continuous_cached_steps": 2},
     {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.24, "max_warmup_steps": 4},
     {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.5, "max_warmup_steps": 2},
+    {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.24, "max_warmup_steps": 4,
+     "scm_steps_mask_policy": "fast", "scm_steps_policy": "static"},
+    {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.12, "max_warmup_steps": 4,
+     "enable_taylorseer": True, "scm_steps_mask_policy": "fast"},
 ]  # fmt: skip
 UNCACHED = "uncached"
 
@@ -54,6 +58,10 @@ def config_label(cfg: dict[str, Any]) -> str:
         tag += f"_MC{cfg['max_continuous_cached_steps']}"
     if cfg.get("max_cached_steps", -1) >= 0:
         tag += f"_M{cfg['max_cached_steps']}"
+    if cfg.get("enable_taylorseer"):
+        tag += f"_T{cfg.get('taylorseer_order', 1)}"
+    if cfg.get("scm_steps_mask_policy"):
+        tag += f"_SCM{cfg['scm_steps_mask_policy']}{cfg.get('scm_steps_policy', 'dynamic')[0].upper()}"
     return tag
 
 
@@ -89,7 +97,9 @@ def run_demo(
     def run(fixture: Fixture, steps: int) -> Any:
         return sample(fixture, prompts, seeds, steps, cfg_mode=cfg_mode, callback=lambda _: bar.update())
 
-    for _, _, fixture in runs:
+    for _, cfg, fixture in runs:
+        if cfg is not None:
+            dittofx.refresh(fixture.transformer, num_inference_steps=warmup_steps)
         run(fixture, warmup_steps)
     seconds = {label: math.inf for label, _, _ in runs}
     results, cached = {}, {}

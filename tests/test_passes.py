@@ -49,7 +49,7 @@ def test_partition_regions_are_ordered_and_pairs_keep_shape(fn, bn):
     part = partition(graph.gm, chain, fn, bn, weights)
     order = [REGIONS.index(n.meta["dittofx_region"]) for n in graph.gm.graph.nodes if n not in part.hoisted]
     assert order == sorted(order)
-    assert part.middle_outputs and all(o.meta["val"].shape == i.meta["val"].shape for o, i in part.pairs.items())
+    assert part.middle_outputs and all(o.meta["val"].shape == b.meta["val"].shape for o, b in part.base.items())
     # the diff is measured on the image stream (16 tokens), not the text stream (7)
     assert part.h_fn.meta["val"].shape[1] == part.h0.meta["val"].shape[1] == 16
     with pytest.raises(ValueError, match="<= the number of blocks in the chain"):
