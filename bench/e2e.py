@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model (CPU): checks the rows run, no speed claims")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None, help="run only the dittofx rows whose name contains this (no baselines)")
     args = ap.parse_args()
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -117,7 +118,7 @@ def main() -> None:
 
     with torch.no_grad():
         step_cost = {}
-        for mode in modes:
+        for mode in modes if args.only is None else []:
             for name, layers in (("baseline", None), ("Fn+Bn only", 1)):
                 torch._dynamo.reset()
                 model = torch.compile(build(config, layers, device, dtype), mode=mode, fullgraph=True)
@@ -125,6 +126,8 @@ def main() -> None:
                 step_cost[(name, mode)] = seconds / STEPS
                 add(f"{name} compiled ({mode})", seconds)
         for cname, cfg in CONFIGS.items():
+            if args.only is not None and args.only not in cname:
+                continue
             cfg = dict(cfg, num_inference_steps=STEPS)
             eager = dittofx.optimize(build(config, None, device, dtype), cfg)
             reference = denoise(eager, latents, text)
@@ -134,6 +137,9 @@ def main() -> None:
                 torch._dynamo.reset()
                 model = torch.compile(dittofx.optimize(build(config, None, device, dtype), cfg), mode=mode, fullgraph=True)
                 seconds, out = timed(lambda: denoise(model, latents, text), device, args.repeats)
+                if args.only is not None:
+                    add(f"dittofx {cname} ({mode})", seconds, cached=n_cached)
+                    continue
                 ideal = (STEPS - n_cached) * step_cost[("baseline", mode)] + n_cached * step_cost[("Fn+Bn only", mode)]
                 same = dittofx.summary(model, log_table=False)[0].cached_steps == schedule.cached_steps
                 err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
