@@ -11,6 +11,7 @@ import torch
 
 from .config import DBCacheConfig, parse_config
 from .runtime.engine import Engine
+from .runtime.pipeline import attach_refresh, detach_refresh, is_pipeline, pipeline_transformers
 
 __all__ = ["CacheStats", "optimize", "refresh", "reset", "summary", "explain", "disable"]
 
@@ -42,19 +43,30 @@ def _engine(model: torch.nn.Module) -> Engine:
     return engine
 
 
+def _modules(obj: Any) -> list[tuple[str, torch.nn.Module]]:
+    """The optimized transformers behind `obj`: itself, or every transformer of a pipeline."""
+    names = getattr(type(obj), "_dittofx_names", None)
+    return [(name, getattr(obj, name)) for name in names] if names is not None else [("", obj)]
+
+
 def optimize(
-    model: torch.nn.Module,
+    model: Any,
     cache_config: DBCacheConfig | dict[str, Any] | None = None,
     *,
     example_inputs: tuple[tuple, dict] | None = None,
-) -> torch.nn.Module:
+) -> Any:
     """Enable step caching on `model` in place and return it.
 
-    The forward is captured lazily on the first call (with the real inputs), or now when
-    `example_inputs=(args, kwargs)` is given. Bad input raises before the model is touched.
+    `model` is a transformer (any `nn.Module` with a chain of blocks) or a diffusers pipeline: then
+    every transformer in it is optimized and each call of that pipeline refreshes the request
+    length from its `num_inference_steps`. The forward is captured lazily on the first call (with
+    the real inputs), or now when `example_inputs=(args, kwargs)` is given. Bad input raises
+    before anything is touched.
     """
+    if is_pipeline(model):
+        return _optimize_pipeline(model, cache_config)
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model={type(model).__name__}: must be a torch.nn.Module (a diffusers transformer)")
+        raise TypeError(f"model={type(model).__name__}: must be a torch.nn.Module (a diffusers transformer) or a DiffusionPipeline")
     if "_dittofx" in model.__dict__:
         raise ValueError(f"model={type(model).__name__}: already optimized; call dittofx.disable(model) first")
     cfg = parse_config({} if cache_config is None else cache_config)
@@ -70,6 +82,20 @@ def optimize(
     engine.attach()
     _tune_dynamo()
     return model
+
+
+def _optimize_pipeline(pipe: Any, cache_config: Any) -> Any:
+    if hasattr(type(pipe), "_dittofx_names"):
+        raise ValueError(f"pipeline {type(pipe).__name__}: already optimized; call dittofx.disable(pipe) first")
+    cfg = parse_config({} if cache_config is None else cache_config)
+    names = pipeline_transformers(pipe)
+    for name in names:
+        if "_dittofx" in getattr(pipe, name).__dict__:
+            raise ValueError(f"pipeline {type(pipe).__name__}.{name}: already optimized; call dittofx.disable on it first")
+    for name in names:
+        optimize(getattr(pipe, name), cfg)
+    attach_refresh(pipe, names, refresh)
+    return pipe
 
 
 def _warn_if_never_caches(cfg: DBCacheConfig) -> None:
@@ -88,23 +114,30 @@ def refresh(model: torch.nn.Module, num_inference_steps: int | None = None) -> N
     """Set the request length (None: detect new requests from the timestep) and reset state."""
     if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps={num_inference_steps!r}: must be an int >= 1 or None")
-    engine = _engine(model)
-    engine.num_steps = num_inference_steps
-    mask = engine.mask()  # a preset mask is regenerated for the new length
-    for state in engine.states.values():
-        state.reset(num_steps=num_inference_steps or 0)
-        state.set_mask(mask)
+    for _, module in _modules(model):
+        engine = _engine(module)
+        engine.num_steps = num_inference_steps
+        mask = engine.mask()  # a preset mask is regenerated for the new length
+        for state in engine.states.values():
+            state.reset(num_steps=num_inference_steps or 0)
+            state.set_mask(mask)
 
 
 def reset(model: torch.nn.Module) -> None:
     """Forget all cached state (a new request of the same length)."""
-    for state in _engine(model).states.values():
-        state.reset()
+    for _, module in _modules(model):
+        for state in _engine(module).states.values():
+            state.reset()
 
 
 def disable(model: torch.nn.Module) -> torch.nn.Module:
     """Restore the original forward exactly (and drop all cache state)."""
-    _engine(model).detach()
+    modules = _modules(model)
+    for _, module in modules:
+        _engine(module).detach()
+    if modules[0][0]:  # a pipeline
+        detach_refresh(model)
+        return model
     return getattr(model, "_orig_mod", model)
 
 
@@ -124,9 +157,18 @@ class CacheStats:
 
 
 def summary(model: torch.nn.Module, log_table: bool = True) -> list[CacheStats]:
-    """Stats of the latest request, one entry per cached region and CFG branch."""
-    engine = _engine(model)
-    name = "+".join(engine.entries[-1].chain.lists) if engine.entries else "chain"
+    """Stats of the latest request, one entry per cached region and CFG branch (and, for a
+    pipeline, per transformer: names like `transformer_2:blocks`)."""
+    stats = []
+    for component, module in _modules(model):
+        stats += _stats(_engine(module), f"{component}:" if component else "")
+    if log_table:
+        log.info("%s", _table(stats))
+    return stats
+
+
+def _stats(engine: Engine, prefix: str) -> list[CacheStats]:
+    name = prefix + ("+".join(engine.entries[-1].chain.lists) if engine.entries else "chain")
     stats = []
     for branch, state in engine.states.items():
         flags = state.hist_cached.tolist()
@@ -142,8 +184,6 @@ def summary(model: torch.nn.Module, log_table: bool = True) -> list[CacheStats]:
                 diffs=[diffs[i] for i in ran],
             )
         )
-    if log_table:
-        log.info("%s", _table(stats))
     return stats
 
 
@@ -167,9 +207,13 @@ def _table(stats: list[CacheStats]) -> str:
 
 def explain(model: torch.nn.Module) -> str:
     """Human-readable account of what the passes found and decided."""
-    engine = _engine(model)
+    return "\n".join(_explain(_engine(module), component) for component, module in _modules(model))
+
+
+def _explain(engine: Engine, component: str) -> str:
     cfg = engine.cfg
-    lines = [f"dittofx: {type(engine.model).__name__}, {cfg.short_name()}, path: {engine.path}"]
+    where = f" ({component})" if component else ""
+    lines = [f"dittofx: {type(engine.model).__name__}{where}, {cfg.short_name()}, path: {engine.path}"]
     if not engine.entries:
         lines.append("  not captured yet: the graph is captured on the first call")
     for i, entry in enumerate(engine.entries):
