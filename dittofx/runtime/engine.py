@@ -48,6 +48,7 @@ class Entry:
     slots: list[tuple[torch.nn.Module, str, bool]]  # (owner module, attribute, is_parameter) per state placeholder
     key: tuple
     region_counts: dict[str, int] = field(default_factory=dict)
+    verified: set = field(default_factory=set)  # concrete input shapes the graph is known to be right for
 
     def live_state(self) -> list[torch.Tensor]:
         return [(m._parameters if is_p else m._buffers)[name] for m, name, is_p in self.slots]
@@ -147,25 +148,61 @@ class Engine:
         return "default"
 
     def _entry_for(self, args: tuple, kwargs: dict) -> Entry:
+        shapes = input_key(args, kwargs, {})  # every dim concrete
         for entry in self.entries:
-            if input_key(args, kwargs, entry.captured.dynamic_dims) == entry.key:
+            if input_key(args, kwargs, entry.captured.dynamic_dims) != entry.key:
+                continue
+            if shapes in entry.verified or self._still_valid(entry, args, kwargs):
+                entry.verified.add(shapes)
                 return entry
-        entry = self._build(args, kwargs)
+        # a symbolic graph that was wrong at these shapes is not captured symbolically again
+        dynamic = not any(input_key(args, kwargs, e.captured.dynamic_dims) == e.key for e in self.entries)
+        entry = self._build(args, kwargs, dynamic)
+        entry.verified.add(shapes)
         self.entries.append(entry)
         return entry
 
-    def _capture(self, args: tuple, kwargs: dict) -> CapturedGraph:
+    def _still_valid(self, entry: Entry, args: tuple, kwargs: dict) -> bool:
+        """A graph with symbolic dims runs at new sizes only if export traced no size-dependent
+        Python as if it were size-independent (diffusers' PatchEmbed compares its sizes in Python
+        and keeps a table for the first ones; export does not always guard that). So the first call
+        at new sizes checks the captured graph against the original forward, once."""
+        graph = entry.captured
+        leaves = pytree.tree_leaves((args, kwargs))
+        with torch.no_grad():
+            try:
+                got = graph.gm(*entry.live_state(), *graph.constants, *leaves)
+            except RuntimeError:
+                return False
+            want = pytree.tree_leaves(self._original_forward(args, kwargs))
+        return len(got) == len(want) and all(
+            torch.allclose(g.float(), w.float(), rtol=1e-3, atol=1e-3 * (w.float().abs().max().item() + 1e-6))
+            for g, w in zip(got, want)
+            if isinstance(w, torch.Tensor)
+        )
+
+    def _original_forward(self, args: tuple, kwargs: dict) -> Any:
+        saved = self.model.__dict__.pop("forward", None)
+        self.capturing = True
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.capturing = False
+            if saved is not None:
+                self.model.forward = saved
+
+    def _capture(self, args: tuple, kwargs: dict, dynamic: bool) -> CapturedGraph:
         model = self.model
         saved = model.__dict__.pop("forward", None)  # ours, once attached: capture the original
         self.capturing = True
         try:
             try:
-                return capture(model, args, kwargs)
+                return capture(model, args, kwargs, dynamic)
             except Exception:
                 # some models build tables lazily on their first eager call (e.g. rope caches)
                 with torch.no_grad():
                     model(*args, **kwargs)
-                return capture(model, args, kwargs)
+                return capture(model, args, kwargs, dynamic)
         except Exception as err:
             raise CaptureError(
                 f"{type(model).__name__}.forward cannot be captured as one graph with torch.export "
@@ -178,9 +215,9 @@ class Engine:
             if saved is not None:
                 model.forward = saved
 
-    def _build(self, args: tuple, kwargs: dict) -> Entry:
+    def _build(self, args: tuple, kwargs: dict, dynamic: bool = True) -> Entry:
         cfg = self.cfg
-        captured = self._capture(args, kwargs)
+        captured = self._capture(args, kwargs, dynamic)
         gm = captured.gm
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         n_state = len(captured.state_fqns) + len(captured.constants)
