@@ -117,6 +117,7 @@ def refresh(model: torch.nn.Module, num_inference_steps: int | None = None) -> N
     for _, module in _modules(model):
         engine = _engine(module)
         engine.num_steps = num_inference_steps
+        engine.host.clear()
         mask = engine.mask()  # a preset mask is regenerated for the new length
         for state in engine.states.values():
             state.reset(num_steps=num_inference_steps or 0)
@@ -126,7 +127,9 @@ def refresh(model: torch.nn.Module, num_inference_steps: int | None = None) -> N
 def reset(model: torch.nn.Module) -> None:
     """Forget all cached state (a new request of the same length)."""
     for _, module in _modules(model):
-        for state in _engine(module).states.values():
+        engine = _engine(module)
+        engine.host.clear()
+        for state in engine.states.values():
             state.reset()
 
 

@@ -161,3 +161,26 @@ def test_refresh_regenerates_a_preset_mask_and_a_preset_needs_the_length():
     with pytest.raises(ValueError, match="scm_steps_mask_policy='fast' needs the request length"):
         with torch.no_grad():
             lazy(**z.inputs(0, 1.0))
+
+
+@pytest.mark.parametrize("policy", ["static", "dynamic"])
+def test_host_known_decisions_skip_the_device_decision_and_agree_with_it(policy):
+    """With the request length known, warmup and mask steps run a graph without torch.cond (and
+    without a diff); the schedule and outputs equal the all-device run (length unknown)."""
+    z = zoo.get("wan")
+    mask = dittofx.steps_mask(mask_policy="fast", total_steps=STEPS)
+    cfg = {"residual_diff_threshold": 0.5, "max_warmup_steps": 2, "steps_computation_mask": mask, "steps_computation_policy": policy}
+    on_device = dittofx.optimize(z.build(), cfg)  # no request length: the host counts nothing
+    want = run(on_device, z)
+    host = dittofx.optimize(z.build(), dict(cfg, num_inference_steps=STEPS))
+    used = []
+    with torch.no_grad():
+        got = []
+        for s in range(STEPS):
+            got.append(host(**z.inputs(s, 1 - s / STEPS))[0])
+            graph, entry, _ = host._dittofx.current
+            used.append(next(d for d, g in entry.graphs.items() if g is graph))
+    expected_used = ["compute" if s < 2 or mask[s] else ("cache" if policy == "static" else "device") for s in range(STEPS)]
+    assert used == expected_used
+    assert dittofx.summary(host)[0].cached_steps == dittofx.summary(on_device)[0].cached_steps
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

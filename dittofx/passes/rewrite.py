@@ -62,18 +62,28 @@ def _branch(gm: fx.GraphModule, operands: list[fx.Node], body, name: str) -> fx.
     return fx.GraphModule(gm, graph, class_name=name)
 
 
-class CacheRewritePass(PassBase):
-    """Graph in (partitioned, with `meta["dittofx_region"]`), cached graph out."""
+DECISIONS = ("device", "compute", "cache")
 
-    def __init__(self, partition: Partition, options: RewriteOptions):
+
+class CacheRewritePass(PassBase):
+    """Graph in (partitioned, with `meta["dittofx_region"]`), cached graph out.
+
+    `decision="device"`: the step's decision is made in the graph and the middle sits in a
+    torch.cond. "compute" / "cache": the host already knows the decision (warmup, a static mask):
+    the graph has no cond and no diff, which keeps it CUDA-graphable and free of host syncs.
+    """
+
+    def __init__(self, partition: Partition, options: RewriteOptions, decision: str = "device"):
         super().__init__()
-        self.part, self.opt = partition, options
+        if decision not in DECISIONS:
+            raise ValueError(f"decision={decision!r}: must be one of {DECISIONS}")
+        self.part, self.opt, self.decision = partition, options, decision
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        return PassResult(rewrite(gm, self.part, self.opt), True)
+        return PassResult(rewrite(gm, self.part, self.opt, self.decision), True)
 
 
-def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions) -> fx.GraphModule:
+def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: str = "device") -> fx.GraphModule:
     region = part.region
     nodes = list(gm.graph.nodes)
     outs = part.middle_outputs
@@ -100,6 +110,52 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions) -> fx.Grap
         gates.begin_step,
         (step, st["num_steps"], st["last_ts"], valid, cached_count, cont_count, acc, st["hist_diff"], st["hist_cached"], timestep),
     )
+    elapsed = g.call_function(torch.sub, (step, last_compute))
+
+    # the skeleton of the middle (blocks skipped, code between them kept) gives each output's base
+    def skeleton_arg(n: fx.Node) -> fx.Node:
+        return env[part.skip.get(n, n)]
+
+    for node in part.glue:
+        env[node] = _copy_meta(g.node_copy(node, skeleton_arg), node)
+    bases = [env[part.base[o]] for o in outs]
+
+    if decision == "device":
+        diff, cache = _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, elapsed)
+    else:
+        fixed = g.call_function(gates.fixed_decision, (step,), {"cache": decision == "cache"})
+        diff = g.call_function(operator.getitem, (fixed, 0))
+        cache = g.call_function(operator.getitem, (fixed, 1))
+        if decision == "compute":
+            for node in nodes:
+                if region[node] == "middle":
+                    copy(node)
+        else:
+            for r, b, out in zip(residuals, bases, outs):
+                env[out] = _copy_meta(g.call_function(gates.forecast, (r, b, valid, elapsed)), out)
+
+    g.call_function(
+        gates.finish_step,
+        (
+            cache, diff, step, valid, last_compute, cached_count, cont_count, acc,
+            st["hist_diff"], st["hist_cached"], st["p"], env[part.h_fn], env[part.h0],
+            residuals, [env[o] for o in outs], bases,
+        ),
+    )  # fmt: skip
+
+    for node in nodes:
+        if node.op == "output":
+            g.output(fx.map_arg(node.args[0], lambda n: env[n]))
+        elif node.op != "placeholder" and region[node] in ("Bn", "epilogue"):
+            copy(node)
+    g.lint()
+    return fx.GraphModule(gm, g, class_name="DittofxCached")
+
+
+def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, elapsed):
+    """Gates and diff in the graph; the middle inside torch.cond(cache, forecast, middle)."""
+    region = part.region
+    step, valid, cached_count, cont_count, acc = (st[n] for n in ("step", "valid", "cached_count", "cont_count", "acc"))
     gate = g.call_function(
         gates.step_gate,
         (step, valid, cached_count, cont_count, st["mask"]),
@@ -119,16 +175,6 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions) -> fx.Grap
     )
     diff = g.call_function(operator.getitem, (decision, 0))
     cache = g.call_function(operator.getitem, (decision, 1))
-    elapsed = g.call_function(torch.sub, (step, last_compute))
-
-    # the skeleton of the middle (blocks skipped, code between them kept) gives each output's base
-    def skeleton_arg(n: fx.Node) -> fx.Node:
-        return env[part.skip.get(n, n)]
-
-    for node in part.glue:
-        env[node] = _copy_meta(g.node_copy(node, skeleton_arg), node)
-    bases = [env[part.base[o]] for o in outs]
-
     operands = list(dict.fromkeys([env[i] for i in part.middle_inputs] + bases + [*residuals, valid, elapsed]))
     to_parent = {i: env[i] for i in part.middle_inputs}
 
@@ -160,20 +206,4 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions) -> fx.Grap
     )
     for j, out in enumerate(outs):
         env[out] = _copy_meta(g.call_function(operator.getitem, (cond, j)), out)
-
-    g.call_function(
-        gates.finish_step,
-        (
-            cache, diff, step, valid, last_compute, cached_count, cont_count, acc,
-            st["hist_diff"], st["hist_cached"], st["p"], env[part.h_fn], env[part.h0],
-            residuals, [env[o] for o in outs], bases,
-        ),
-    )  # fmt: skip
-
-    for node in nodes:
-        if node.op == "output":
-            g.output(fx.map_arg(node.args[0], lambda n: env[n]))
-        elif node.op != "placeholder" and region[node] in ("Bn", "epilogue"):
-            copy(node)
-    g.lint()
-    return fx.GraphModule(gm, g, class_name="DittofxCached")
+    return diff, cache

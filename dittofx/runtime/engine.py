@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from ..config import DBCacheConfig
 from ..passes.capture import CapturedGraph, capture, input_key
 from ..passes.partition import Partition, PartitionPass
-from ..passes.rewrite import CacheRewritePass, RewriteOptions
+from ..passes.rewrite import DECISIONS, CacheRewritePass, RewriteOptions
 from ..patterns.chain import Chain, find_chain
 from ..masks import steps_mask
 from .state import CacheState
@@ -44,7 +44,7 @@ class Entry:
     captured: CapturedGraph
     chain: Chain
     partition: Partition
-    gm: fx.GraphModule  # rewritten
+    graphs: dict[str, fx.GraphModule]  # rewritten, per decision: "device" (torch.cond), "compute", "cache"
     slots: list[tuple[torch.nn.Module, str, bool]]  # (owner module, attribute, is_parameter) per state placeholder
     key: tuple
     region_counts: dict[str, int] = field(default_factory=dict)
@@ -93,7 +93,9 @@ class Engine:
         self.num_steps = cfg.num_inference_steps
         self.entries: list[Entry] = []
         self.states = torch.nn.ModuleDict()
-        self.current: tuple[Entry, CacheState] | None = None
+        self.current: tuple[fx.GraphModule, Entry, CacheState] | None = None
+        self.host: dict[str, tuple[int, bool]] = {}  # per branch: (host step count, residuals stored)
+        self._masks: dict[int | None, list[int] | None] = {}
         self.context_name: str | None = None
         self.calls = 0
         self.capturing = False
@@ -241,12 +243,12 @@ class Engine:
             static_mask=cfg.steps_computation_policy == "static",
         )
         counts = {r: len(part.nodes_in(r)) for r in ("prologue", "Fn", "middle", "Bn", "epilogue")}
-        rewritten = CacheRewritePass(part, opts)(gm).graph_module
+        graphs = {d: CacheRewritePass(part, opts, d)(gm).graph_module for d in DECISIONS}
         return Entry(
             captured=captured,
             chain=chain,
             partition=part,
-            gm=rewritten,
+            graphs=graphs,
             slots=[_resolve(self.model, f) for f in captured.state_fqns],
             key=input_key(args, kwargs, captured.dynamic_dims),
             region_counts=counts,
@@ -270,10 +272,40 @@ class Engine:
             residual_dtype = torch.float32 if self.cfg.enable_taylorseer else None
             state = CacheState(p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype)
             self.states[branch] = state
+            self.host.pop(branch, None)
         return state
 
+    def _host_decision(self, branch: str) -> str:
+        """Decide on the host what the host can know (SPEC §3 gates 1-3: warmup, nothing stored,
+        a mask's 1, a static mask's 0), so those steps run a graph without torch.cond (CUDA graphs
+        skip graphs that hold one) and never sync. The rest is left to the device ("device").
+        The host counts steps only when the request length is known: otherwise a new request is
+        only visible in the timestep, on the device."""
+        cfg, steps = self.cfg, self.num_steps
+        if steps is None:
+            return "device"
+        step, stored = self.host.get(branch, (0, False))
+        if step >= steps:  # the device state resets itself at the same point
+            step, stored = 0, False
+        mask = self.mask()
+        if (step < cfg.max_warmup_steps and step % cfg.warmup_interval == 0) or not stored:
+            decision = "compute"
+        elif mask is not None and step < len(mask) and mask[step] == 1:
+            decision = "compute"
+        elif mask is not None and cfg.steps_computation_policy == "static":
+            decision = "cache"
+        else:
+            decision = "device"
+        self.host[branch] = (step + 1, True)
+        return decision
+
     def mask(self) -> list[int] | None:
-        """The steps computation mask for the current request length."""
+        """The steps computation mask for the current request length (memoized per length)."""
+        if self.num_steps not in self._masks:
+            self._masks[self.num_steps] = self._make_mask()
+        return self._masks[self.num_steps]
+
+    def _make_mask(self) -> list[int] | None:
         cfg = self.cfg
         if cfg.steps_computation_mask is not None:
             return list(cfg.steps_computation_mask)
@@ -293,7 +325,9 @@ class Engine:
         captured = entry.captured
         if captured.constants and device is not None and captured.constants[0].device != device:
             captured.constants[:] = [c.to(device) for c in captured.constants]
-        self.current = (entry, self._state_for(self._branch(), entry, leaves))
+        branch = self._branch()
+        state = self._state_for(branch, entry, leaves)
+        self.current = (entry.graphs[self._host_decision(branch)], entry, state)
 
     @torch._dynamo.disable
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -310,7 +344,7 @@ class Engine:
 def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The forward `optimize` installs: run the rewritten graph on live weights and state."""
     engine: Engine = self._dittofx
-    entry, state = engine.current
+    graph, entry, state = engine.current
     with torch.no_grad():
-        flat = entry.gm(*state.tensors(), *entry.live_state(), *entry.captured.constants, *pytree.tree_leaves((args, kwargs)))
+        flat = graph(*state.tensors(), *entry.live_state(), *entry.captured.constants, *pytree.tree_leaves((args, kwargs)))
     return pytree.tree_unflatten(list(flat), entry.captured.out_spec)

@@ -13,7 +13,7 @@ import torch
 
 from .. import kernels
 
-__all__ = ["begin_step", "step_gate", "decide", "finish_step", "GATE_DIFF", "GATE_COMPUTE", "GATE_CACHE"]
+__all__ = ["begin_step", "step_gate", "decide", "fixed_decision", "finish_step", "forecast"]
 
 # gate codes understood by the residual_diff kernel
 GATE_DIFF, GATE_COMPUTE, GATE_CACHE = 0, 1, 2
@@ -88,6 +88,11 @@ def decide(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gates 6-7: relative L1 of the Fn residual against the stored one, per sample; one bool."""
     return kernels.residual_diff(h_fn, p[0], h0, gate, acc, threshold, acc_limit, True)
+
+
+def fixed_decision(step: torch.Tensor, *, cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decision the host already made (warmup, static mask): no diff is measured."""
+    return torch.full((), math.nan, device=step.device), torch.full((), cache, dtype=torch.bool, device=step.device)
 
 
 def finish_step(
