@@ -103,12 +103,13 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model (CPU): checks the rows run, no speed claims")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default=None, help="run only the dittofx rows whose name contains this (no baselines)")
+    ap.add_argument("--only", default=None, help="run only the dittofx configs whose name contains this")
+    ap.add_argument("--modes", default=None, help="comma-separated torch.compile modes (default: both on CUDA)")
     args = ap.parse_args()
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = TINY if args.smoke else PIXART
-    modes = ["default", "reduce-overhead"] if device == "cuda" else ["default"]
+    modes = args.modes.split(",") if args.modes else ["default", "reduce-overhead"] if device == "cuda" else ["default"]
     latents, text = inputs(config, device, dtype)
     rows = []
 
@@ -118,7 +119,7 @@ def main() -> None:
 
     with torch.no_grad():
         step_cost = {}
-        for mode in modes if args.only is None else []:
+        for mode in modes:
             for name, layers in (("baseline", None), ("Fn+Bn only", 1)):
                 torch._dynamo.reset()
                 model = torch.compile(build(config, layers, device, dtype), mode=mode, fullgraph=True)
@@ -137,9 +138,6 @@ def main() -> None:
                 torch._dynamo.reset()
                 model = torch.compile(dittofx.optimize(build(config, None, device, dtype), cfg), mode=mode, fullgraph=True)
                 seconds, out = timed(lambda: denoise(model, latents, text), device, args.repeats)
-                if args.only is not None:
-                    add(f"dittofx {cname} ({mode})", seconds, cached=n_cached)
-                    continue
                 ideal = (STEPS - n_cached) * step_cost[("baseline", mode)] + n_cached * step_cost[("Fn+Bn only", mode)]
                 same = dittofx.summary(model, log_table=False)[0].cached_steps == schedule.cached_steps
                 err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
