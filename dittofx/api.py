@@ -78,7 +78,7 @@ def optimize(
     _warn_if_never_caches(cfg)
     engine = Engine(model, cfg)
     if example_inputs is not None:
-        engine.pre_call(*example_inputs)  # raises before anything is attached
+        engine.prepare(*example_inputs)  # captures now; raises before anything is attached
     engine.attach()
     _tune_dynamo()
     return model

@@ -318,13 +318,18 @@ class Engine:
             )
         return steps_mask(cfg.steps_mask_policy, self.num_steps)
 
-    def pre_call(self, args: tuple, kwargs: dict) -> None:
+    def prepare(self, args: tuple, kwargs: dict) -> tuple[Entry, list]:
+        """The graph for these inputs (captured if needed); no step is counted."""
         entry = self._entry_for(args, kwargs)
         leaves = pytree.tree_leaves((args, kwargs))
         device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), None)
         captured = entry.captured
         if captured.constants and device is not None and captured.constants[0].device != device:
             captured.constants[:] = [c.to(device) for c in captured.constants]
+        return entry, leaves
+
+    def pre_call(self, args: tuple, kwargs: dict) -> None:
+        entry, leaves = self.prepare(args, kwargs)
         branch = self._branch()
         state = self._state_for(branch, entry, leaves)
         self.current = (entry.graphs[self._host_decision(branch)], entry, state)
