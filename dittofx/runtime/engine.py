@@ -259,15 +259,16 @@ class Engine:
         part = entry.partition
         device = next(x.device for x in leaves if isinstance(x, torch.Tensor))
 
-        def like(node: fx.Node) -> torch.Tensor:
-            val = node.meta["val"]
-            return torch.empty(_concrete(val.shape, bindings), dtype=val.dtype, device=device)
-
-        p_like = like(part.h0)
-        carried = [like(o) for o in part.middle_outputs]
-        want = (tuple(p_like.shape), tuple(tuple(c.shape) for c in carried), p_like.dtype, device)
+        shapes = [_concrete(n.meta["val"].shape, bindings) for n in (part.h0, *part.middle_outputs)]
+        dtype = part.h0.meta["val"].dtype
+        want = (shapes[0], tuple(shapes[1:]), dtype, device)
         state = self.states[branch] if branch in self.states else None
-        if state is None or state.shapes != want:
+        if state is None or state.shapes != want:  # first call, or new sizes: fresh state
+            def like(node: fx.Node, shape: tuple[int, ...]) -> torch.Tensor:
+                return torch.empty(shape, dtype=node.meta["val"].dtype, device=device)
+
+            p_like = like(part.h0, shapes[0])
+            carried = [like(o, shape) for o, shape in zip(part.middle_outputs, shapes[1:])]
             # Taylor derivatives are differences of differences: kept in fp32
             residual_dtype = torch.float32 if self.cfg.enable_taylorseer else None
             state = CacheState(p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype)
