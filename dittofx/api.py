@@ -54,6 +54,7 @@ def optimize(
     cache_config: DBCacheConfig | dict[str, Any] | None = None,
     *,
     example_inputs: tuple[tuple, dict] | None = None,
+    process_group: Any = None,
 ) -> Any:
     """Enable step caching on `model` in place and return it.
 
@@ -61,10 +62,11 @@ def optimize(
     every transformer in it is optimized and each call of that pipeline refreshes the request
     length from its `num_inference_steps`. The forward is captured lazily on the first call (with
     the real inputs), or now when `example_inputs=(args, kwargs)` is given. Bad input raises
-    before anything is touched.
+    before anything is touched. `process_group`: the context/sequence-parallel group whose ranks
+    each see a shard of the sequence; the diff's sums are all-reduced over it (SPEC §3).
     """
     if is_pipeline(model):
-        return _optimize_pipeline(model, cache_config)
+        return _optimize_pipeline(model, cache_config, process_group)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model={type(model).__name__}: must be a torch.nn.Module (a diffusers transformer) or a DiffusionPipeline")
     if "_dittofx" in model.__dict__:
@@ -76,7 +78,7 @@ def optimize(
     ):  # fmt: skip
         raise TypeError(f"example_inputs={type(example_inputs).__name__}: must be a tuple (args: tuple, kwargs: dict)")
     _warn_if_never_caches(cfg)
-    engine = Engine(model, cfg)
+    engine = Engine(model, cfg, _group_name(process_group))
     if example_inputs is not None:
         engine.prepare(*example_inputs)  # captures now; raises before anything is attached
     engine.attach()
@@ -84,7 +86,15 @@ def optimize(
     return model
 
 
-def _optimize_pipeline(pipe: Any, cache_config: Any) -> Any:
+def _group_name(group: Any) -> str | None:
+    if group is None:
+        return None
+    if not isinstance(group, torch.distributed.ProcessGroup):
+        raise TypeError(f"process_group={group!r}: must be a torch.distributed.ProcessGroup or None")
+    return group.group_name
+
+
+def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any = None) -> Any:
     if hasattr(type(pipe), "_dittofx_names"):
         raise ValueError(f"pipeline {type(pipe).__name__}: already optimized; call dittofx.disable(pipe) first")
     cfg = parse_config({} if cache_config is None else cache_config)
@@ -93,7 +103,7 @@ def _optimize_pipeline(pipe: Any, cache_config: Any) -> Any:
         if "_dittofx" in getattr(pipe, name).__dict__:
             raise ValueError(f"pipeline {type(pipe).__name__}.{name}: already optimized; call dittofx.disable on it first")
     for name in names:
-        optimize(getattr(pipe, name), cfg)
+        optimize(getattr(pipe, name), cfg, process_group=process_group)
     attach_refresh(pipe, names, refresh)
     return pipe
 

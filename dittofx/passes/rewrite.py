@@ -35,6 +35,7 @@ class RewriteOptions:
     timestep_input: str | None  # placeholder name of the timestep input, if the model has one
     has_mask: bool = False
     static_mask: bool = False
+    group: str | None = None  # process group whose ranks hold shards of the sequence: sums all-reduced
 
 
 def state_placeholder_names(num_residuals: int) -> list[str]:
@@ -171,7 +172,7 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, e
     decision = g.call_function(
         gates.decide,
         (env[part.h_fn], env[part.h0], st["p"], gate, acc),
-        dict(threshold=opt.threshold, acc_limit=opt.acc_limit),
+        dict(threshold=opt.threshold, acc_limit=opt.acc_limit, group=opt.group),
     )
     diff = g.call_function(operator.getitem, (decision, 0))
     cache = g.call_function(operator.getitem, (decision, 1))

@@ -87,9 +87,10 @@ def _model_frame(err: BaseException) -> str:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, cfg: DBCacheConfig):
+    def __init__(self, model: torch.nn.Module, cfg: DBCacheConfig, group: str | None = None):
         self.model = model
         self.cfg = cfg
+        self.group = group
         self.num_steps = cfg.num_inference_steps
         self.entries: list[Entry] = []
         self.states = torch.nn.ModuleDict()
@@ -241,6 +242,7 @@ class Engine:
             timestep_input="timestep" if "timestep" in user_names else None,
             has_mask=cfg.has_mask,
             static_mask=cfg.steps_computation_policy == "static",
+            group=self.group,
         )
         counts = {r: len(part.nodes_in(r)) for r in ("prologue", "Fn", "middle", "Bn", "epilogue")}
         graphs = {d: CacheRewritePass(part, opts, d)(gm).graph_module for d in DECISIONS}

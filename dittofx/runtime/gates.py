@@ -85,9 +85,17 @@ def decide(
     *,
     threshold: float,
     acc_limit: float,
+    group: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gates 6-7: relative L1 of the Fn residual against the stored one, per sample; one bool."""
-    return kernels.residual_diff(h_fn, p[0], h0, gate, acc, threshold, acc_limit, True)
+    """Gates 6-7: relative L1 of the Fn residual against the stored one, per sample; one bool.
+
+    With `group` (the name of a context/sequence-parallel process group, each rank holding a shard
+    of the sequence) the two sums are all-reduced before the division, so all ranks decide alike."""
+    if group is None:
+        return kernels.residual_diff(h_fn, p[0], h0, gate, acc, threshold, acc_limit, True)
+    sums = kernels.l1_sums(h_fn, p[0], h0, True)
+    sums = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(sums, "sum", group))
+    return kernels.cache_decision(sums, gate, acc, threshold, acc_limit)
 
 
 def fixed_decision(step: torch.Tensor, *, cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
