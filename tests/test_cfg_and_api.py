@@ -100,3 +100,13 @@ def test_two_models_keep_separate_state(pixart):
             b(**pixart.inputs(s, 1 - s / STEPS))
     assert dittofx.summary(a)[0].cached_steps == [1, 2]
     assert dittofx.summary(b)[0].cached_steps == []
+
+
+def test_disable_restores_an_instance_level_forward(pixart):
+    model = pixart.build()
+    original = model.forward
+    model.forward = original  # an instance attribute, as a wrapper or hook library would set
+    dittofx.optimize(model, {})
+    assert model.__dict__["forward"] is not original
+    dittofx.disable(model)
+    assert model.__dict__["forward"] is original

@@ -101,8 +101,8 @@ class Engine:
         self.calls = 0
         self.capturing = False
         self.path = "torch.export graph"
-        self._had_forward = "forward" in model.__dict__
-        self._had_cache_context = "cache_context" in model.__dict__
+        # instance attributes we replace, as they were (None: not set on the instance)
+        self._saved = {attr: model.__dict__.get(attr) for attr in ("forward", "cache_context")}
         self._hook = None
 
     # ---- attach / detach -------------------------------------------------------------------
@@ -117,9 +117,11 @@ class Engine:
     def detach(self) -> None:
         model = self.model
         self._hook.remove()
-        for attr, had in (("forward", self._had_forward), ("cache_context", self._had_cache_context)):
-            if not had:
+        for attr, value in self._saved.items():
+            if value is None:
                 model.__dict__.pop(attr, None)
+            else:
+                model.__dict__[attr] = value
         del model._modules["_dittofx_states"]
         del model.__dict__["_dittofx"]
 
@@ -184,39 +186,43 @@ class Engine:
             if isinstance(w, torch.Tensor)
         )
 
-    def _original_forward(self, args: tuple, kwargs: dict) -> Any:
-        saved = self.model.__dict__.pop("forward", None)
+    @contextlib.contextmanager
+    def _as_original(self):
+        """The model with its own forward back (and our pre-hook idle), e.g. to capture it."""
+        model = self.model
+        ours = model.__dict__.pop("forward", None)
+        if self._saved["forward"] is not None:
+            model.forward = self._saved["forward"]
         self.capturing = True
         try:
-            return self.model(*args, **kwargs)
+            yield model
         finally:
             self.capturing = False
-            if saved is not None:
-                self.model.forward = saved
+            model.__dict__.pop("forward", None)
+            if ours is not None:
+                model.forward = ours
+
+    def _original_forward(self, args: tuple, kwargs: dict) -> Any:
+        with self._as_original() as model:
+            return model(*args, **kwargs)
 
     def _capture(self, args: tuple, kwargs: dict, dynamic: bool) -> CapturedGraph:
-        model = self.model
-        saved = model.__dict__.pop("forward", None)  # ours, once attached: capture the original
-        self.capturing = True
-        try:
+        with self._as_original() as model:
             try:
-                return capture(model, args, kwargs, dynamic)
-            except Exception:
-                # some models build tables lazily on their first eager call (e.g. rope caches)
-                with torch.no_grad():
-                    model(*args, **kwargs)
-                return capture(model, args, kwargs, dynamic)
-        except Exception as err:
-            raise CaptureError(
-                f"{type(model).__name__}.forward cannot be captured as one graph with torch.export "
-                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}), at {_model_frame(err)}. "
-                f"Data-dependent Python (.tolist(), .item(), .numpy() driving loops or shapes) blocks capture; "
-                f"dittofx has no caching for this model."
-            ) from err
-        finally:
-            self.capturing = False
-            if saved is not None:
-                model.forward = saved
+                try:
+                    return capture(model, args, kwargs, dynamic)
+                except Exception:
+                    # some models build tables lazily on their first eager call (e.g. rope caches)
+                    with torch.no_grad():
+                        model(*args, **kwargs)
+                    return capture(model, args, kwargs, dynamic)
+            except Exception as err:
+                raise CaptureError(
+                    f"{type(model).__name__}.forward cannot be captured as one graph with torch.export "
+                    f"({type(err).__name__}: {str(err).splitlines()[0][:200]}), at {_model_frame(err)}. "
+                    f"Data-dependent Python (.tolist(), .item(), .numpy() driving loops or shapes) blocks capture; "
+                    f"dittofx has no caching for this model."
+                ) from err
 
     def _build(self, args: tuple, kwargs: dict, dynamic: bool = True) -> Entry:
         cfg = self.cfg
