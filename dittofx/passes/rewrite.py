@@ -5,7 +5,9 @@
 
 The new graph takes the cache-state tensors as extra leading placeholders and updates them in
 place *outside* the cond, so both branches stay pure (torch.cond requires it) and the same graph
-runs eagerly, under `torch.compile(fullgraph=True)` and under `torch.export`.
+runs eagerly and under `torch.compile(fullgraph=True)`. Two more variants serve the steps whose
+decision the host already knows: "compute" (the middle inline) and "cache" (the forecast inline),
+with no cond and no diff.
 """
 
 from __future__ import annotations
