@@ -34,12 +34,29 @@ def test_chain_detection_matches_the_models_main_lists(name):
 def test_capture_keeps_dims_symbolic_and_runs_on_live_weights():
     z, model, graph, _ = captured("flux", dynamic=True)
     assert graph.dynamic_dims[0] == (1, 2)  # hidden_states: tokens and channels symbolic, batch 1 specialized
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    live = dict(model.named_parameters()) | dict(model.named_buffers())
     kwargs = z.inputs(3, 0.7)
+
+    def run_graph():
+        return graph.gm(*(live[f] for f in graph.state_fqns), *graph.constants, *torch.utils._pytree.tree_leaves(kwargs))[0]
+
     with torch.no_grad():
-        out = graph.gm(*(params[f] for f in graph.state_fqns), *graph.constants, *torch.utils._pytree.tree_leaves(kwargs))
-        assert torch.equal(out[0], model(**kwargs)[0])
-    assert all(params[f].data_ptr() == p.data_ptr() for f, p in zip(graph.state_fqns, (params[f] for f in graph.state_fqns)))
+        assert torch.equal(run_graph(), model(**kwargs)[0])
+        model.proj_out.weight.mul_(2)  # the graph holds no copy: it sees the change
+        assert torch.equal(run_graph(), model(**kwargs)[0])
+
+
+def test_optimize_keeps_state_dict_and_parameters():
+    z = zoo.get("pixart")
+    model = z.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pointers = {k: p.data_ptr() for k, p in model.named_parameters()}
+    dittofx.optimize(model, {"residual_diff_threshold": 0.1})
+    with torch.no_grad():
+        model(**z.inputs(0, 1.0))
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert {k: p.data_ptr() for k, p in model.named_parameters()} == pointers
 
 
 @pytest.mark.parametrize("fn, bn", [(1, 0), (1, 1), (2, 1)])
