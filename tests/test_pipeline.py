@@ -3,7 +3,7 @@ prompt embeddings given directly, latents out)."""
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline
 
 import dittofx
 import zoo
@@ -60,3 +60,33 @@ def test_pipeline_errors():
     dittofx.optimize(pipe, {})
     with pytest.raises(ValueError, match="already optimized"):
         dittofx.optimize(pipe, {})
+
+
+def qwen_generate(pipe, steps):
+    g = torch.Generator().manual_seed(0)
+    dim = pipe.transformer.config.joint_attention_dim
+    text, negative = torch.randn(1, 7, dim, generator=g), torch.randn(1, 5, dim, generator=g)
+    return pipe(
+        prompt_embeds=text, prompt_embeds_mask=torch.ones(1, 7, dtype=torch.long), negative_prompt_embeds=negative,
+        negative_prompt_embeds_mask=torch.ones(1, 5, dtype=torch.long), true_cfg_scale=4.0, height=64, width=64,
+        num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(1),
+    ).images  # fmt: skip
+
+
+def test_pipeline_with_separate_cfg_calls_keeps_one_state_per_branch():
+    """QwenImagePipeline calls the transformer twice per step, in cache_context("cond") and ("uncond")."""
+
+    def pipeline():
+        return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                 tokenizer=None, transformer=zoo.get("qwenimage").build())  # fmt: skip
+
+    want = qwen_generate(pipeline(), 6)
+    exact = dittofx.optimize(pipeline(), {"residual_diff_threshold": 0.0})
+    assert torch.equal(qwen_generate(exact, 6), want)
+    caching = dittofx.optimize(pipeline(), {"residual_diff_threshold": 10.0, "max_warmup_steps": 2})
+    for steps in (6, 4):
+        qwen_generate(caching, steps)
+        stats = {s.branch: s for s in dittofx.summary(caching)}
+        assert set(stats) == {"cond", "uncond"}
+        for s in stats.values():  # each branch counts its own steps: warmup 0-1, then cached
+            assert s.computed_steps == [0, 1] and s.cached_steps == list(range(2, steps))
