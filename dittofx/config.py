@@ -177,8 +177,3 @@ def parse_config(cache_config: Any) -> DBCacheConfig:
         if isinstance(options.get(key), list):
             options[key] = tuple(options[key])
     return validate(cls(**options))
-
-
-def replace(cfg: DBCacheConfig, **changes: Any) -> DBCacheConfig:
-    return validate(dataclasses.replace(cfg, **changes))
-
