@@ -20,10 +20,10 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..runtime import gates
-from ..runtime.state import SCALARS
+from ..runtime.state import SCALARS, state_names
 from .partition import Partition
 
-__all__ = ["CacheRewritePass", "RewriteOptions", "state_placeholder_names"]
+__all__ = ["CacheRewritePass", "DECISIONS", "RewriteOptions"]
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,6 @@ class RewriteOptions:
     has_mask: bool = False
     static_mask: bool = False
     group: str | None = None  # process group whose ranks hold shards of the sequence: sums all-reduced
-
-
-def state_placeholder_names(num_residuals: int) -> list[str]:
-    return [*SCALARS, "hist_diff", "hist_cached", "mask", "p", *(f"residual_{j}" for j in range(num_residuals))]
 
 
 def _copy_meta(dst: fx.Node, src: fx.Node) -> fx.Node:
@@ -92,7 +88,7 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
     outs = part.middle_outputs
 
     g = fx.Graph()
-    st = {name: g.placeholder(f"dittofx_{name}") for name in state_placeholder_names(len(outs))}
+    st = {name: g.placeholder(f"dittofx_{name}") for name in state_names(len(outs))}
     residuals = [st[f"residual_{j}"] for j in range(len(outs))]
     env: dict[fx.Node, fx.Node] = {}
     for node in nodes:

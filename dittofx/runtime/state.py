@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["CacheState", "HISTORY", "SCALARS"]
+__all__ = ["CacheState", "HISTORY", "SCALARS", "state_names"]
 
 HISTORY = 1024  # steps of per-request history kept for `summary()`
 
@@ -26,6 +26,11 @@ SCALARS = {
     "cont_count": torch.int64,  # current run of consecutive cached steps
     "acc": torch.float32,  # sum of the diffs of the cached steps since the last compute
 }
+
+
+def state_names(num_residuals: int) -> list[str]:
+    """The state tensors in the order the rewritten graph takes them (its leading placeholders)."""
+    return [*SCALARS, "hist_diff", "hist_cached", "mask", "p", *(f"residual_{j}" for j in range(num_residuals))]
 
 
 class CacheState(torch.nn.Module):
@@ -65,14 +70,7 @@ class CacheState(torch.nn.Module):
 
     def tensors(self) -> list[torch.Tensor]:
         """The flat list the rewritten graph takes, in its placeholder order."""
-        return [
-            *(getattr(self, n) for n in SCALARS),
-            self.hist_diff,
-            self.hist_cached,
-            self.mask,
-            self.p,
-            *(getattr(self, n) for n in self.residual_names),
-        ]
+        return [getattr(self, n) for n in state_names(len(self.residual_names))]
 
     @torch.no_grad()
     def reset(self, num_steps: int | None = None) -> None:
