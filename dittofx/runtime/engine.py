@@ -10,7 +10,6 @@ what dynamo traces: no Python value in it changes from step to step.
 from __future__ import annotations
 
 import contextlib
-import logging
 import traceback
 import types
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ from ..passes.rewrite import DECISIONS, CacheRewritePass, RewriteOptions
 from ..patterns.chain import Chain, find_chain
 from ..masks import steps_mask
 from .state import CacheState
-
-log = logging.getLogger("dittofx")
 
 __all__ = ["Engine", "Entry", "CaptureError"]
 
@@ -48,7 +45,9 @@ class Entry:
     slots: list[tuple[torch.nn.Module, str, bool]]  # (owner module, attribute, is_parameter) per state placeholder
     key: tuple
     region_counts: dict[str, int] = field(default_factory=dict)
-    verified: set = field(default_factory=set)  # concrete input shapes the graph is known to be right for
+    # concrete input shapes the graph is known to be right for -> the state shapes they need
+    # (p, then each carried middle output): worked out once per size, not per step
+    state_shapes: dict[tuple, tuple] = field(default_factory=dict)
 
     def live_state(self) -> list[torch.Tensor]:
         return [(m._parameters if is_p else m._buffers)[name] for m, name, is_p in self.slots]
@@ -64,8 +63,15 @@ def _concrete(shape, bindings: dict) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else int(d.node.expr.xreplace(bindings)) for d in shape)
 
 
+def _state_shapes(entry: Entry, leaves: list) -> tuple:
+    """Concrete shapes of the cache state (p, then each carried middle output) for these inputs."""
+    bindings = _symbol_bindings(entry, leaves)
+    part = entry.partition
+    return tuple(_concrete(n.meta["val"].shape, bindings) for n in (part.h0, *part.middle_outputs))
+
+
 def _symbol_bindings(entry: Entry, leaves: list) -> dict:
-    placeholders = [n for n in entry.captured.gm.graph.nodes if n.op == "placeholder"]
+    placeholders = entry.captured.gm.graph.find_nodes(op="placeholder")
     user = placeholders[len(placeholders) - entry.captured.num_user_inputs :]
     bindings = {}
     for node, leaf in zip(user, leaves):
@@ -152,20 +158,25 @@ class Engine:
             return "cond" if even != self.cfg.cfg_compute_first else "uncond"
         return "default"
 
-    def _entry_for(self, args: tuple, kwargs: dict) -> Entry:
-        shapes = input_key(args, kwargs, {})  # every dim concrete
+    def _entry_for(self, args: tuple, kwargs: dict, leaves: list) -> tuple[Entry, tuple]:
+        """The graph for these inputs and their concrete-shape key (captured or checked if new)."""
+        sizes = input_key(args, kwargs, {})  # every dim concrete
+        for entry in self.entries:
+            if sizes in entry.state_shapes:
+                return entry, sizes
+        structure_seen = False
         for entry in self.entries:
             if input_key(args, kwargs, entry.captured.dynamic_dims) != entry.key:
                 continue
-            if shapes in entry.verified or self._still_valid(entry, args, kwargs):
-                entry.verified.add(shapes)
-                return entry
-        # a symbolic graph that was wrong at these shapes is not captured symbolically again
-        dynamic = not any(input_key(args, kwargs, e.captured.dynamic_dims) == e.key for e in self.entries)
-        entry = self._build(args, kwargs, dynamic)
-        entry.verified.add(shapes)
+            structure_seen = True
+            if self._still_valid(entry, args, kwargs):
+                entry.state_shapes[sizes] = _state_shapes(entry, leaves)
+                return entry, sizes
+        # a symbolic graph that was wrong at these sizes is not captured symbolically again
+        entry = self._build(args, kwargs, dynamic=not structure_seen)
+        entry.state_shapes[sizes] = _state_shapes(entry, leaves)
         self.entries.append(entry)
-        return entry
+        return entry, sizes
 
     def _still_valid(self, entry: Entry, args: tuple, kwargs: dict) -> bool:
         """A graph with symbolic dims runs at new sizes only if export traced no size-dependent
@@ -262,14 +273,10 @@ class Engine:
             region_counts=counts,
         )
 
-    def _state_for(self, branch: str, entry: Entry, leaves: list) -> CacheState:
-        bindings = _symbol_bindings(entry, leaves)
+    def _state_for(self, branch: str, entry: Entry, sizes: tuple, device: torch.device) -> CacheState:
         part = entry.partition
-        device = next(x.device for x in leaves if isinstance(x, torch.Tensor))
-
-        shapes = [_concrete(n.meta["val"].shape, bindings) for n in (part.h0, *part.middle_outputs)]
-        dtype = part.h0.meta["val"].dtype
-        want = (shapes[0], tuple(shapes[1:]), dtype, device)
+        shapes = entry.state_shapes[sizes]
+        want = (shapes[0], tuple(shapes[1:]), part.h0.meta["val"].dtype, device)
         state = self.states[branch] if branch in self.states else None
         if state is None or state.shapes != want:  # first call, or new sizes: fresh state
             def like(node: fx.Node, shape: tuple[int, ...]) -> torch.Tensor:
@@ -327,20 +334,20 @@ class Engine:
             )
         return steps_mask(cfg.steps_mask_policy, self.num_steps)
 
-    def prepare(self, args: tuple, kwargs: dict) -> tuple[Entry, list]:
+    def prepare(self, args: tuple, kwargs: dict) -> tuple[Entry, tuple, torch.device]:
         """The graph for these inputs (captured if needed); no step is counted."""
-        entry = self._entry_for(args, kwargs)
         leaves = pytree.tree_leaves((args, kwargs))
-        device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), None)
+        entry, sizes = self._entry_for(args, kwargs, leaves)
+        device = next(x.device for x in leaves if isinstance(x, torch.Tensor))
         captured = entry.captured
-        if captured.constants and device is not None and captured.constants[0].device != device:
+        if captured.constants and captured.constants[0].device != device:
             captured.constants[:] = [c.to(device) for c in captured.constants]
-        return entry, leaves
+        return entry, sizes, device
 
     def pre_call(self, args: tuple, kwargs: dict) -> None:
-        entry, leaves = self.prepare(args, kwargs)
+        entry, sizes, device = self.prepare(args, kwargs)
         branch = self._branch()
-        state = self._state_for(branch, entry, leaves)
+        state = self._state_for(branch, entry, sizes, device)
         self.current = (entry.graphs[self._host_decision(branch)], entry, state)
 
     @torch._dynamo.disable
