@@ -5,9 +5,10 @@
 """
 
 from . import kernels  # registers the torch.ops.dittofx custom ops
+from . import teacache
 from .api import CacheStats, disable, explain, optimize, refresh, reset, summary
 from .masks import steps_mask
-from .config import DBCacheConfig
+from .config import DBCacheConfig, TeaCacheConfig
 
 __all__ = [
     "CacheStats",
@@ -20,5 +21,7 @@ __all__ = [
     "reset",
     "steps_mask",
     "summary",
+    "teacache",
+    "TeaCacheConfig",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .config import DBCacheConfig, parse_config
+from .config import CacheConfig, DBCacheConfig, TeaCacheConfig, parse_config
 from .runtime.engine import Engine
 from .runtime.pipeline import attach_refresh, detach_refresh, is_pipeline, pipeline_transformers
 
@@ -51,7 +51,7 @@ def _modules(obj: Any) -> list[tuple[str, torch.nn.Module]]:
 
 def optimize(
     model: Any,
-    cache_config: DBCacheConfig | dict[str, Any] | None = None,
+    cache_config: CacheConfig | dict[str, Any] | None = None,
     *,
     example_inputs: tuple[tuple, dict] | None = None,
     process_group: Any = None,
@@ -108,8 +108,14 @@ def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any = None) 
     return pipe
 
 
-def _warn_if_never_caches(cfg: DBCacheConfig) -> None:
+def _warn_if_never_caches(cfg: CacheConfig) -> None:
     reasons = []
+    if isinstance(cfg, TeaCacheConfig):
+        if cfg.num_inference_steps is not None and cfg.num_inference_steps <= 2:
+            reasons.append(f"num_inference_steps={cfg.num_inference_steps}: the first and last steps always compute")
+        if reasons:
+            log.warning("dittofx: this config can never cache a step: %s", "; ".join(reasons))
+        return
     if cfg.residual_diff_threshold == 0:
         reasons.append("residual_diff_threshold=0 (no diff is ever < 0)")
     if cfg.max_cached_steps == 0 or cfg.max_continuous_cached_steps == 0:

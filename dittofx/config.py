@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from .masks import PRESETS
 
-__all__ = ["DBCacheConfig", "parse_config"]
+__all__ = ["DBCacheConfig", "TeaCacheConfig", "parse_config"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class DBCacheConfig:
     enable_taylorseer: bool = False
     taylorseer_order: int = 1
 
+    last_step_computes = False  # (not a field) SPEC §3 has no such gate; TeaCache has
+
     def short_name(self) -> str:
         """cache-dit style tag, e.g. `DBCache_F1B0_W4I1M-1MC3_R0.12`."""
         return (
@@ -67,7 +69,45 @@ class DBCacheConfig:
         return self.taylorseer_order + 1 if self.enable_taylorseer else 1
 
 
-_METHODS = {"dbcache": DBCacheConfig}
+@dataclass(frozen=True)
+class TeaCacheConfig:
+    """TeaCache (SPEC §6): skip every block while the accumulated, polynomially rescaled relative L1
+    change of block 0's modulated input stays under `rel_l1_thresh`.
+
+    It runs on the DBCache step schedule with no Fn/Bn blocks (the whole chain is cached), step 0
+    and the last step computed; only the decision differs. `coefficients`: numpy `poly1d` order
+    (highest degree first), a name from `dittofx.teacache.COEFFICIENTS`, or None for the entry of
+    the model's class."""
+
+    rel_l1_thresh: float = 0.2
+    coefficients: tuple[float, ...] | str | None = None
+    num_inference_steps: int | None = None
+    enable_separate_cfg: bool | None = None
+    cfg_compute_first: bool = False
+    cfg_diff_compute_separate: bool = True
+    blocks: tuple[str, ...] | None = None
+
+    # the fixed DBCache schedule TeaCache runs on
+    Fn_compute_blocks = 0
+    Bn_compute_blocks = 0
+    max_warmup_steps = 1
+    warmup_interval = 1
+    max_cached_steps = -1
+    max_continuous_cached_steps = -1
+    steps_computation_mask = None
+    steps_mask_policy = None
+    steps_computation_policy = "dynamic"
+    enable_taylorseer = False
+    has_mask = False
+    levels = 1
+    last_step_computes = True
+
+    def short_name(self) -> str:
+        return f"TeaCache_R{self.rel_l1_thresh:g}"
+
+
+_METHODS = {"dbcache": DBCacheConfig, "teacache": TeaCacheConfig}
+CacheConfig = DBCacheConfig | TeaCacheConfig
 
 # vLLM-omni's spellings of our fields
 _ALIASES = {"scm_steps_mask_policy": "steps_mask_policy", "scm_steps_policy": "steps_computation_policy"}
@@ -97,23 +137,8 @@ def _check_optional_bool(name: str, value: Any, allow_none: bool) -> None:
         raise TypeError(f"{name}={value!r}: must be {allowed}")
 
 
-def validate(cfg: DBCacheConfig) -> DBCacheConfig:
-    """Raise a ValueError/TypeError naming the field, the value and what is allowed."""
-    _check_int("Fn_compute_blocks", cfg.Fn_compute_blocks, 1, ">= 1")
-    _check_int("Bn_compute_blocks", cfg.Bn_compute_blocks, 0, ">= 0")
-    _check_float("residual_diff_threshold", cfg.residual_diff_threshold, "a finite number >= 0")
-    _check_int("max_warmup_steps", cfg.max_warmup_steps, 0, ">= 0")
-    _check_int("warmup_interval", cfg.warmup_interval, 1, ">= 1")
-    _check_int("max_cached_steps", cfg.max_cached_steps, -1, ">= 0, or -1 for no limit")
-    _check_int(
-        "max_continuous_cached_steps", cfg.max_continuous_cached_steps, -1, ">= 0, or -1 for no limit"
-    )
-    _check_float(
-        "max_accumulated_residual_diff_threshold",
-        cfg.max_accumulated_residual_diff_threshold,
-        "a finite number >= 0 or None",
-        allow_none=True,
-    )
+def _check_common(cfg: CacheConfig) -> None:
+    """Fields every method shares: CFG branches, request length, block lists."""
     _check_optional_bool("enable_separate_cfg", cfg.enable_separate_cfg, allow_none=True)
     _check_optional_bool("cfg_compute_first", cfg.cfg_compute_first, allow_none=False)
     _check_optional_bool("cfg_diff_compute_separate", cfg.cfg_diff_compute_separate, allow_none=False)
@@ -130,6 +155,44 @@ def validate(cfg: DBCacheConfig) -> DBCacheConfig:
                 f"blocks={cfg.blocks!r}: must be a list of ModuleList attribute paths, "
                 "e.g. ['transformer_blocks', 'single_transformer_blocks'], or None"
             )
+
+
+def _validate_teacache(cfg: TeaCacheConfig) -> TeaCacheConfig:
+    _check_float("rel_l1_thresh", cfg.rel_l1_thresh, "a finite number >= 0")
+    _check_common(cfg)
+    coefficients = cfg.coefficients
+    if coefficients is None or isinstance(coefficients, str):
+        return cfg  # resolved against the model's class (or the table) by `teacache.coefficients_for`
+    if not coefficients or not all(
+        isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coefficients
+    ):
+        raise ValueError(
+            f"coefficients={coefficients!r}: must be a non-empty list of finite numbers (numpy poly1d order, "
+            f"highest degree first), a name from dittofx.teacache.COEFFICIENTS, or None"
+        )
+    return cfg
+
+
+def validate(cfg: CacheConfig) -> CacheConfig:
+    """Raise a ValueError/TypeError naming the field, the value and what is allowed."""
+    if isinstance(cfg, TeaCacheConfig):
+        return _validate_teacache(cfg)
+    _check_int("Fn_compute_blocks", cfg.Fn_compute_blocks, 1, ">= 1")
+    _check_int("Bn_compute_blocks", cfg.Bn_compute_blocks, 0, ">= 0")
+    _check_float("residual_diff_threshold", cfg.residual_diff_threshold, "a finite number >= 0")
+    _check_int("max_warmup_steps", cfg.max_warmup_steps, 0, ">= 0")
+    _check_int("warmup_interval", cfg.warmup_interval, 1, ">= 1")
+    _check_int("max_cached_steps", cfg.max_cached_steps, -1, ">= 0, or -1 for no limit")
+    _check_int(
+        "max_continuous_cached_steps", cfg.max_continuous_cached_steps, -1, ">= 0, or -1 for no limit"
+    )
+    _check_float(
+        "max_accumulated_residual_diff_threshold",
+        cfg.max_accumulated_residual_diff_threshold,
+        "a finite number >= 0 or None",
+        allow_none=True,
+    )
+    _check_common(cfg)
     if cfg.steps_computation_mask is not None:
         mask = cfg.steps_computation_mask
         if isinstance(mask, (str, bytes)) or not all(m in (0, 1) and not isinstance(m, float) for m in mask) or not mask:
@@ -147,14 +210,14 @@ def validate(cfg: DBCacheConfig) -> DBCacheConfig:
     return cfg
 
 
-def parse_config(cache_config: Any) -> DBCacheConfig:
+def parse_config(cache_config: Any) -> CacheConfig:
     """Turn a config object or a cache-dit / vLLM-omni style dict into a validated config."""
-    if isinstance(cache_config, DBCacheConfig):
+    if isinstance(cache_config, tuple(_METHODS.values())):
         return validate(cache_config)
     if not isinstance(cache_config, Mapping):
         raise TypeError(
-            f"cache_config={cache_config!r} ({type(cache_config).__name__}): must be a "
-            f"DBCacheConfig or a dict of its fields"
+            f"cache_config={cache_config!r} ({type(cache_config).__name__}): must be one of "
+            f"{[c.__name__ for c in _METHODS.values()]} or a dict of its fields (with \"method\")"
         )
     options = dict(cache_config)
     for alias, name in _ALIASES.items():
@@ -173,7 +236,7 @@ def parse_config(cache_config: Any) -> DBCacheConfig:
         if key not in names:
             allowed = sorted(names | {"method"} | set(_ALIASES))
             raise ValueError(f"unknown cache_config key {key!r}; allowed keys: {allowed}")
-    for key in ("blocks", "steps_computation_mask"):
+    for key in ("blocks", "steps_computation_mask", "coefficients"):
         if isinstance(options.get(key), list):
             options[key] = tuple(options[key])
     return validate(cls(**options))

@@ -141,6 +141,10 @@ class NaiveDBCache:
             return False, diff
         return all(d < c.threshold for d in per_sample), diff
 
+    def _signal(self, named: dict, st: "_Step") -> torch.Tensor:
+        """What the decision measures: the Fn residual (TeaCache overrides)."""
+        return st.r
+
     def _run(self, kwargs: dict, st: "_Step"):
         cfg, n = self.cfg, self.n
         mid_lo, mid_hi = cfg.Fn, n - cfg.Bn - 1  # inclusive middle range
@@ -154,7 +158,7 @@ class NaiveDBCache:
                     st.h0 = named[st.hidden]
                 if j == cfg.Fn and not st.skeleton:  # the carried hidden after Fn, as block Fn reads it
                     st.r = named[st.hidden] - st.h0
-                    st.skip, st.diff = self._decide(st.r)
+                    st.skip, st.diff = self._decide(self._signal(named, st))
                 if (st.skip or st.skeleton) and mid_lo <= j <= mid_hi:  # the block as identity
                     out = tuple(named[name] if name else None for name in self.formats[j])
                     if j == mid_hi and st.skeleton:
@@ -222,4 +226,35 @@ class NaiveDBCache:
             self.last_compute = self.step
         self.diffs.append(st.diff)
         self.step += 1
+        return out
+
+
+class NaiveTeaCache(NaiveDBCache):
+    """SPEC §6 by hand: `modulate(block0, its bound arguments)` (a hand-written function per model
+    class, given by the test) is the modulated input; the rescaled relative L1 against the previous
+    step's accumulates; the whole chain is skipped (Fn = Bn = 0) while the sum stays under the
+    threshold; step 0 and the last step compute. Batch > 1: the largest per-sample distance."""
+
+    def __init__(self, model, block_lists, modulate, coefficients, threshold: float, num_steps: int):
+        super().__init__(model, block_lists, NaiveConfig(Fn=0, Bn=0, threshold=threshold))
+        self.modulate, self.coefficients, self.num_steps = modulate, list(coefficients), num_steps
+        self.prev_m = None
+
+    def _signal(self, named: dict, st: "_Step") -> torch.Tensor:
+        self.m = self.modulate(self.blocks[0], named)
+        return self.m
+
+    def _decide(self, m: torch.Tensor) -> tuple[bool, float]:
+        if self.step in (0, self.num_steps - 1) or self.prev_m is None or self.D is None:
+            return False, math.nan
+        rel = [((a - b).abs().sum() / b.abs().sum()).item() for a, b in zip(m.double(), self.prev_m.double())]
+        degree = len(self.coefficients) - 1
+        distance = max(sum(c * r ** (degree - i) for i, c in enumerate(self.coefficients)) for r in rel)
+        if not math.isfinite(distance):
+            return False, math.nan
+        return self.acc + distance < self.cfg.threshold, distance
+
+    def __call__(self, **kwargs):
+        out = super().__call__(**kwargs)
+        self.prev_m = self.m  # every step, cached or not
         return out

@@ -12,10 +12,19 @@ STEPS = 8
 
 
 
-@pytest.mark.parametrize("name, threshold", [("pixart", 0.1), ("flux", 0.35)])  # thresholds that cache some steps
-def test_fullgraph_compile_no_break_no_recompile(name, threshold):
+# one model per method, with thresholds that cache some steps
+CASES = {
+    "pixart-dbcache": ("pixart", {"residual_diff_threshold": 0.1, "max_warmup_steps": 2}),
+    "flux-dbcache": ("flux", {"residual_diff_threshold": 0.35, "max_warmup_steps": 2}),
+    "flux-teacache": ("flux", {"method": "teacache", "rel_l1_thresh": 0.12, "coefficients": [1.0, 0.0]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fullgraph_compile_no_break_no_recompile(case):
+    name, method_cfg = CASES[case]
     z = zoo.get(name)
-    cfg = {"residual_diff_threshold": threshold, "max_warmup_steps": 2, "num_inference_steps": STEPS}
+    cfg = {**method_cfg, "num_inference_steps": STEPS}
     torch._dynamo.reset()
     compiled_model = dittofx.optimize(z.build(), cfg)
     eager_model = dittofx.optimize(z.build(), cfg)

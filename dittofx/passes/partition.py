@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..patterns.chain import Chain, block_inputs, numel_hint, read_by
+from ..patterns.chain import Chain, carried_inputs, numel_hint
 
 __all__ = ["Partition", "PartitionPass", "REGIONS"]
 
@@ -51,7 +51,7 @@ class Partition:
     glue: list[fx.Node]
     skip: dict[fx.Node, fx.Node]  # every middle block output met -> the value it stands for when skipped
     h0: fx.Node  # carried hidden state entering the chain
-    h_fn: fx.Node  # the same stream after Fn
+    h_fn: fx.Node  # the same stream after Fn (TeaCache: block 0's modulated input); what `p` stores
     hoisted: list[fx.Node]
 
     def nodes_in(self, name: str) -> list[fx.Node]:
@@ -111,18 +111,30 @@ def pair_carried(outputs: list[fx.Node], inputs: list[fx.Node]) -> dict[fx.Node,
 class PartitionPass(PassBase):
     """Annotate regions (graph in, same graph out, nodes tagged) and record the boundary analysis."""
 
-    def __init__(self, chain: Chain, fn_blocks: int, bn_blocks: int, state_placeholders: set[fx.Node] | None = None):
+    def __init__(
+        self,
+        chain: Chain,
+        fn_blocks: int,
+        bn_blocks: int,
+        state_placeholders: set[fx.Node] | None = None,
+        signal: fx.Node | None = None,
+    ):
         super().__init__()
         self.chain, self.fn, self.bn = chain, fn_blocks, bn_blocks
         self.state_placeholders = state_placeholders
+        self.signal = signal
         self.partition: Partition | None = None
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        self.partition = partition(gm, self.chain, self.fn, self.bn, self.state_placeholders or set())
+        self.partition = partition(gm, self.chain, self.fn, self.bn, self.state_placeholders or set(), self.signal)
         return PassResult(gm, False)
 
 
-def partition(gm: fx.GraphModule, chain: Chain, fn_blocks: int, bn_blocks: int, params: set[fx.Node]) -> Partition:
+def partition(
+    gm: fx.GraphModule, chain: Chain, fn_blocks: int, bn_blocks: int, params: set[fx.Node], signal: fx.Node | None = None
+) -> Partition:
+    """`signal`: with `fn_blocks=0` (TeaCache), a node inside block 0 that the decision reads; it and
+    its ancestors there form the "Fn" region (they run on every step), the rest of the chain the middle."""
     nodes = list(gm.graph.nodes)
     for pos, node in enumerate(nodes):
         node.meta["dittofx_pos"] = pos
@@ -149,17 +161,21 @@ def partition(gm: fx.GraphModule, chain: Chain, fn_blocks: int, bn_blocks: int, 
             return "Bn"
         return "epilogue"
 
-    later = read_by(nodes, blocks[1:])
-    chain_inputs = [
-        i for i in block_inputs(nodes, blocks[0])
-        if i not in later and i not in params and isinstance(i.meta.get("val"), torch.Tensor)
-    ]
+    chain_inputs = carried_inputs(nodes, blocks, params)
     dependent: set[fx.Node] = set(chain_inputs)
     for node in nodes[start:]:
         if any(a in dependent for a in node.all_input_nodes):
             dependent.add(node)
 
     region = {node: positional(node.meta["dittofx_pos"]) for node in nodes}
+    if signal is not None:
+        for node in _ancestors(signal):
+            if region[node] == "middle":
+                region[node] = "Fn"
+                # a multi-output op (chunk, split) goes with all its items: a list is no cond operand
+                for user in node.users:
+                    if user.target is operator.getitem:
+                        region[user] = "Fn"
     hoisted: list[fx.Node] = []
     # independent chain nodes read outside their own region run in the prologue instead
     for node in reversed(nodes[start : chain_end + 1]):
@@ -179,18 +195,37 @@ def partition(gm: fx.GraphModule, chain: Chain, fn_blocks: int, bn_blocks: int, 
     carried_in = [i for i in middle_inputs if i in dependent]
     base, glue, skip = _skeleton(nodes, blocks[fn_blocks : n - bn_blocks], middle_set, dependent, middle_outputs)
 
+    if signal is not None:
+        h_fn, h0 = signal, max(chain_inputs, key=numel_hint)
+    else:
+        h_fn, h0 = _fn_stream(nodes, region, dependent, chain_inputs)
+    return Partition(
+        chain=chain, fn_blocks=fn_blocks, bn_blocks=bn_blocks, region=region,
+        middle_inputs=middle_inputs, middle_outputs=middle_outputs, carried_inputs=carried_in, base=base, glue=glue, skip=skip,
+        h0=h0, h_fn=h_fn, hoisted=hoisted,
+    )
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _fn_stream(nodes, region, dependent, chain_inputs) -> tuple[fx.Node, fx.Node]:
+    """The carried hidden stream after Fn (the largest carried Fn output) and before it."""
     fn_set = {nd for nd in nodes if region[nd] == "Fn"}
     fn_out = [nd for nd in nodes if nd in fn_set and nd in dependent and any(u not in fn_set for u in nd.users)]
     fn_tensors = [nd for nd in fn_out if isinstance(nd.meta.get("val"), torch.Tensor)]
     if not fn_tensors:
         raise PartitionError("the first Fn blocks produce no carried tensor; cannot measure the residual")
     fn_pairs = pair_carried(sorted(fn_tensors, key=numel_hint, reverse=True)[:1], chain_inputs)
-    (h_fn, h0), = fn_pairs.items()
-    return Partition(
-        chain=chain, fn_blocks=fn_blocks, bn_blocks=bn_blocks, region=region,
-        middle_inputs=middle_inputs, middle_outputs=middle_outputs, carried_inputs=carried_in, base=base, glue=glue, skip=skip,
-        h0=h0, h_fn=h_fn, hoisted=hoisted,
-    )
+    ((h_fn, h0),) = fn_pairs.items()
+    return h_fn, h0
 
 
 def _skeleton(nodes, mid_blocks, middle_set, dependent, outputs):

@@ -38,6 +38,10 @@ class RewriteOptions:
     has_mask: bool = False
     static_mask: bool = False
     group: str | None = None  # process group whose ranks hold shards of the sequence: sums all-reduced
+    # TeaCache (SPEC §6): the signal is block 0's modulated input, compared with the previous
+    # step's and rescaled by this polynomial; the last step of a request always computes
+    teacache_coefficients: tuple[float, ...] | None = None
+    last_step_computes: bool = False
 
 
 def _copy_meta(dst: fx.Node, src: fx.Node) -> fx.Node:
@@ -140,6 +144,7 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
             st["hist_diff"], st["hist_cached"], st["p"], env[part.h_fn], env[part.h0],
             residuals, [env[o] for o in outs], bases,
         ),
+        {"signal_every_step": opt.teacache_coefficients is not None},
     )  # fmt: skip
 
     for node in nodes:
@@ -157,7 +162,7 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, e
     step, valid, cached_count, cont_count, acc = (st[n] for n in ("step", "valid", "cached_count", "cont_count", "acc"))
     gate = g.call_function(
         gates.step_gate,
-        (step, valid, cached_count, cont_count, st["mask"]),
+        (step, valid, cached_count, cont_count, st["mask"], st["num_steps"]),
         dict(
             max_warmup_steps=opt.max_warmup_steps,
             warmup_interval=opt.warmup_interval,
@@ -165,13 +170,21 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, e
             max_continuous_cached_steps=opt.max_continuous_cached_steps,
             has_mask=opt.has_mask,
             static_mask=opt.static_mask,
+            last_step_computes=opt.last_step_computes,
         ),
     )
-    decision = g.call_function(
-        gates.decide,
-        (env[part.h_fn], env[part.h0], st["p"], gate, acc),
-        dict(threshold=opt.threshold, acc_limit=opt.acc_limit, group=opt.group),
-    )
+    if opt.teacache_coefficients is not None:
+        decision = g.call_function(
+            gates.teacache_decide,
+            (env[part.h_fn], st["p"], gate, acc),
+            dict(coefficients=opt.teacache_coefficients, threshold=opt.threshold, group=opt.group),
+        )
+    else:
+        decision = g.call_function(
+            gates.decide,
+            (env[part.h_fn], env[part.h0], st["p"], gate, acc),
+            dict(threshold=opt.threshold, acc_limit=opt.acc_limit, group=opt.group),
+        )
     diff = g.call_function(operator.getitem, (decision, 0))
     cache = g.call_function(operator.getitem, (decision, 1))
     operands = list(dict.fromkeys([env[i] for i in part.middle_inputs] + bases + [*residuals, valid, elapsed]))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-__all__ = ["Block", "Chain", "ChainNotFound", "find_chain"]
+__all__ = ["Block", "Chain", "ChainNotFound", "carried_inputs", "find_chain"]
 
 
 class ChainNotFound(ValueError):
@@ -101,6 +101,16 @@ def block_inputs(nodes: list[fx.Node], block: Block) -> list[fx.Node]:
     return list(seen)
 
 
+def carried_inputs(nodes: list[fx.Node], blocks: list[Block], params: set[fx.Node]) -> list[fx.Node]:
+    """Tensors the first of `blocks` reads that no later one reads again (and not weights): the
+    values the chain carries from block to block. What later blocks read too is loop-invariant."""
+    later = read_by(nodes, blocks[1:])
+    return [
+        n for n in block_inputs(nodes, blocks[0])
+        if n not in later and n not in params and isinstance(n.meta.get("val"), torch.Tensor)
+    ]  # fmt: skip
+
+
 def read_by(nodes: list[fx.Node], blocks: list[Block]) -> set[fx.Node]:
     """Every value read by any of `blocks`."""
     return {inp for blk in blocks for node in nodes[blk.start : blk.end + 1] for inp in node.all_input_nodes}
@@ -172,12 +182,7 @@ def numel_hint(node: fx.Node) -> int:
 def _feeds(nodes, per_list, ancestry, params, src: str, dst: str) -> bool:
     """`src` directly precedes `dst` in the chain: dst's main carried input (the largest) depends on
     src's last block, and no carried input depends on a list that src's last block does not."""
-    later = read_by(nodes, per_list[dst][1:])
-    carried = [
-        n
-        for n in block_inputs(nodes, per_list[dst][0])
-        if n not in later and n not in params and isinstance(n.meta.get("val"), torch.Tensor)
-    ]
+    carried = carried_inputs(nodes, per_list[dst], params)
     if not carried:
         return False
     upstream = ancestry[nodes[per_list[src][-1].end]]

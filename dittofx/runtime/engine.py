@@ -19,11 +19,13 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ..config import DBCacheConfig
+from ..config import CacheConfig, TeaCacheConfig
 from ..passes.capture import CapturedGraph, capture, input_key
 from ..passes.partition import Partition, PartitionPass
 from ..passes.rewrite import DECISIONS, CacheRewritePass, RewriteOptions
 from ..patterns.chain import Chain, find_chain
+from ..patterns.modulation import find_modulated_input
+from ..teacache import coefficients_for
 from ..masks import steps_mask
 from .state import CacheState
 
@@ -67,7 +69,7 @@ def _state_shapes(entry: Entry, leaves: list) -> tuple:
     """Concrete shapes of the cache state (p, then each carried middle output) for these inputs."""
     bindings = _symbol_bindings(entry, leaves)
     part = entry.partition
-    return tuple(_concrete(n.meta["val"].shape, bindings) for n in (part.h0, *part.middle_outputs))
+    return tuple(_concrete(n.meta["val"].shape, bindings) for n in (part.h_fn, *part.middle_outputs))
 
 
 def _symbol_bindings(entry: Entry, leaves: list) -> dict:
@@ -93,9 +95,11 @@ def _model_frame(err: BaseException) -> str:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, cfg: DBCacheConfig, group: str | None = None):
+    def __init__(self, model: torch.nn.Module, cfg: CacheConfig, group: str | None = None):
         self.model = model
         self.cfg = cfg
+        self.teacache = isinstance(cfg, TeaCacheConfig)
+        self.coefficients = coefficients_for(model, cfg.coefficients) if self.teacache else None
         self.group = group
         self.num_steps = cfg.num_inference_steps
         self.entries: list[Entry] = []
@@ -243,15 +247,15 @@ class Engine:
         n_state = len(captured.state_fqns) + len(captured.constants)
         params = set(placeholders[:n_state])
         chain = find_chain(gm, self.model, params, cfg.blocks)
-        part_pass = PartitionPass(chain, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, params)
+        signal = find_modulated_input(list(gm.graph.nodes), chain, params) if self.teacache else None
+        part_pass = PartitionPass(chain, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, params, signal)
         part_pass(gm)
         part = part_pass.partition
         user_names = [n.name for n in placeholders[n_state:]]
+        acc_limit = None if self.teacache else cfg.max_accumulated_residual_diff_threshold
         opts = RewriteOptions(
-            threshold=float(cfg.residual_diff_threshold),
-            acc_limit=float("inf")
-            if cfg.max_accumulated_residual_diff_threshold is None
-            else float(cfg.max_accumulated_residual_diff_threshold),
+            threshold=float(cfg.rel_l1_thresh if self.teacache else cfg.residual_diff_threshold),
+            acc_limit=float("inf") if acc_limit is None else float(acc_limit),
             max_warmup_steps=cfg.max_warmup_steps,
             warmup_interval=cfg.warmup_interval,
             max_cached_steps=cfg.max_cached_steps,
@@ -260,6 +264,8 @@ class Engine:
             has_mask=cfg.has_mask,
             static_mask=cfg.steps_computation_policy == "static",
             group=self.group,
+            teacache_coefficients=self.coefficients,
+            last_step_computes=cfg.last_step_computes,
         )
         counts = {r: len(part.nodes_in(r)) for r in ("prologue", "Fn", "middle", "Bn", "epilogue")}
         graphs = {d: CacheRewritePass(part, opts, d)(gm).graph_module for d in DECISIONS}
@@ -276,13 +282,13 @@ class Engine:
     def _state_for(self, branch: str, entry: Entry, sizes: tuple, device: torch.device) -> CacheState:
         part = entry.partition
         shapes = entry.state_shapes[sizes]
-        want = (shapes[0], tuple(shapes[1:]), part.h0.meta["val"].dtype, device)
+        want = (shapes[0], tuple(shapes[1:]), part.h_fn.meta["val"].dtype, device)
         state = self.states[branch] if branch in self.states else None
         if state is None or state.shapes != want:  # first call, or new sizes: fresh state
             def like(node: fx.Node, shape: tuple[int, ...]) -> torch.Tensor:
                 return torch.empty(shape, dtype=node.meta["val"].dtype, device=device)
 
-            p_like = like(part.h0, shapes[0])
+            p_like = like(part.h_fn, shapes[0])
             carried = [like(o, shape) for o, shape in zip(part.middle_outputs, shapes[1:])]
             # Taylor derivatives are differences of differences: kept in fp32
             residual_dtype = torch.float32 if self.cfg.enable_taylorseer else None
@@ -305,6 +311,8 @@ class Engine:
             step, stored = 0, False
         mask = self.mask()
         if (step < cfg.max_warmup_steps and step % cfg.warmup_interval == 0) or not stored:
+            decision = "compute"
+        elif cfg.last_step_computes and step == steps - 1:
             decision = "compute"
         elif mask is not None and step < len(mask) and mask[step] == 1:
             decision = "compute"

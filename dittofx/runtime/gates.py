@@ -13,7 +13,7 @@ import torch
 
 from .. import kernels
 
-__all__ = ["begin_step", "step_gate", "decide", "fixed_decision", "finish_step", "forecast"]
+__all__ = ["begin_step", "step_gate", "decide", "teacache_decide", "fixed_decision", "finish_step", "forecast"]
 
 # gate codes understood by the residual_diff kernel
 GATE_DIFF, GATE_COMPUTE, GATE_CACHE = 0, 1, 2
@@ -50,6 +50,7 @@ def step_gate(
     cached_count: torch.Tensor,
     cont_count: torch.Tensor,
     mask: torch.Tensor,
+    num_steps: torch.Tensor,
     *,
     max_warmup_steps: int,
     warmup_interval: int,
@@ -57,10 +58,14 @@ def step_gate(
     max_continuous_cached_steps: int,
     has_mask: bool,
     static_mask: bool,
+    last_step_computes: bool = False,
 ) -> torch.Tensor:
-    """Gates 1-5 of SPEC §3 as an int32 code: compute, cache, or let the diff decide."""
+    """Gates 1-5 of SPEC §3 as an int32 code: compute, cache, or let the diff decide (TeaCache
+    adds: the last step of a request of known length computes)."""
     warm = (step < max_warmup_steps) & (step % warmup_interval == 0)
     first = warm | (valid == 0)  # gates 1-2
+    if last_step_computes:
+        first = first | (step == num_steps - 1)
     capped = torch.zeros_like(first)  # gates 4-5
     if max_cached_steps >= 0:
         capped = capped | (cached_count >= max_cached_steps)
@@ -98,6 +103,32 @@ def decide(
     return kernels.cache_decision(sums, gate, acc, threshold, acc_limit)
 
 
+def teacache_decide(
+    m: torch.Tensor,
+    prev: torch.Tensor,
+    gate: torch.Tensor,
+    acc: torch.Tensor,
+    *,
+    coefficients: tuple[float, ...],
+    threshold: float,
+    group: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC §6: the rescaled distance `poly(sum|m - m_prev| / sum|m_prev|)` per sample; cache while
+    `acc + distance < threshold` for every sample. Returns the largest rescaled distance (what the
+    accumulator adds on a cached step; NaN when gated) and the cache flag."""
+    sums = kernels.l1_sums(m, prev[0], None, True)
+    if group is not None:
+        sums = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(sums, "sum", group))
+    rel = sums[:, 0] / sums[:, 1]
+    rescaled = torch.zeros_like(rel)
+    for c in coefficients:  # Horner, highest degree first (numpy poly1d order)
+        rescaled = rescaled * rel + c
+    distance = rescaled.max()
+    gated = gate != 0
+    ok = torch.isfinite(distance) & (acc + distance < threshold)
+    return torch.where(gated, math.nan, distance), torch.where(gated, gate == GATE_CACHE, ok)
+
+
 def fixed_decision(step: torch.Tensor, *, cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A decision the host already made (warmup, static mask): no diff is measured."""
     return torch.full((), math.nan, device=step.device), torch.full((), cache, dtype=torch.bool, device=step.device)
@@ -120,13 +151,18 @@ def finish_step(
     residuals: list[torch.Tensor],
     outs: list[torch.Tensor],
     ins: list[torch.Tensor],
+    *,
+    signal_every_step: bool = False,
 ) -> None:
     """Store what a computed step produced (Fn residual, middle residuals or Taylor derivatives)
-    and advance the counters. The stores are no-ops on cached steps (flag read on the device)."""
+    and advance the counters. The stores are no-ops on cached steps (flag read on the device).
+    `signal_every_step` (TeaCache): `p` takes `h_fn` itself on every step, cached ones included."""
     compute = ~cache
     gap = (step - last_compute).to(torch.float32)
-    no_levels = torch.zeros_like(valid)
-    kernels.taylor_update_(p, h_fn, h0, no_levels, gap, compute)
+    if signal_every_step:
+        p[0].copy_(h_fn)
+    else:
+        kernels.taylor_update_(p, h_fn, h0, torch.zeros_like(valid), gap, compute)
     for res, out, inp in zip(residuals, outs, ins):
         kernels.taylor_update_(res, out, inp, valid, gap, compute)
     levels = residuals[0].shape[0] if residuals else 1

@@ -1,0 +1,160 @@
+"""TeaCache's rescaling polynomials: the published table, and a fit for models without one.
+
+TeaCache maps the relative L1 change of the modulated input (cheap to measure) to an estimate of
+the change of the model's output (what matters) with a per-model polynomial. The table holds the
+published coefficients (numpy `poly1d` order, highest degree first) under the name of the model
+(variant) they were fitted on; `DEFAULTS` picks the entry used for a diffusers class when the
+config names none. Note: the published Wan2.1 and CogVideoX polynomials were fitted on the
+timestep embedding, not on the modulated input that dittofx measures; estimate your own for those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+__all__ = ["COEFFICIENTS", "DEFAULTS", "CoefficientFit", "coefficients_for", "estimate_coefficients"]
+
+COEFFICIENTS: dict[str, tuple[float, ...]] = {
+    # TeaCache (ali-vilab/TeaCache) TeaCache4FLUX, TeaCache4HunyuanVideo, TeaCache4LTX-Video, TeaCache4Mochi
+    "flux": (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01),
+    "hunyuan_video": (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02),
+    "ltx_video": (2.14700694e01, -1.28016453e01, 2.31279151e00, 7.92487521e-01, 9.69274326e-03),
+    "mochi": (-3.51241319e03, 8.11675948e02, -6.09400215e01, 2.42429681e00, 3.05291719e-03),
+    # TeaCache4Wan2.1 (use_ret_steps=False)
+    "wan2.1_t2v_1.3B": (2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01),
+    "wan2.1_t2v_14B": (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
+    "wan2.1_i2v_480p_14B": (-3.02331670e02, 2.23948934e02, -5.25463970e01, 5.87348440e00, -2.01973289e-01),
+    "wan2.1_i2v_720p_14B": (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
+    # TeaCache4CogVideoX1.5
+    "cogvideox_2b": (-3.10658903e01, 2.54732368e01, -5.92380459e00, 1.75769064e00, -3.61568434e-03),
+    "cogvideox_5b": (-1.53880483e03, 8.43202495e02, -1.34363087e02, 7.97131516e00, -5.23162339e-02),
+    "cogvideox1.5_5b": (2.50210439e02, -1.65061612e02, 3.57804877e01, -7.81551492e-01, 3.58559703e-02),
+    # TeaCache4Lumina2, TeaCache4Cosmos, TeaCache4HiDream-I1
+    "lumina2": (393.76566581, -603.50993606, 209.10239044, -23.00726601, 0.86377344),
+    "cosmos": (2.71156237e02, -9.19775607e01, 2.24437250e00, 2.08355751e00, 1.41776330e-01),
+    "hidream_i1": (-3.13605009e04, -7.12425503e02, 4.91363285e01, 8.26515490e00, 1.08053901e-01),
+    # ComfyUI-TeaCache, as used by vLLM-omni for the Qwen-Image family
+    "qwen_image": (-4.50000000e02, 2.80000000e02, -4.50000000e01, 3.20000000e00, -2.00000000e-02),
+}
+
+# diffusers transformer class -> default table entry
+DEFAULTS: dict[str, str] = {
+    "FluxTransformer2DModel": "flux",
+    "HunyuanVideoTransformer3DModel": "hunyuan_video",
+    "LTXVideoTransformer3DModel": "ltx_video",
+    "MochiTransformer3DModel": "mochi",
+    "WanTransformer3DModel": "wan2.1_t2v_1.3B",
+    "CogVideoXTransformer3DModel": "cogvideox_2b",
+    "Lumina2Transformer2DModel": "lumina2",
+    "CosmosTransformer3DModel": "cosmos",
+    "HiDreamImageTransformer2DModel": "hidream_i1",
+    "QwenImageTransformer2DModel": "qwen_image",
+}
+
+
+def coefficients_for(model: torch.nn.Module, coefficients: Sequence[float] | str | None) -> tuple[float, ...]:
+    """The polynomial for this model: given, named, or the default of its class."""
+    if coefficients is not None and not isinstance(coefficients, str):
+        return tuple(float(c) for c in coefficients)
+    cls = type(model).__name__
+    name = coefficients if coefficients is not None else DEFAULTS.get(cls)
+    if name is None:
+        raise ValueError(
+            f"coefficients=None: TeaCache has no published coefficients for {cls}. Pass "
+            f"TeaCacheConfig(coefficients=[c4, c3, c2, c1, c0]) (numpy poly1d order), a name from "
+            f"{sorted(COEFFICIENTS)}, or fit them on your model with "
+            f"dittofx.teacache.estimate_coefficients(model, requests)"
+        )
+    if name not in COEFFICIENTS:
+        raise ValueError(f"coefficients={name!r}: not a table entry; allowed: {sorted(COEFFICIENTS)} or a list of numbers")
+    return COEFFICIENTS[name]
+
+
+@dataclass
+class CoefficientFit:
+    coefficients: tuple[float, ...]  # numpy poly1d order, ready for TeaCacheConfig(coefficients=...)
+    r2: float  # coefficient of determination of the fit on the collected pairs
+    input_distances: list[float]  # relative L1 change of the modulated input, per step pair
+    output_distances: list[float]  # relative L1 change of the model output, same pairs
+
+
+def _rel_l1(new: torch.Tensor, old: torch.Tensor) -> float:
+    return ((new.double() - old.double()).abs().sum() / old.double().abs().sum()).item()
+
+
+def estimate_coefficients(
+    model: torch.nn.Module,
+    requests: Iterable[Sequence[dict[str, Any] | tuple[tuple, dict[str, Any]]]],
+    degree: int = 4,
+) -> CoefficientFit:
+    """Fit TeaCache's polynomial on `model` (un-optimized) from sampling runs.
+
+    `requests`: each item is one request of one CFG branch, the model inputs of its steps in order
+    (kwargs dicts, or `(args, kwargs)`). For every pair of consecutive steps the relative L1 change
+    of block 0's modulated input (found in the graph as TeaCache finds it) and of the model's
+    output are collected; `numpy.polyfit` of output on input gives the coefficients."""
+    from .passes.capture import capture
+    from .patterns.chain import find_chain
+    from .patterns.modulation import find_modulated_input
+
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"degree={degree!r}: must be an int >= 1")
+    xs: list[float] = []
+    ys: list[float] = []
+    graphs: dict[Any, tuple] = {}
+    for request in requests:
+        prev = None
+        for step in request:
+            args, kwargs = step if isinstance(step, tuple) else ((), step)
+            leaves = pytree.tree_leaves((args, kwargs))
+            key = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves)
+            if key not in graphs:
+                captured = capture(model, args, kwargs, dynamic=False)
+                gm = captured.gm
+                placeholders = gm.graph.find_nodes(op="placeholder")
+                params = set(placeholders[: len(captured.state_fqns) + len(captured.constants)])
+                chain = find_chain(gm, model, params, None)
+                signal = find_modulated_input(list(gm.graph.nodes), chain, params)
+                graphs[key] = (captured, _probe(gm, signal))
+            captured, probe = graphs[key]
+            live = [model.get_parameter(f) if _is_param(model, f) else model.get_buffer(f) for f in captured.state_fqns]
+            with torch.no_grad():
+                *outs, m = probe(*live, *captured.constants, *leaves)
+            out = next(o for o in outs if isinstance(o, torch.Tensor))
+            if prev is not None:
+                xs.append(_rel_l1(m, prev[0]))
+                ys.append(_rel_l1(out, prev[1]))
+            prev = (m, out)
+    if len(xs) <= degree:
+        raise ValueError(f"requests: {len(xs)} step pairs collected; a degree-{degree} fit needs more than {degree}")
+    x, y = np.asarray(xs), np.asarray(ys)
+    coefficients = np.polyfit(x, y, degree)
+    residual = y - np.polyval(coefficients, x)
+    total = ((y - y.mean()) ** 2).sum()
+    r2 = 1.0 - float((residual**2).sum() / total) if total > 0 else math.nan
+    return CoefficientFit(tuple(float(c) for c in coefficients), r2, xs, ys)
+
+
+def _is_param(model: torch.nn.Module, fqn: str) -> bool:
+    owner, _, name = fqn.rpartition(".")
+    return name in (model.get_submodule(owner) if owner else model)._parameters
+
+
+def _probe(gm: fx.GraphModule, signal: fx.Node) -> fx.GraphModule:
+    """A copy of the captured graph that also returns the modulated input (as its last output)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            outs = pytree.tree_leaves(fx.map_arg(node.args[0], lambda n: env[n]))
+            graph.output((*outs, env[signal]))
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(gm, graph)
