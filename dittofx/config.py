@@ -46,6 +46,10 @@ class DBCacheConfig:
     # TaylorSeer (SPEC §4): forecast the middle residual from k derivatives instead of reusing it.
     enable_taylorseer: bool = False
     taylorseer_order: int = 1
+    # TaylorSeer's step gap: "steps" (step indices, SPEC §4 and cache-dit: the default, exact on
+    # any scheduler's grid), or "timestep" (the model's timestep input: on a non-uniform schedule
+    # the derivatives follow the scheduler's own spacing)
+    taylorseer_gap: str = "steps"
 
     last_step_computes = False  # (not a field) SPEC §3 has no such gate; TeaCache has
 
@@ -98,6 +102,7 @@ class TeaCacheConfig:
     steps_mask_policy = None
     steps_computation_policy = "dynamic"
     enable_taylorseer = False
+    taylorseer_gap = "steps"
     has_mask = False
     levels = 1
     last_step_computes = True
@@ -207,6 +212,8 @@ def validate(cfg: CacheConfig) -> CacheConfig:
         raise ValueError(f"scm_steps_policy={cfg.steps_computation_policy!r}: must be 'dynamic' or 'static'")
     _check_optional_bool("enable_taylorseer", cfg.enable_taylorseer, allow_none=False)
     _check_int("taylorseer_order", cfg.taylorseer_order, 1, ">= 1")
+    if cfg.taylorseer_gap not in ("steps", "timestep"):
+        raise ValueError(f"taylorseer_gap={cfg.taylorseer_gap!r}: must be 'steps' or 'timestep'")
     return cfg
 
 

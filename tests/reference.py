@@ -32,6 +32,7 @@ class NaiveConfig:
     mask: list[int] | None = None  # steps computation mask (SPEC §5)
     static_mask: bool = False
     taylor_order: int = 0  # 0: reuse the residual; k >= 1: TaylorSeer of order k (SPEC §4)
+    taylor_gap: str = "steps"  # or "timestep": gaps measured in the timestep input's units
 
 
 @dataclass
@@ -74,6 +75,7 @@ class NaiveDBCache:
         self.p = None
         self.D: list[list[torch.Tensor]] | None = None  # per stream: the residual, or its Taylor derivatives
         self.last_compute = 0
+        self.ts = self.last_compute_ts = 0.0
         self.cached_count = 0
         self.cont = 0
         self.acc = 0.0
@@ -183,7 +185,7 @@ class NaiveDBCache:
 
     def _store(self, residuals: list) -> None:
         """SPEC §4: D0 = R_new, D(i+1) = (D(i)_new - D(i)_old) / w where D(i)_old exists."""
-        k, w = self.cfg.taylor_order, float(self.step - self.last_compute)
+        k, w = self.cfg.taylor_order, self._gap()
         new = []
         for j, r in enumerate(residuals):
             if r is None:
@@ -196,8 +198,13 @@ class NaiveDBCache:
             new.append(levels)
         self.D = new
 
+    def _gap(self) -> float:
+        if self.cfg.taylor_gap == "timestep":
+            return self.last_compute_ts - self.ts
+        return float(self.step - self.last_compute)
+
     def _forecast(self) -> list:
-        e = float(self.step - self.last_compute)
+        e = self._gap()
         return [
             None if levels is None else sum(d * e**i / math.factorial(i) for i, d in enumerate(levels))
             for levels in self.D
@@ -208,6 +215,8 @@ class NaiveDBCache:
             self._learn(kwargs)
         cfg = self.cfg
         mid_lo, mid_hi = cfg.Fn, self.n - cfg.Bn - 1
+        if "timestep" in kwargs:
+            self.ts = float(kwargs["timestep"].reshape(-1)[0])
         st = _Step()
         out = self._run(kwargs, st)
         if st.skip:
@@ -223,7 +232,7 @@ class NaiveDBCache:
                 self._run(kwargs, skeleton)
                 residuals = [o - b if o is not None else None for o, b in zip(st.outs[mid_hi], skeleton.base)]
                 self._store(residuals)
-            self.last_compute = self.step
+            self.last_compute, self.last_compute_ts = self.step, self.ts
         self.diffs.append(st.diff)
         self.step += 1
         return out

@@ -69,6 +69,8 @@ def run(model, z):
     [
         ("pixart", {"enable_taylorseer": True, "taylorseer_order": 1}, {"taylor_order": 1}),
         ("flux", {"enable_taylorseer": True, "taylorseer_order": 2}, {"taylor_order": 2}),
+        ("flux", {"enable_taylorseer": True, "taylorseer_order": 2, "taylorseer_gap": "timestep"},
+         {"taylor_order": 2, "taylor_gap": "timestep"}),
         ("wan", {"scm_steps_mask_policy": "fast", "scm_steps_policy": "dynamic"}, {"mask": "fast"}),
         ("qwenimage", {"scm_steps_mask_policy": "ultra", "scm_steps_policy": "static", "enable_taylorseer": True},
          {"mask": "ultra", "static_mask": True, "taylor_order": 1}),
@@ -145,6 +147,32 @@ def test_taylorseer_order_1_is_exact_for_a_linear_middle_residual():
     assert dittofx.summary(model)[0].cached_steps == [2, 3, 4, 5, 7, 8, 9, 10]
     for g, w in zip(got, expected):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_taylorseer_timestep_gap_is_exact_where_the_residual_is_linear_in_the_timestep():
+    """On a non-uniform schedule a residual linear in the timestep is not linear in the step index:
+    the timestep gap forecasts it exactly, the step gap does not."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 8)
+    schedule = [torch.tensor([100.0 - s**1.5]) for s in range(STEPS)]
+    model = LinearMiddle()
+    with torch.no_grad():
+        expected = [model(x, t) for t in schedule]
+    errors = {}
+    for gap in ("timestep", "steps"):
+        cfg = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 1, "residual_diff_threshold": 0.0, "max_warmup_steps": 2,
+               "num_inference_steps": STEPS, "steps_computation_mask": [1, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0],
+               "steps_computation_policy": "static", "enable_taylorseer": True, "taylorseer_order": 1,
+               "taylorseer_gap": gap}  # fmt: skip
+        dittofx.optimize(model, cfg)
+        with torch.no_grad():
+            got = [model(x, t) for t in schedule]
+        assert dittofx.summary(model)[0].cached_steps == [3, 4, 6, 7, 9, 10, 11]
+        errors[gap] = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got, expected))
+        dittofx.disable(model)
+    assert errors["timestep"] < 1e-6 and errors["steps"] > 1e-2, errors  # relative to the output
+    with pytest.raises(ValueError, match=r"taylorseer_gap='sigma': must be 'steps' or 'timestep'"):
+        dittofx.optimize(model, {"enable_taylorseer": True, "taylorseer_gap": "sigma"})
 
 
 def test_refresh_regenerates_a_preset_mask_and_a_preset_needs_the_length():

@@ -42,6 +42,7 @@ class RewriteOptions:
     # step's and rescaled by this polynomial; the last step of a request always computes
     teacache_coefficients: tuple[float, ...] | None = None
     last_step_computes: bool = False
+    gap_in_timesteps: bool = False  # TaylorSeer's gap in the timestep input's units, not in steps
 
 
 def _copy_meta(dst: fx.Node, src: fx.Node) -> fx.Node:
@@ -108,12 +109,15 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
 
     timestep = next((env[n] for n in nodes if n.op == "placeholder" and n.name == opt.timestep_input), None)
     scalars = [st[n] for n in SCALARS]
-    step, _num, _last_ts, valid, last_compute, cached_count, cont_count, acc = scalars
+    step, _num, last_ts, valid, last_compute, cached_count, cont_count, acc, last_compute_ts = scalars
     g.call_function(
         gates.begin_step,
         (step, st["num_steps"], st["last_ts"], valid, cached_count, cont_count, acc, st["hist_diff"], st["hist_cached"], timestep),
     )
-    elapsed = g.call_function(torch.sub, (step, last_compute))
+    if opt.gap_in_timesteps:  # timesteps fall as sampling goes on; begin_step put this step's in last_ts
+        elapsed = g.call_function(torch.sub, (last_compute_ts, last_ts))
+    else:
+        elapsed = g.call_function(torch.sub, (step, last_compute))
 
     # the skeleton of the middle (blocks skipped, code between them kept) gives each output's base
     def skeleton_arg(n: fx.Node) -> fx.Node:
@@ -140,7 +144,7 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
     g.call_function(
         gates.finish_step,
         (
-            cache, diff, step, valid, last_compute, cached_count, cont_count, acc,
+            cache, diff, step, elapsed, valid, last_compute, last_compute_ts, last_ts, cached_count, cont_count, acc,
             st["hist_diff"], st["hist_cached"], st["p"], env[part.h_fn], env[part.h0],
             residuals, [env[o] for o in outs], bases,
         ),

@@ -266,7 +266,13 @@ class Engine:
             group=self.group,
             teacache_coefficients=self.coefficients,
             last_step_computes=cfg.last_step_computes,
+            gap_in_timesteps=cfg.taylorseer_gap == "timestep",
         )
+        if opts.gap_in_timesteps and opts.timestep_input is None:
+            raise ValueError(
+                f"taylorseer_gap='timestep': {type(self.model).__name__}.forward has no `timestep` input "
+                f"(inputs: {user_names}); allowed here: 'steps'"
+            )
         counts = {r: len(part.nodes_in(r)) for r in ("prologue", "Fn", "middle", "Bn", "epilogue")}
         graphs = {d: CacheRewritePass(part, opts, d)(gm).graph_module for d in DECISIONS}
         return Entry(

@@ -138,8 +138,11 @@ def finish_step(
     cache: torch.Tensor,
     diff: torch.Tensor,
     step: torch.Tensor,
+    elapsed: torch.Tensor,
     valid: torch.Tensor,
     last_compute: torch.Tensor,
+    last_compute_ts: torch.Tensor,
+    ts: torch.Tensor,
     cached_count: torch.Tensor,
     cont_count: torch.Tensor,
     acc: torch.Tensor,
@@ -158,7 +161,7 @@ def finish_step(
     and advance the counters. The stores are no-ops on cached steps (flag read on the device).
     `signal_every_step` (TeaCache): `p` takes `h_fn` itself on every step, cached ones included."""
     compute = ~cache
-    gap = (step - last_compute).to(torch.float32)
+    gap = elapsed.to(torch.float32)  # since the last compute, in steps or in timestep units
     if signal_every_step:
         p[0].copy_(h_fn)
     else:
@@ -168,6 +171,7 @@ def finish_step(
     levels = residuals[0].shape[0] if residuals else 1
     valid.copy_(torch.where(compute, torch.clamp(valid + 1, max=levels), valid))
     last_compute.copy_(torch.where(compute, step, last_compute))
+    last_compute_ts.copy_(torch.where(compute, ts, last_compute_ts))
     measured = torch.nan_to_num(diff, nan=0.0)
     acc.copy_(torch.where(cache, acc + measured, torch.zeros_like(acc)))
     cached_count.copy_(cached_count + cache.to(cached_count.dtype))

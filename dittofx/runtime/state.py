@@ -25,6 +25,7 @@ SCALARS = {
     "cached_count": torch.int64,  # cached steps in this request
     "cont_count": torch.int64,  # current run of consecutive cached steps
     "acc": torch.float32,  # sum of the diffs of the cached steps since the last compute
+    "last_compute_ts": torch.float32,  # timestep of the last computed middle (TaylorSeer's timestep gap)
 }
 
 
