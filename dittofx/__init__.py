@@ -8,11 +8,12 @@ from . import kernels  # registers the torch.ops.dittofx custom ops
 from . import teacache
 from .api import CacheStats, disable, explain, optimize, refresh, reset, summary
 from .masks import steps_mask
-from .config import DBCacheConfig, TeaCacheConfig
+from .config import DBCacheConfig, DBPruneConfig, TeaCacheConfig
 
 __all__ = [
     "CacheStats",
     "DBCacheConfig",
+    "DBPruneConfig",
     "disable",
     "explain",
     "kernels",

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .config import CacheConfig, DBCacheConfig, TeaCacheConfig, parse_config
+from .config import CacheConfig, DBPruneConfig, TeaCacheConfig, parse_config
 from .runtime.engine import Engine
 from .runtime.pipeline import attach_refresh, detach_refresh, is_pipeline, pipeline_transformers
 
@@ -116,6 +116,10 @@ def _warn_if_never_caches(cfg: CacheConfig) -> None:
         if reasons:
             log.warning("dittofx: this config can never cache a step: %s", "; ".join(reasons))
         return
+    if isinstance(cfg, DBPruneConfig):
+        if cfg.residual_diff_threshold == 0:
+            log.warning("dittofx: this config can never prune a block: residual_diff_threshold=0 (no diff is ever < 0)")
+        return
     if cfg.residual_diff_threshold == 0:
         reasons.append("residual_diff_threshold=0 (no diff is ever < 0)")
     if cfg.max_cached_steps == 0 or cfg.max_continuous_cached_steps == 0:
@@ -167,7 +171,8 @@ class CacheStats:
     config: str
     cached_steps: list[int]
     computed_steps: list[int]
-    diffs: list[float]  # per step, NaN where not measured
+    diffs: list[float]  # per step, NaN where not measured (DBPrune: the largest over its blocks)
+    pruned_blocks: list[int] | None = None  # DBPrune: blocks pruned per step (cached_steps: steps with any)
 
     @property
     def cache_ratio(self) -> float:
@@ -198,9 +203,10 @@ def _stats(engine: Engine, prefix: str) -> list[CacheStats]:
                 name=name,
                 branch=branch,
                 config=engine.cfg.short_name(),
-                cached_steps=[i for i in ran if flags[i] == 1],
+                cached_steps=[i for i in ran if flags[i] > 0],
                 computed_steps=[i for i in ran if flags[i] == 0],
                 diffs=[diffs[i] for i in ran],
+                pruned_blocks=[flags[i] for i in ran] if engine.prune else None,
             )
         )
     return stats

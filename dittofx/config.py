@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from .masks import PRESETS
 
-__all__ = ["DBCacheConfig", "TeaCacheConfig", "parse_config"]
+__all__ = ["DBCacheConfig", "DBPruneConfig", "TeaCacheConfig", "parse_config"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class TeaCacheConfig:
     blocks: tuple[str, ...] | None = None
 
     # the fixed DBCache schedule TeaCache runs on
+    max_accumulated_residual_diff_threshold = None
     Fn_compute_blocks = 0
     Bn_compute_blocks = 0
     max_warmup_steps = 1
@@ -111,8 +112,49 @@ class TeaCacheConfig:
         return f"TeaCache_R{self.rel_l1_thresh:g}"
 
 
-_METHODS = {"dbcache": DBCacheConfig, "teacache": TeaCacheConfig}
-CacheConfig = DBCacheConfig | TeaCacheConfig
+@dataclass(frozen=True)
+class DBPruneConfig:
+    """DBPrune (SPEC §7): each middle block (outside Fn/Bn and `non_prune_block_ids`, indices in the
+    chain) is replaced by its stored residual while its input changed by less than
+    `residual_diff_threshold` (relative L1) since the block last ran. All of a step's decisions come
+    from one reduction made where the middle starts, so a step syncs the host at most once: the
+    change of block j's input is taken as the change of the middle's input since block j last ran,
+    relative to block j's input then."""
+
+    Fn_compute_blocks: int = 1
+    Bn_compute_blocks: int = 0
+    residual_diff_threshold: float = 0.08
+    max_warmup_steps: int = 8
+    warmup_interval: int = 1
+    non_prune_block_ids: tuple[int, ...] = ()
+    num_inference_steps: int | None = None
+    enable_separate_cfg: bool | None = None
+    cfg_compute_first: bool = False
+    cfg_diff_compute_separate: bool = True
+    blocks: tuple[str, ...] | None = None
+
+    # the DBCache schedule fields DBPrune does not use
+    max_accumulated_residual_diff_threshold = None
+    max_cached_steps = -1
+    max_continuous_cached_steps = -1
+    steps_computation_mask = None
+    steps_mask_policy = None
+    steps_computation_policy = "dynamic"
+    enable_taylorseer = False
+    taylorseer_gap = "steps"
+    has_mask = False
+    levels = 1
+    last_step_computes = False
+
+    def short_name(self) -> str:
+        return (
+            f"DBPrune_F{self.Fn_compute_blocks}B{self.Bn_compute_blocks}_W{self.max_warmup_steps}I{self.warmup_interval}"
+            f"_R{self.residual_diff_threshold:g}" + (f"_NP{len(self.non_prune_block_ids)}" if self.non_prune_block_ids else "")
+        )
+
+
+_METHODS = {"dbcache": DBCacheConfig, "teacache": TeaCacheConfig, "dbprune": DBPruneConfig}
+CacheConfig = DBCacheConfig | TeaCacheConfig | DBPruneConfig
 
 # vLLM-omni's spellings of our fields
 _ALIASES = {"scm_steps_mask_policy": "steps_mask_policy", "scm_steps_policy": "steps_computation_policy"}
@@ -178,10 +220,25 @@ def _validate_teacache(cfg: TeaCacheConfig) -> TeaCacheConfig:
     return cfg
 
 
+def _validate_dbprune(cfg: DBPruneConfig) -> DBPruneConfig:
+    _check_int("Fn_compute_blocks", cfg.Fn_compute_blocks, 1, ">= 1")
+    _check_int("Bn_compute_blocks", cfg.Bn_compute_blocks, 0, ">= 0")
+    _check_float("residual_diff_threshold", cfg.residual_diff_threshold, "a finite number >= 0")
+    _check_int("max_warmup_steps", cfg.max_warmup_steps, 0, ">= 0")
+    _check_int("warmup_interval", cfg.warmup_interval, 1, ">= 1")
+    ids = cfg.non_prune_block_ids
+    if isinstance(ids, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"non_prune_block_ids={ids!r}: must be a list of block indices >= 0 (positions in the chain)")
+    _check_common(cfg)
+    return cfg
+
+
 def validate(cfg: CacheConfig) -> CacheConfig:
     """Raise a ValueError/TypeError naming the field, the value and what is allowed."""
     if isinstance(cfg, TeaCacheConfig):
         return _validate_teacache(cfg)
+    if isinstance(cfg, DBPruneConfig):
+        return _validate_dbprune(cfg)
     _check_int("Fn_compute_blocks", cfg.Fn_compute_blocks, 1, ">= 1")
     _check_int("Bn_compute_blocks", cfg.Bn_compute_blocks, 0, ">= 0")
     _check_float("residual_diff_threshold", cfg.residual_diff_threshold, "a finite number >= 0")
@@ -243,7 +300,7 @@ def parse_config(cache_config: Any) -> CacheConfig:
         if key not in names:
             allowed = sorted(names | {"method"} | set(_ALIASES))
             raise ValueError(f"unknown cache_config key {key!r}; allowed keys: {allowed}")
-    for key in ("blocks", "steps_computation_mask", "coefficients"):
+    for key in ("blocks", "steps_computation_mask", "coefficients", "non_prune_block_ids"):
         if isinstance(options.get(key), list):
             options[key] = tuple(options[key])
     return validate(cls(**options))

@@ -267,3 +267,75 @@ class NaiveTeaCache(NaiveDBCache):
         out = super().__call__(**kwargs)
         self.prev_m = self.m  # every step, cached or not
         return out
+
+
+class NaiveDBPrune(NaiveDBCache):
+    """SPEC §7 by hand, in the one-reduction form dittofx documents: at the first middle block, for
+    every prunable block j, d_j = max over samples of sum|x - x_j| / sum|input_j|, with x the middle's
+    input now and x_j, input_j the middle's input and block j's own input when block j last ran;
+    d_j < threshold (and not a warmup step, and not the request's first step) -> block j returns
+    its inputs plus its stored residuals instead of running."""
+
+    def __init__(self, model, block_lists, *, Fn: int, Bn: int, threshold: float, max_warmup_steps: int = 0,
+                 warmup_interval: int = 1, non_prune: tuple[int, ...] = ()):  # fmt: skip
+        super().__init__(model, block_lists, NaiveConfig(Fn=Fn, Bn=Bn, threshold=threshold,
+                                                         max_warmup_steps=max_warmup_steps, warmup_interval=warmup_interval))  # fmt: skip
+        self.prunable = [j for j in range(Fn, self.n - Bn) if j not in non_prune]
+        self.stored: dict[int, tuple] = {}  # j -> (x_j, norms_j per sample, residuals per output)
+        self.pruned_per_step: list[int] = []
+
+    def _prune_run(self, kwargs: dict) -> tuple:
+        cfg, c = self.cfg, self.cfg
+        originals = [b.forward for b in self.blocks]
+        warm = self.step < c.max_warmup_steps and self.step % c.warmup_interval == 0
+        decided: dict[int, bool] = {}
+        diffs: list[float] = []
+
+        def wrap(j, orig):
+            def forward(*args, **kw):
+                named = _bind(orig, args, kw)
+                names = self.formats[j]
+                hidden = max((k for k in names if k), key=lambda k: named[k].numel())
+                if j == cfg.Fn:  # all decisions, here
+                    x = named[hidden].double()
+                    for i in self.prunable:
+                        if warm or i not in self.stored:
+                            decided[i] = False
+                            continue
+                        xj, nj, _ = self.stored[i]
+                        per_sample = [((a - b).abs().sum() / (n + 1e-12)).item() for a, b, n in zip(x, xj, nj)]
+                        diffs.append(max(per_sample))
+                        decided[i] = all(math.isfinite(d) and d < cfg.threshold for d in per_sample)
+                    self._x = x
+                if decided.get(j):
+                    out = tuple(named[k] + r if k else None for k, r in zip(names, self.stored[j][2]))
+                    return out if len(out) > 1 else out[0]
+                out = orig(*args, **kw)
+                if j in self.prunable:
+                    res = tuple(o - named[k] if k else None for o, k in zip(_as_tuple(out), names))
+                    norms = [v.abs().sum().item() for v in named[hidden].double()]
+                    self.stored[j] = (self._x, norms, res)
+                return out
+
+            return forward
+
+        for j, b in enumerate(self.blocks):
+            b.forward = wrap(j, originals[j])
+        try:
+            with torch.no_grad():
+                out = self.model(**kwargs)
+        finally:
+            for b in self.blocks:
+                del b.forward
+        return out, sum(decided.values()), max(diffs) if diffs else math.nan
+
+    def __call__(self, **kwargs):
+        if self.formats is None:
+            self._learn(kwargs)
+        out, pruned, diff = self._prune_run(kwargs)
+        self.pruned_per_step.append(pruned)
+        if pruned:
+            self.cached_steps.append(self.step)
+        self.diffs.append(diff)
+        self.step += 1
+        return out

@@ -19,9 +19,10 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ..config import CacheConfig, TeaCacheConfig
+from ..config import CacheConfig, DBPruneConfig, TeaCacheConfig
 from ..passes.capture import CapturedGraph, capture, input_key
 from ..passes.partition import Partition, PartitionPass
+from ..passes.prune import PruneRewritePass, prunable_blocks
 from ..passes.rewrite import DECISIONS, CacheRewritePass, RewriteOptions
 from ..patterns.chain import Chain, find_chain
 from ..patterns.modulation import find_modulated_input
@@ -46,7 +47,9 @@ class Entry:
     graphs: dict[str, fx.GraphModule]  # rewritten, per decision: "device" (torch.cond), "compute", "cache"
     slots: list[tuple[torch.nn.Module, str, bool]]  # (owner module, attribute, is_parameter) per state placeholder
     key: tuple
+    state_nodes: list[fx.Node]  # nodes whose shapes size the state: the signal, then each stored residual
     region_counts: dict[str, int] = field(default_factory=dict)
+    pruned_blocks: list[int] = field(default_factory=list)  # DBPrune: chain positions of the prunable blocks
     # concrete input shapes the graph is known to be right for -> the state shapes they need
     # (p, then each carried middle output): worked out once per size, not per step
     state_shapes: dict[tuple, tuple] = field(default_factory=dict)
@@ -68,8 +71,7 @@ def _concrete(shape, bindings: dict) -> tuple[int, ...]:
 def _state_shapes(entry: Entry, leaves: list) -> tuple:
     """Concrete shapes of the cache state (p, then each carried middle output) for these inputs."""
     bindings = _symbol_bindings(entry, leaves)
-    part = entry.partition
-    return tuple(_concrete(n.meta["val"].shape, bindings) for n in (part.h_fn, *part.middle_outputs))
+    return tuple(_concrete(n.meta["val"].shape, bindings) for n in entry.state_nodes)
 
 
 def _symbol_bindings(entry: Entry, leaves: list) -> dict:
@@ -99,6 +101,7 @@ class Engine:
         self.model = model
         self.cfg = cfg
         self.teacache = isinstance(cfg, TeaCacheConfig)
+        self.prune = isinstance(cfg, DBPruneConfig)
         self.coefficients = coefficients_for(model, cfg.coefficients) if self.teacache else None
         self.group = group
         self.num_steps = cfg.num_inference_steps
@@ -252,7 +255,7 @@ class Engine:
         part_pass(gm)
         part = part_pass.partition
         user_names = [n.name for n in placeholders[n_state:]]
-        acc_limit = None if self.teacache else cfg.max_accumulated_residual_diff_threshold
+        acc_limit = cfg.max_accumulated_residual_diff_threshold
         opts = RewriteOptions(
             threshold=float(cfg.rel_l1_thresh if self.teacache else cfg.residual_diff_threshold),
             acc_limit=float("inf") if acc_limit is None else float(acc_limit),
@@ -274,7 +277,23 @@ class Engine:
                 f"(inputs: {user_names}); allowed here: 'steps'"
             )
         counts = {r: len(part.nodes_in(r)) for r in ("prologue", "Fn", "middle", "Bn", "epilogue")}
-        graphs = {d: CacheRewritePass(part, opts, d)(gm).graph_module for d in DECISIONS}
+        if self.prune:
+            blocks = prunable_blocks(gm, part, cfg.non_prune_block_ids)
+            if not blocks:
+                raise ValueError(
+                    f"non_prune_block_ids={list(cfg.non_prune_block_ids)} with Fn_compute_blocks={cfg.Fn_compute_blocks}, "
+                    f"Bn_compute_blocks={cfg.Bn_compute_blocks}: no block of the {len(chain)} in the chain is left to prune"
+                )
+            pruned = PruneRewritePass(
+                part, blocks, threshold=opts.threshold, max_warmup_steps=cfg.max_warmup_steps,
+                warmup_interval=cfg.warmup_interval, timestep_input=opts.timestep_input,
+            )(gm).graph_module  # fmt: skip
+            graphs = dict.fromkeys(DECISIONS, pruned)  # every decision is made in the graph
+            state_nodes = [part.h_fn, *(o for b in blocks for o in b.outputs)]
+        else:
+            blocks = []
+            graphs = {d: CacheRewritePass(part, opts, d)(gm).graph_module for d in DECISIONS}
+            state_nodes = [part.h_fn, *part.middle_outputs]
         return Entry(
             captured=captured,
             chain=chain,
@@ -282,23 +301,28 @@ class Engine:
             graphs=graphs,
             slots=[_resolve(self.model, f) for f in captured.state_fqns],
             key=input_key(args, kwargs, captured.dynamic_dims),
+            state_nodes=state_nodes,
             region_counts=counts,
+            pruned_blocks=[b.index for b in blocks],
         )
 
     def _state_for(self, branch: str, entry: Entry, sizes: tuple, device: torch.device) -> CacheState:
         part = entry.partition
         shapes = entry.state_shapes[sizes]
-        want = (shapes[0], tuple(shapes[1:]), part.h_fn.meta["val"].dtype, device)
+        want = (shapes[0], tuple(shapes[1:]), entry.state_nodes[0].meta["val"].dtype, device)
         state = self.states[branch] if branch in self.states else None
         if state is None or state.shapes != want:  # first call, or new sizes: fresh state
             def like(node: fx.Node, shape: tuple[int, ...]) -> torch.Tensor:
                 return torch.empty(shape, dtype=node.meta["val"].dtype, device=device)
 
-            p_like = like(part.h_fn, shapes[0])
-            carried = [like(o, shape) for o, shape in zip(part.middle_outputs, shapes[1:])]
+            p_like = like(entry.state_nodes[0], shapes[0])
+            carried = [like(o, shape) for o, shape in zip(entry.state_nodes[1:], shapes[1:])]
             # Taylor derivatives are differences of differences: kept in fp32
             residual_dtype = torch.float32 if self.cfg.enable_taylorseer else None
-            state = CacheState(p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype)
+            state = CacheState(
+                p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype,
+                p_levels=len(entry.pruned_blocks) or 1, norms=self.prune,
+            )  # fmt: skip
             self.states[branch] = state
             self.host.pop(branch, None)
         return state

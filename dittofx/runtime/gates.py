@@ -13,7 +13,10 @@ import torch
 
 from .. import kernels
 
-__all__ = ["begin_step", "step_gate", "decide", "teacache_decide", "fixed_decision", "finish_step", "forecast"]
+__all__ = [
+    "begin_step", "step_gate", "decide", "teacache_decide", "fixed_decision", "finish_step", "forecast",
+    "prune_decide", "add_residual", "prune_store", "finish_prune",
+]  # fmt: skip
 
 # gate codes understood by the residual_diff kernel
 GATE_DIFF, GATE_COMPUTE, GATE_CACHE = 0, 1, 2
@@ -186,3 +189,73 @@ def forecast(residual: torch.Tensor, carried: torch.Tensor, valid: torch.Tensor,
     """Cache branch: the carried value after the middle = after Fn + stored residual (or its
     Taylor forecast `elapsed` steps after the last compute)."""
     return kernels.taylor_forecast(residual, carried, valid, elapsed)
+
+
+# ---- DBPrune (SPEC §7) -------------------------------------------------------------------------
+
+
+def prune_decide(
+    x: torch.Tensor,
+    snapshots: torch.Tensor,
+    norms: torch.Tensor,
+    valid: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    threshold: float,
+    max_warmup_steps: int,
+    warmup_interval: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All prunable blocks at once, from one reduction: block j is pruned when, for every sample,
+    sum|x - x_j| / sum|input_j| < threshold, where x is the middle's input now, x_j the middle's
+    input and input_j block j's own input when block j last ran. Returns per-block diffs (the
+    largest over samples) and the prune flags, on the device."""
+    blocks, batch = norms.shape
+    change = (x.unsqueeze(0).float() - snapshots.float()).abs().reshape(blocks, batch, -1).sum(-1)
+    d = change / (norms + 1e-12)
+    warm = (step < max_warmup_steps) & (step % warmup_interval == 0)
+    ok = torch.isfinite(d).all(1) & (d < threshold).all(1) & (valid > 0) & ~warm
+    measured = (valid > 0) & ~warm
+    return torch.where(measured, d.max(1).values, math.nan), ok
+
+
+def add_residual(base: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """A pruned block's output: its input plus its stored residual (`[1, *shape]`, as DBCache's)."""
+    return (base + residual[0]).to(base.dtype)
+
+
+def prune_store(
+    pruned: torch.Tensor,
+    j: int,
+    residuals: list[torch.Tensor],
+    outs: list[torch.Tensor],
+    ins: list[torch.Tensor],
+    snapshots: torch.Tensor,
+    x: torch.Tensor,
+    norms: torch.Tensor,
+    hidden_in: torch.Tensor,
+) -> None:
+    """After block j ran (not pruned): store its residuals, the middle's input and its input norm."""
+    ran = ~pruned[j]
+    for res, out, inp in zip(residuals, outs, ins):
+        res[0].copy_(torch.where(ran, (out - inp).to(res.dtype), res[0]))
+    snapshots[j].copy_(torch.where(ran, x, snapshots[j]))
+    norm = hidden_in.float().abs().reshape(hidden_in.shape[0], -1).sum(1)
+    norms[j].copy_(torch.where(ran, norm, norms[j]))
+
+
+def finish_prune(
+    step: torch.Tensor,
+    valid: torch.Tensor,
+    hist_diff: torch.Tensor,
+    hist_cached: torch.Tensor,
+    diffs: torch.Tensor,
+    pruned: torch.Tensor,
+) -> None:
+    """Every block has run once after the first step; history: largest diff, blocks pruned."""
+    valid.copy_(torch.ones_like(valid))
+    here = torch.arange(hist_diff.shape[0], device=step.device) == step
+    largest = diffs.max() if diffs.numel() else torch.full((), math.nan, device=step.device)
+    hist_diff.copy_(torch.where(here, largest, hist_diff))
+    count = torch.clamp(pruned.sum(), max=torch.iinfo(hist_cached.dtype).max).to(hist_cached.dtype)
+    hist_cached.copy_(torch.where(here, count, hist_cached))
+    step.copy_(step + 1)

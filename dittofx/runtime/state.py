@@ -29,9 +29,11 @@ SCALARS = {
 }
 
 
-def state_names(num_residuals: int) -> list[str]:
-    """The state tensors in the order the rewritten graph takes them (its leading placeholders)."""
-    return [*SCALARS, "hist_diff", "hist_cached", "mask", "p", *(f"residual_{j}" for j in range(num_residuals))]
+def state_names(num_residuals: int, norms: bool = False) -> list[str]:
+    """The state tensors in the order the rewritten graph takes them (its leading placeholders).
+    `norms`: DBPrune's per-block input norms."""
+    residuals = [f"residual_{j}" for j in range(num_residuals)]
+    return [*SCALARS, "hist_diff", "hist_cached", "mask", "p", *residuals, *(["norms"] if norms else [])]
 
 
 class CacheState(torch.nn.Module):
@@ -49,6 +51,8 @@ class CacheState(torch.nn.Module):
         num_steps: int | None,
         mask: list[int] | None,
         residual_dtype: torch.dtype | None = None,
+        p_levels: int = 1,
+        norms: bool = False,
     ):
         super().__init__()
         device = p_like.device
@@ -60,7 +64,11 @@ class CacheState(torch.nn.Module):
         self.register_buffer("hist_cached", torch.full((HISTORY,), -1, dtype=torch.int8, device=device), persistent=False)
         self.register_buffer("mask", torch.zeros(HISTORY, dtype=torch.int8, device=device), persistent=False)
         self.set_mask(mask)
-        self.register_buffer("p", p_like.new_zeros((1, *p_like.shape)), persistent=False)
+        # the stored signal; DBPrune: the middle's input at each prunable block's last run
+        self.register_buffer("p", p_like.new_zeros((p_levels, *p_like.shape)), persistent=False)
+        self.has_norms = norms
+        if norms:  # DBPrune: per prunable block, per sample, sum|block input| at its last run
+            self.register_buffer("norms", torch.zeros((p_levels, p_like.shape[0]), device=device), persistent=False)
         self.residual_names = []
         for j, like in enumerate(carried_like):
             name = f"residual_{j}"
@@ -71,7 +79,7 @@ class CacheState(torch.nn.Module):
 
     def tensors(self) -> list[torch.Tensor]:
         """The flat list the rewritten graph takes, in its placeholder order."""
-        return [getattr(self, n) for n in state_names(len(self.residual_names))]
+        return [getattr(self, n) for n in state_names(len(self.residual_names), self.has_norms)]
 
     @torch.no_grad()
     def reset(self, num_steps: int | None = None) -> None:

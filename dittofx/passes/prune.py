@@ -1,0 +1,171 @@
+"""Rewrite the partitioned graph for DBPrune (SPEC §7):
+
+    prologue | Fn | begin_step | prune_decide (one reduction) -> one copy to the host
+             | per middle block: cond(pruned: inputs + stored residual, run: the block), store
+             | finish_prune | Bn | epilogue
+
+Every prunable block's decision is made up front from the middle's input (what exists before any
+middle block runs), so the step needs one device-to-host copy of the decision vector and the
+per-block `torch.cond`s branch on host values: one sync per step, not one per block.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..patterns.chain import Block, numel_hint
+from ..runtime import gates
+from ..runtime.state import SCALARS, state_names
+from .partition import Partition, PartitionError, pair_carried
+from .rewrite import _branch, _copy_meta, _is_view
+
+__all__ = ["PruneRewritePass", "PrunableBlock", "prunable_blocks"]
+
+
+@dataclass
+class PrunableBlock:
+    block: Block
+    index: int  # position in the chain (what non_prune_block_ids refers to)
+    nodes: list[fx.Node]
+    inputs: list[fx.Node]  # read by the block, produced outside it
+    outputs: list[fx.Node]  # produced by the block, read after it
+    pairs: dict[fx.Node, fx.Node]  # output -> the input it is the new value of
+    hidden_in: fx.Node  # its largest carried input: what its input norm is measured on
+
+
+def prunable_blocks(gm: fx.GraphModule, part: Partition, non_prune: tuple[int, ...]) -> list[PrunableBlock]:
+    """The middle blocks that may be pruned, with their carried inputs and outputs paired."""
+    nodes = list(gm.graph.nodes)
+    chain, n = part.chain, len(part.chain)
+    found = []
+    for index in range(part.fn_blocks, n - part.bn_blocks):
+        if index in non_prune:
+            continue
+        block = chain.blocks[index]
+        inside = [nd for nd in nodes[block.start : block.end + 1] if part.region[nd] == "middle"]
+        members = set(inside)
+        inputs = list(dict.fromkeys(a for nd in inside for a in nd.all_input_nodes if a not in members))
+        outputs = [nd for nd in inside if any(u not in members for u in nd.users)]
+        if any(not isinstance(o.meta.get("val"), torch.Tensor) for o in outputs):
+            raise PartitionError(f"cannot prune block {block.path}: it hands a non-tensor to later code")
+        carried = [i for i in inputs if part.region.get(i) in ("Fn", "middle")]  # the rest: weights, invariants
+        pairs = pair_carried(outputs, carried)
+        found.append(PrunableBlock(block, index, inside, inputs, outputs, pairs, max(pairs.values(), key=numel_hint)))
+    return found
+
+
+class PruneRewritePass(PassBase):
+    """Graph in (partitioned), DBPrune graph out; state placeholders lead, as in CacheRewritePass."""
+
+    def __init__(self, partition: Partition, blocks: list[PrunableBlock], *, threshold: float,
+                 max_warmup_steps: int, warmup_interval: int, timestep_input: str | None):  # fmt: skip
+        super().__init__()
+        self.part, self.blocks = partition, blocks
+        self.threshold, self.warmup, self.interval = threshold, max_warmup_steps, warmup_interval
+        self.timestep_input = timestep_input
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        return PassResult(self._rewrite(gm), True)
+
+    def _rewrite(self, gm: fx.GraphModule) -> fx.GraphModule:
+        part, blocks = self.part, self.blocks
+        nodes = list(gm.graph.nodes)
+        outs = [o for b in blocks for o in b.outputs]
+        g = fx.Graph()
+        st = {name: g.placeholder(f"dittofx_{name}") for name in state_names(len(outs), norms=True)}
+        env: dict[fx.Node, fx.Node] = {}
+        for node in nodes:
+            if node.op == "placeholder":
+                env[node] = _copy_meta(g.placeholder(node.name), node)
+
+        def copy(node: fx.Node) -> None:
+            env[node] = _copy_meta(g.node_copy(node, lambda n: env[n]), node)
+
+        for node in nodes:
+            if node.op not in ("placeholder", "output") and part.region[node] in ("prologue", "Fn"):
+                copy(node)
+        timestep = next((env[n] for n in nodes if n.op == "placeholder" and n.name == self.timestep_input), None)
+        step, valid = st["step"], st["valid"]
+        g.call_function(
+            gates.begin_step,
+            (step, st["num_steps"], st["last_ts"], valid, st["cached_count"], st["cont_count"], st["acc"],
+             st["hist_diff"], st["hist_cached"], timestep),
+        )  # fmt: skip
+        x = env[part.h_fn]
+        decision = g.call_function(
+            gates.prune_decide,
+            (x, st["p"], st["norms"], valid, step),
+            dict(threshold=self.threshold, max_warmup_steps=self.warmup, warmup_interval=self.interval),
+        )
+        diffs = g.call_function(operator.getitem, (decision, 0))
+        pruned = g.call_function(operator.getitem, (decision, 1))
+        # the step's one device-to-host copy: every cond below branches on a host value
+        on_host = g.call_function(torch.ops.aten._to_copy.default, (pruned,), {"device": torch.device("cpu")})
+
+        residuals = iter(st[f"residual_{j}"] for j in range(len(outs)))
+        by_start = {b.nodes[0]: (j, b) for j, b in enumerate(blocks)}
+        done: set[fx.Node] = set()
+        for node in nodes:
+            if part.region.get(node) != "middle" or node in done:
+                continue
+            if node not in by_start:
+                copy(node)  # non-prunable blocks and the code between blocks
+                continue
+            j, b = by_start[node]
+            res = [next(residuals) for _ in b.outputs]
+            self._block(g, gm, b, j, res, env, on_host, pruned, x, st)
+            done.update(b.nodes)
+
+        g.call_function(gates.finish_prune, (step, valid, st["hist_diff"], st["hist_cached"], diffs, pruned))
+        for node in nodes:
+            if node.op == "output":
+                g.output(fx.map_arg(node.args[0], lambda n: env[n]))
+            elif node.op != "placeholder" and part.region[node] in ("Bn", "epilogue"):
+                copy(node)
+        g.lint()
+        return fx.GraphModule(gm, g, class_name="DittofxPruned")
+
+    def _block(self, g, gm, b: PrunableBlock, j, res, env, on_host, pruned, x, st) -> None:
+        """cond(pruned[j]: paired inputs + residuals, else: the block), then the stores."""
+        operands = list(dict.fromkeys([env[i] for i in b.inputs] + res))
+        to_parent = {i: env[i] for i in b.inputs}
+        members = set(b.nodes)
+
+        def run_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
+            local: dict[fx.Node, fx.Node] = {}
+            for nd in b.nodes:
+                local[nd] = _copy_meta(graph.node_copy(nd, lambda a: local[a] if a in members else benv[to_parent[a]]), nd)
+            return [
+                graph.call_function(torch.ops.aten.clone.default, (local[o],), {"memory_format": torch.contiguous_format})
+                if _is_view(o) or not o.meta["val"].is_contiguous()
+                else local[o]
+                for o in b.outputs
+            ]
+
+        def prune_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
+            return [
+                graph.call_function(gates.add_residual, (benv[to_parent[b.pairs[o]]], benv[r]))
+                for o, r in zip(b.outputs, res)
+            ]
+
+        prune_gm = _branch(gm, operands, prune_body, f"PruneBranch{j}")
+        run_gm = _branch(gm, operands, run_body, f"RunBranch{j}")
+        gm.add_submodule(f"dittofx_prune_{j}", prune_gm)
+        gm.add_submodule(f"dittofx_run_{j}", run_gm)
+        pred = g.call_function(torch.ops.aten.select.int, (on_host, 0, j))
+        cond = g.call_function(
+            torch.ops.higher_order.cond,
+            (pred, g.get_attr(f"dittofx_prune_{j}"), g.get_attr(f"dittofx_run_{j}"), tuple(operands)),
+        )
+        for k, o in enumerate(b.outputs):
+            env[o] = _copy_meta(g.call_function(operator.getitem, (cond, k)), o)
+        g.call_function(
+            gates.prune_store,
+            (pruned, j, res, [env[o] for o in b.outputs], [env[b.pairs[o]] for o in b.outputs],
+             st["p"], x, st["norms"], env[b.hidden_in]),
+        )  # fmt: skip

@@ -1,0 +1,121 @@
+"""DBPrune (SPEC §7) on real diffusers classes against the naive reference `reference.NaiveDBPrune`,
+and the host-sync budget: one device-to-host copy per step, no other host read."""
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import dittofx
+import zoo
+from reference import NaiveDBPrune
+
+STEPS = 10
+
+
+def run(model, z, steps=STEPS):
+    with torch.no_grad():
+        return [tree_leaves(model(**z.inputs(s, 1 - s / steps)))[0] for s in range(steps)]
+
+
+@pytest.mark.parametrize(
+    "name, fn, bn, non_prune",
+    [("pixart", 1, 0, ()), ("flux", 1, 1, (2,)), ("wan", 1, 0, ()), ("qwenimage", 1, 1, ())],
+)
+def test_dbprune_matches_naive_reference(name, fn, bn, non_prune):
+    z = zoo.get(name)
+    probe = NaiveDBPrune(z.build(), z.block_lists, Fn=fn, Bn=bn, threshold=-1.0, non_prune=non_prune)
+    run(probe, z)
+    measured = sorted(d for d in probe.diffs if d == d)
+    threshold = measured[len(measured) // 2] * 1.02  # prunes on some steps, not all
+
+    reference = NaiveDBPrune(z.build(), z.block_lists, Fn=fn, Bn=bn, threshold=threshold, max_warmup_steps=2,
+                             non_prune=non_prune)  # fmt: skip
+    expected = run(reference, z)
+    assert 0 < len(reference.cached_steps) < STEPS - 2, reference.pruned_per_step
+
+    model = dittofx.optimize(z.build(), dittofx.DBPruneConfig(
+        Fn_compute_blocks=fn, Bn_compute_blocks=bn, residual_diff_threshold=threshold, max_warmup_steps=2,
+        non_prune_block_ids=non_prune, num_inference_steps=STEPS))  # fmt: skip
+    got = run(model, z)
+    stats = dittofx.summary(model)[0]
+    assert model._dittofx.entries[0].pruned_blocks == reference.prunable
+    assert stats.pruned_blocks == reference.pruned_per_step
+    assert stats.cached_steps == reference.cached_steps
+    for a, b in zip(stats.diffs, reference.diffs):
+        assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5 * max(1.0, abs(b)), (stats.diffs, reference.diffs)
+    for g, w in zip(got, expected):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what would sync a GPU with the host: copies to the CPU, and scalar reads (`.item()`,
+    `bool()`, a torch.cond predicate) of anything that is not such a host copy (or a view of one).
+    On this CPU-only machine the copies are real `_to_copy` calls, so they are seen."""
+
+    supports_higher_order_operators = True
+
+    def __init__(self):
+        super().__init__()
+        self.copies = 0
+        self.reads = 0
+        self.host: set[int] = set()
+
+    def _on_host(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.host
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.higher_order.cond:
+            pred, on_true, on_false, operands = args
+            self.reads += not self._on_host(pred)
+            with self:
+                return (on_true if pred else on_false)(*operands)
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default):
+            self.reads += not self._on_host(args[0])
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
+            self.copies += 1
+            self.host.add(out.untyped_storage().data_ptr())
+        return out
+
+
+def test_one_host_sync_per_step():
+    z = zoo.get("pixart")
+    model = dittofx.optimize(z.build(), {"method": "dbprune", "residual_diff_threshold": 0.2, "max_warmup_steps": 1,
+                                         "num_inference_steps": STEPS}, example_inputs=((), z.inputs(0, 1.0)))  # fmt: skip
+    per_step = []
+    with torch.no_grad():
+        for s in range(STEPS):
+            with HostReads() as mode:
+                model(**z.inputs(s, 1 - s / STEPS))
+            per_step.append((mode.copies, mode.reads))
+    stats = dittofx.summary(model)[0]
+    assert sum(stats.pruned_blocks) >= 2 * len(model._dittofx.entries[0].pruned_blocks), stats.pruned_blocks
+    assert per_step == [(1, 0)] * STEPS  # one copy of the decision vector; every cond branches on it
+    # the instrument sees a device predicate: DBCache's torch.cond reads one per decided step
+    dbcache = dittofx.optimize(z.build(), {"residual_diff_threshold": 0.2, "max_warmup_steps": 1},
+                               example_inputs=((), z.inputs(0, 1.0)))  # fmt: skip
+    with torch.no_grad(), HostReads() as mode:
+        for s in range(3):
+            dbcache(**z.inputs(s, 1 - s / STEPS))
+    assert mode.reads >= 1
+
+
+def test_bad_dbprune_config_and_nothing_to_prune():
+    z = zoo.get("pixart")
+    model = z.build()
+    with pytest.raises(ValueError, match=r"non_prune_block_ids=\('a',\): must be a list of block indices >= 0"):
+        dittofx.optimize(model, {"method": "dbprune", "non_prune_block_ids": ["a"]})
+    with pytest.raises(ValueError, match=r"unknown cache_config key 'enable_taylorseer'; allowed keys: \[.*'non_prune_block_ids'"):
+        dittofx.optimize(model, {"method": "dbprune", "enable_taylorseer": True})
+    assert "_dittofx" not in model.__dict__
+    forward = model.__dict__.get("forward")
+    dittofx.optimize(model, {"method": "dbprune", "Fn_compute_blocks": 1, "Bn_compute_blocks": 1, "non_prune_block_ids": [1, 2]})
+    with pytest.raises(ValueError, match=r"non_prune_block_ids=\[1, 2\] .* no block of the 4 in the chain is left to prune"):
+        with torch.no_grad():
+            model(**z.inputs(0, 1.0))
+    assert "_dittofx" not in model.__dict__ and model.__dict__.get("forward") is forward  # restored
+    assert dittofx.DBPruneConfig(non_prune_block_ids=(3,)).short_name() == "DBPrune_F1B0_W8I1_R0.08_NP1"
