@@ -250,11 +250,20 @@ def _explain(engine: Engine, component: str) -> str:
             chain.blocks[n - part.bn_blocks - 1].path if n - part.bn_blocks - 1 >= part.fn_blocks else "-"
         )
         lines.append(
-            f"  Fn = {part.fn_blocks} blocks ({chain.blocks[0].path}..{chain.blocks[part.fn_blocks - 1].path}), "
+            f"  Fn = {part.fn_blocks} blocks"
+            + (f" ({chain.blocks[0].path}..{chain.blocks[part.fn_blocks - 1].path})" if part.fn_blocks else "")
+            + ", "
             f"middle = {n - part.fn_blocks - part.bn_blocks} blocks ({first_mid}..{last_mid}), Bn = {part.bn_blocks} blocks"
         )
         lines.append("  nodes per region: " + ", ".join(f"{r}={c}" for r, c in entry.region_counts.items()))
-        lines.append(f"  residual diff on: {part.h_fn.name} - {part.h0.name} {_shape(part.h_fn)}")
+        if engine.teacache:
+            stack = list(part.h_fn.meta.get("nn_module_stack", {}).values())
+            where = f" in {stack[-1][0]}" if stack else ""
+            lines.append(f"  TeaCache signal: block 0's modulated input {part.h_fn.name}{where} {_shape(part.h_fn)}")
+        elif engine.prune:
+            lines.append(f"  decisions on the middle's input {part.h_fn.name} {_shape(part.h_fn)}; prunable blocks: {entry.pruned_blocks}")
+        else:
+            lines.append(f"  residual diff on: {part.h_fn.name} - {part.h0.name} {_shape(part.h_fn)}")
         carried = ", ".join(f"{o.name} <- {part.base[o].name} {_shape(o)}" for o in part.middle_outputs)
         lines.append(f"  carried through the middle (out <- base it is cached as base + residual): {carried}")
         if part.glue:

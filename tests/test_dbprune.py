@@ -42,6 +42,7 @@ def test_dbprune_matches_naive_reference(name, fn, bn, non_prune):
     got = run(model, z)
     stats = dittofx.summary(model)[0]
     assert model._dittofx.entries[0].pruned_blocks == reference.prunable
+    assert f"prunable blocks: {reference.prunable}" in dittofx.explain(model)
     assert stats.pruned_blocks == reference.pruned_per_step
     assert stats.cached_steps == reference.cached_steps
     for a, b in zip(stats.diffs, reference.diffs):

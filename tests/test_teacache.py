@@ -94,6 +94,7 @@ def test_located_modulated_input_is_the_first_adaptive_norm(name):
         want = MODULATE[name](block, args)
     dittofx.optimize(model, {"method": "teacache", "coefficients": POLY}, example_inputs=((), z.inputs(0, 1.0)))
     got = located_value(model, z.inputs(0, 1.0))
+    assert f"TeaCache signal: block 0's modulated input {model._dittofx.entries[0].partition.h_fn.name}" in dittofx.explain(model)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 

@@ -191,8 +191,12 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, e
         )
     diff = g.call_function(operator.getitem, (decision, 0))
     cache = g.call_function(operator.getitem, (decision, 1))
-    operands = list(dict.fromkeys([env[i] for i in part.middle_inputs] + bases + [*residuals, valid, elapsed]))
-    to_parent = {i: env[i] for i in part.middle_inputs}
+    # views as operands (e.g. the chunks of one modulation linear that TeaCache's middle reads)
+    # alias each other, which torch.cond refuses under compile: hand the branches copies
+    to_parent = {
+        i: g.call_function(torch.ops.aten.clone.default, (env[i],)) if _is_view(i) else env[i] for i in part.middle_inputs
+    }
+    operands = list(dict.fromkeys([*to_parent.values(), *bases, *residuals, valid, elapsed]))
 
     def compute_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
         local: dict[fx.Node, fx.Node] = {}
