@@ -279,17 +279,24 @@ class Engine:
         want = (shapes[0], tuple(shapes[1:]), part.h0.meta["val"].dtype, device)
         state = self.states[branch] if branch in self.states else None
         if state is None or state.shapes != want:  # first call, or new sizes: fresh state
-            def like(node: fx.Node, shape: tuple[int, ...]) -> torch.Tensor:
-                return torch.empty(shape, dtype=node.meta["val"].dtype, device=device)
-
-            p_like = like(part.h0, shapes[0])
-            carried = [like(o, shape) for o, shape in zip(part.middle_outputs, shapes[1:])]
-            # Taylor derivatives are differences of differences: kept in fp32
-            residual_dtype = torch.float32 if self.cfg.enable_taylorseer else None
-            state = CacheState(p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype)
+            state = self.new_state(entry, sizes, device)
             self.states[branch] = state
             self.host.pop(branch, None)
         return state
+
+    def new_state(self, entry: Entry, sizes: tuple, device: torch.device) -> CacheState:
+        """A fresh state for `entry`'s graph at these input sizes (a new branch, or an export)."""
+        part = entry.partition
+        shapes = entry.state_shapes[sizes]
+
+        def like(node: fx.Node, shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.empty(shape, dtype=node.meta["val"].dtype, device=device)
+
+        p_like = like(part.h0, shapes[0])
+        carried = [like(o, shape) for o, shape in zip(part.middle_outputs, shapes[1:])]
+        # Taylor derivatives are differences of differences: kept in fp32
+        residual_dtype = torch.float32 if self.cfg.enable_taylorseer else None
+        return CacheState(p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype)
 
     def _host_decision(self, branch: str) -> str:
         """Decide on the host what the host can know (SPEC §3 gates 1-3: warmup, nothing stored,
