@@ -5,7 +5,7 @@
 """
 
 from . import kernels  # registers the torch.ops.dittofx custom ops
-from .api import CacheStats, disable, explain, optimize, refresh, reset, summary
+from .api import CacheStats, disable, explain, export, optimize, refresh, reset, summary
 from .masks import steps_mask
 from .config import DBCacheConfig
 
@@ -14,6 +14,7 @@ __all__ = [
     "DBCacheConfig",
     "disable",
     "explain",
+    "export",
     "kernels",
     "optimize",
     "refresh",
