@@ -6,7 +6,7 @@
 
 from . import kernels  # registers the torch.ops.dittofx custom ops
 from . import teacache
-from .api import CacheStats, disable, explain, optimize, refresh, reset, summary
+from .api import CacheStats, disable, explain, export, optimize, refresh, reset, summary
 from .masks import steps_mask
 from .config import DBCacheConfig, DBPruneConfig, TeaCacheConfig
 
@@ -16,6 +16,7 @@ __all__ = [
     "DBPruneConfig",
     "disable",
     "explain",
+    "export",
     "kernels",
     "optimize",
     "refresh",

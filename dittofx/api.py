@@ -1,19 +1,21 @@
-"""The public verbs: optimize, refresh, reset, summary, explain, disable (SPEC §1)."""
+"""The public verbs: optimize, refresh, reset, summary, explain, disable (SPEC §1), and export."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .aot import export_program
 from .config import CacheConfig, DBPruneConfig, TeaCacheConfig, parse_config
 from .runtime.engine import Engine
 from .runtime.pipeline import attach_refresh, detach_refresh, is_pipeline, pipeline_transformers
 
-__all__ = ["CacheStats", "optimize", "refresh", "reset", "summary", "explain", "disable"]
+__all__ = ["CacheStats", "optimize", "refresh", "reset", "summary", "explain", "disable", "export"]
 
 log = logging.getLogger("dittofx")
 
@@ -72,11 +74,8 @@ def optimize(
     if "_dittofx" in model.__dict__:
         raise ValueError(f"model={type(model).__name__}: already optimized; call dittofx.disable(model) first")
     cfg = parse_config({} if cache_config is None else cache_config)
-    if example_inputs is not None and not (
-        isinstance(example_inputs, tuple) and len(example_inputs) == 2
-        and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], dict)
-    ):  # fmt: skip
-        raise TypeError(f"example_inputs={type(example_inputs).__name__}: must be a tuple (args: tuple, kwargs: dict)")
+    if example_inputs is not None:
+        _check_example_inputs(example_inputs)
     _warn_if_never_caches(cfg)
     engine = Engine(model, cfg, _group_name(process_group))
     if example_inputs is not None:
@@ -84,6 +83,14 @@ def optimize(
     engine.attach()
     _tune_dynamo()
     return model
+
+
+def _check_example_inputs(example_inputs: Any) -> None:
+    if not (
+        isinstance(example_inputs, tuple) and len(example_inputs) == 2
+        and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], dict)
+    ):  # fmt: skip
+        raise TypeError(f"example_inputs={type(example_inputs).__name__}: must be a tuple (args: tuple, kwargs: dict)")
 
 
 def _group_name(group: Any) -> str | None:
@@ -282,3 +289,23 @@ def _explain(engine: Engine, component: str) -> str:
 def _shape(node) -> str:
     val = node.meta.get("val")
     return f"{tuple(val.shape)} {val.dtype}" if isinstance(val, torch.Tensor) else ""
+
+
+def export(
+    model: torch.nn.Module, example_inputs: tuple[tuple, dict], path: str | os.PathLike | None = None
+) -> torch.export.ExportedProgram:
+    """The optimized `model` as a `torch.export` program, and an AOTInductor package at `path`.
+
+    The program runs the step caching inside (gates, diff, torch.cond, its cache state as buffers
+    mutated in place) on plain aten ops, so the package loads with
+    `torch._inductor.aoti_load_package(path)` where dittofx is not installed. It holds one state (one
+    CFG branch: export one per branch), is specialized to the shapes of `example_inputs=(args,
+    kwargs)`, returns the tuple of the model's output tensors, and starts a new request by itself
+    every `num_inference_steps` calls (which the config must set). `path=None`: no package.
+    Returns the program (its `.module()` runs it eagerly, sharing the program's state).
+    """
+    if is_pipeline(model):
+        raise ValueError(f"model={type(model).__name__}: export one transformer of the pipeline (e.g. pipe.transformer), not the pipeline")
+    engine = _engine(model)
+    _check_example_inputs(example_inputs)
+    return export_program(engine, example_inputs, path)

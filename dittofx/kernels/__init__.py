@@ -5,8 +5,28 @@ taylor_update_, taylor_forecast}``. CUDA tensors run Triton kernels when Triton 
 (``TRITON_AVAILABLE``); everything else runs the fp32 torch implementation of the same op.
 """
 
-from ._layout import TRITON_AVAILABLE
-from .residual_diff import cache_decision, l1_sums, residual_diff
-from .taylor import taylor_forecast, taylor_update_
+import torch
 
-__all__ = ["TRITON_AVAILABLE", "l1_sums", "cache_decision", "residual_diff", "taylor_update_", "taylor_forecast"]
+from ._layout import TRITON_AVAILABLE
+from .residual_diff import _decide_torch, _residual_diff_torch, _sums_torch, cache_decision, l1_sums, residual_diff
+from .taylor import _forecast_torch, _update_torch, taylor_forecast, taylor_update_
+
+__all__ = [
+    "TORCH_IMPLEMENTATIONS",
+    "TRITON_AVAILABLE",
+    "l1_sums",
+    "cache_decision",
+    "residual_diff",
+    "taylor_update_",
+    "taylor_forecast",
+]
+
+# Each op's torch implementation, traceable (no host read): what `dittofx.export` puts in place of
+# the op, so that an exported program runs where these Python-registered ops do not exist.
+TORCH_IMPLEMENTATIONS = {
+    torch.ops.dittofx.l1_sums.default: _sums_torch,
+    torch.ops.dittofx.cache_decision.default: _decide_torch,
+    torch.ops.dittofx.residual_diff.default: _residual_diff_torch,
+    torch.ops.dittofx.taylor_update_.default: _update_torch,
+    torch.ops.dittofx.taylor_forecast.default: _forecast_torch,
+}

@@ -211,6 +211,20 @@ def _decide_torch(
     return diff, cache
 
 
+def _residual_diff_torch(
+    x: torch.Tensor,
+    ref: torch.Tensor,
+    base: Optional[torch.Tensor],
+    gate: torch.Tensor,
+    acc: torch.Tensor,
+    threshold: float,
+    acc_limit: float,
+    per_sample: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 reference implementation of ``residual_diff``; no host read (traceable)."""
+    return _decide_torch(_sums_torch(x, ref, base, per_sample), gate, acc, threshold, acc_limit)
+
+
 @torch.library.custom_op("dittofx::l1_sums", mutates_args=())
 def l1_sums(x: torch.Tensor, ref: torch.Tensor, base: Optional[torch.Tensor], per_sample: bool) -> torch.Tensor:
     """fp32 ``[B, 2]``: ``[:, 0] = sum|x - base - ref|`` (``|x - ref|`` without base), ``[:, 1] = sum|ref|``."""
@@ -259,9 +273,8 @@ def residual_diff(
         return residual_diff_triton(x, ref, base, gate, acc, threshold, acc_limit, per_sample)
     if x.device.type == "cpu" and int(gate) != 0:  # a host read is free on CPU: skip the reduction
         sums = x.new_zeros((_num_samples(x, per_sample), 2), dtype=torch.float32)
-    else:
-        sums = _sums_torch(x, ref, base, per_sample)
-    return _decide_torch(sums, gate, acc, threshold, acc_limit)
+        return _decide_torch(sums, gate, acc, threshold, acc_limit)
+    return _residual_diff_torch(x, ref, base, gate, acc, threshold, acc_limit, per_sample)
 
 
 @residual_diff.register_fake

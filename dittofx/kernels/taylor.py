@@ -121,29 +121,30 @@ def taylor_forecast_triton(
 def _update_torch(
     derivs: torch.Tensor, x: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, gap: torch.Tensor, flag: torch.Tensor
 ) -> None:
-    """fp32 reference of ``taylor_update_``; reads ``flag``/``valid`` on the host (free on CPU)."""
-    if not bool(flag):
-        return
-    top = min(int(valid), derivs.shape[0] - 1)  # highest level computed by this update
+    """fp32 reference of ``taylor_update_``, with no host read (traceable, e.g. by ``dittofx.export``):
+    every level is worked out from the old ones, then written where ``flag`` and ``i <= min(valid, k)``;
+    the other levels keep their bits."""
+    top = torch.clamp(valid, max=derivs.shape[0] - 1)  # highest level this update writes
     cur = x.float() - base.float()
-    g = gap.float()
-    for i in range(1, top + 1):
-        old = derivs[i - 1].to(torch.float32, copy=True)  # read before it is overwritten
-        derivs[i - 1].copy_(cur)
-        cur = (cur - old) / g
-    derivs[top].copy_(cur)
+    new = [cur]
+    for i in range(1, derivs.shape[0]):
+        cur = (cur - derivs[i - 1].float()) / gap.float()
+        new.append(cur)
+    for i, value in enumerate(new):
+        derivs[i].copy_(torch.where(flag & (top >= i), value.to(derivs.dtype), derivs[i]))
 
 
 def _forecast_torch(derivs: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """fp32 reference of ``taylor_forecast``: ``base + sum_{i < valid} D(i) e^i / i!``."""
-    out = torch.empty(base.shape, dtype=torch.float32, device=base.device).copy_(base)  # fresh, contiguous
+    """fp32 reference of ``taylor_forecast``: ``base + sum_{i < valid} D(i) e^i / i!``; fresh and
+    contiguous; no host read (traceable)."""
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device).copy_(base)
     coef = torch.ones((), dtype=torch.float32, device=base.device)
     ef = e.float()
-    for i in range(min(int(valid), derivs.shape[0])):
+    for i in range(derivs.shape[0]):
         if i:
             coef = coef * ef / i
-        out.addcmul_(derivs[i], coef)
-    return out.to(base.dtype)
+        out = torch.where(valid > i, torch.addcmul(out, derivs[i], coef), out)
+    return out.to(base.dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("dittofx::taylor_update_", mutates_args=("derivs",))
@@ -153,7 +154,7 @@ def taylor_update_(
     """If ``flag``: ``D0 = x - base``, ``D(i) = (D(i-1)_new - D(i-1)_old) / gap`` for ``i <= min(valid, k)``."""
     if use_triton(x):
         taylor_update_triton(derivs, x, base, valid, gap, flag)
-    else:
+    elif bool(flag):  # a host read is free on CPU: cached steps skip the pass
         _update_torch(derivs, x, base, valid, gap, flag)
 
 

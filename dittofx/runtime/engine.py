@@ -307,25 +307,30 @@ class Engine:
         )
 
     def _state_for(self, branch: str, entry: Entry, sizes: tuple, device: torch.device) -> CacheState:
-        part = entry.partition
         shapes = entry.state_shapes[sizes]
         want = (shapes[0], tuple(shapes[1:]), entry.state_nodes[0].meta["val"].dtype, device)
         state = self.states[branch] if branch in self.states else None
         if state is None or state.shapes != want:  # first call, or new sizes: fresh state
-            def like(node: fx.Node, shape: tuple[int, ...]) -> torch.Tensor:
-                return torch.empty(shape, dtype=node.meta["val"].dtype, device=device)
-
-            p_like = like(entry.state_nodes[0], shapes[0])
-            carried = [like(o, shape) for o, shape in zip(entry.state_nodes[1:], shapes[1:])]
-            # Taylor derivatives are differences of differences: kept in fp32
-            residual_dtype = torch.float32 if self.cfg.enable_taylorseer else None
-            state = CacheState(
-                p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype,
-                p_levels=len(entry.pruned_blocks) or 1, norms=self.prune,
-            )  # fmt: skip
+            state = self.new_state(entry, sizes, device)
             self.states[branch] = state
             self.host.pop(branch, None)
         return state
+
+    def new_state(self, entry: Entry, sizes: tuple, device: torch.device) -> CacheState:
+        """A fresh state for `entry`'s graph at these input sizes (a new branch, or an export)."""
+        shapes = entry.state_shapes[sizes]
+
+        def like(node: fx.Node, shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.empty(shape, dtype=node.meta["val"].dtype, device=device)
+
+        p_like = like(entry.state_nodes[0], shapes[0])
+        carried = [like(o, shape) for o, shape in zip(entry.state_nodes[1:], shapes[1:])]
+        # Taylor derivatives are differences of differences: kept in fp32
+        residual_dtype = torch.float32 if self.cfg.enable_taylorseer else None
+        return CacheState(
+            p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype,
+            p_levels=len(entry.pruned_blocks) or 1, norms=self.prune,
+        )  # fmt: skip
 
     def _host_decision(self, branch: str) -> str:
         """Decide on the host what the host can know (SPEC §3 gates 1-3: warmup, nothing stored,

@@ -1,0 +1,106 @@
+"""Ahead of time: an optimized model as one `torch.export` program and an AOTInductor package.
+
+The program is the engine's "device" graph variant (gates, diff and torch.cond(cache | compute) all
+in the graph) with the model's weights and one fresh cache state as buffers; the state is mutated
+in place, so the program carries its cache from call to call and resets it itself after
+`num_inference_steps` calls (SPEC §3). The host-side parts of the Python path are not in it:
+warmup and mask steps are decided by the same gates on the device (same outcome), and there is one
+state, so one program serves one CFG branch (export one per branch to run them separately).
+
+The `torch.ops.dittofx.*` ops are registered from Python and do not exist where dittofx is not
+imported, so each op node is pointed at the op's torch implementation before the program is
+decomposed: the program and the package hold plain aten ops only. Swapping nodes in the exported
+graph (rather than a switch inside the kernels) leaves the eager and compiled paths untouched.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from . import kernels
+from .runtime.engine import Engine, Entry
+from .runtime.state import CacheState
+
+__all__ = ["export_program"]
+
+# Inductor's uniform-value constant folding turns a small buffer (a 0-d counter) into its value at
+# compile time even when the program mutates it, so an AOTInductor package would restart every
+# counter on every call (pytorch/pytorch#165444, fixed upstream by #185077, not in torch 2.13).
+_AOTI_CONFIGS = {"joint_graph_constant_folding": False}
+
+
+class _Program(torch.nn.Module):
+    """What is exported: the device graph called on the model's own weights (registered under
+    their names in the model, no copies), the graph's lifted constants and a fresh cache state."""
+
+    def __init__(self, entry: Entry, state: CacheState):
+        super().__init__()
+        self.graph = entry.graphs["device"]
+        self.dittofx_state = state
+        self.weights = torch.nn.Module()
+        self.fqns = entry.captured.state_fqns
+        for (owner, name, is_param), fqn in zip(entry.slots, self.fqns):
+            path, _, leaf = fqn.rpartition(".")
+            module = self.weights
+            for part in path.split(".") if path else ():
+                if part not in module._modules:
+                    module.add_module(part, torch.nn.Module())
+                module = module._modules[part]
+            if is_param:
+                module.register_parameter(leaf, owner._parameters[name])
+            else:
+                module.register_buffer(leaf, owner._buffers[name], persistent=name not in owner._non_persistent_buffers_set)
+        self.constants = torch.nn.Module()
+        for i, constant in enumerate(entry.captured.constants):
+            self.constants.register_buffer(str(i), constant, persistent=False)
+
+    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, ...]:
+        weights = [_attr(self.weights, fqn) for fqn in self.fqns]
+        leaves = pytree.tree_leaves((args, kwargs))
+        return tuple(self.graph(*self.dittofx_state.tensors(), *weights, *self.constants.buffers(), *leaves))
+
+
+def _attr(root: torch.nn.Module, fqn: str) -> torch.Tensor:
+    path, _, leaf = fqn.rpartition(".")
+    return getattr(root.get_submodule(path), leaf)
+
+
+def _torch_kernels(ep: torch.export.ExportedProgram) -> None:
+    """Point each `torch.ops.dittofx` node (cond branches included) at the op's torch
+    implementation, in place; `run_decompositions` then traces it into aten ops. (A decomposition
+    table cannot do it: export functionalizes a mutating custom op before decomposing it.)"""
+    for module in ep.graph_module.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for op, impl in kernels.TORCH_IMPLEMENTATIONS.items():
+            for node in module.graph.find_nodes(op="call_function", target=op):
+                node.target = impl
+        module.recompile()
+
+
+def export_program(
+    engine: Engine, example_inputs: tuple[tuple, dict], path: str | os.PathLike | None = None
+) -> torch.export.ExportedProgram:
+    """See `dittofx.export`."""
+    if engine.num_steps is None:
+        raise ValueError(
+            "num_inference_steps=None: an exported program detects a new request by counting steps; "
+            "set num_inference_steps in the cache config (or call dittofx.refresh(model, num_inference_steps=T)) before export"
+        )
+    if engine.group is not None:
+        raise ValueError(f"process_group={engine.group!r}: export supports one process only (optimize without process_group)")
+    args, kwargs = example_inputs
+    entry, sizes, device = engine.prepare(args, kwargs)
+    program = _Program(entry, engine.new_state(entry, sizes, device))
+    with torch.no_grad():
+        ep = torch.export.export(program, args, kwargs, strict=False)
+    _torch_kernels(ep)
+    ep = ep.run_decompositions()
+    if path is not None:
+        # compiled before anyone runs `ep.module()`, which shares (and advances) the state buffers
+        torch._inductor.aoti_compile_and_package(ep, package_path=os.fspath(path), inductor_configs=_AOTI_CONFIGS)
+    return ep

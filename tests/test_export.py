@@ -1,0 +1,143 @@
+"""dittofx.export: the exported program, and its AOTInductor package loaded in a process that never
+imports dittofx, run requests of 28 cached steps with the outputs and the schedule of the Python
+path (the same optimized model called eagerly). One AOTInductor compile (~30 s on 2 cores)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+import dittofx
+import zoo
+
+STEPS = 28
+CFG = {"residual_diff_threshold": 0.06, "max_warmup_steps": 2, "max_continuous_cached_steps": 3, "num_inference_steps": STEPS}
+TAYLOR_MASK = {  # Taylor derivatives (3 levels) and a dynamic mask: the other state the device graph updates
+    "residual_diff_threshold": 0.08, "max_warmup_steps": 2, "num_inference_steps": STEPS,
+    "enable_taylorseer": True, "taylorseer_order": 2, "scm_steps_mask_policy": "fast",
+}  # fmt: skip
+
+# Runs in a fresh interpreter: load the package, two requests of STEPS calls, save the outputs.
+PACKAGE_RUN = """
+import sys
+import torch
+torch.set_num_threads(1)
+package, inputs, outputs = sys.argv[1:]
+model = torch._inductor.aoti_load_package(package)
+steps = torch.load(inputs)
+outs = [[model(**kwargs)[0] for kwargs in steps] for _request in range(2)]
+assert "dittofx" not in sys.modules, sorted(m for m in sys.modules if "dittofx" in m)
+torch.save(outs, outputs)
+"""
+
+
+def step_inputs(z):
+    return [z.inputs(s, 1 - s / STEPS) for s in range(STEPS)]
+
+
+def python_path(z, cfg):
+    """One request of the optimized model called eagerly: outputs and cached steps."""
+    model = dittofx.optimize(z.build(), cfg)
+    with torch.no_grad():
+        outs = [model(**kwargs)[0] for kwargs in step_inputs(z)]
+    return outs, dittofx.summary(model, log_table=False)[0].cached_steps
+
+
+def close(got, want) -> bool:
+    return torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def assert_matches(requests, want):
+    for outs in requests:
+        assert len(outs) == STEPS
+        for s, (got, w) in enumerate(zip(outs, want)):
+            assert close(got, w), (s, (got - w).abs().max().item())
+
+
+def cached_steps_seen(outs, uncached) -> list[int]:
+    """Inputs do not depend on earlier outputs: a computed step gives the uncached model's output."""
+    return [s for s, (got, want) in enumerate(zip(outs, uncached)) if not close(got, want)]
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    return zoo.get("pixart")
+
+
+@pytest.fixture(scope="module")
+def uncached(pixart):
+    model = pixart.build()
+    with torch.no_grad():
+        return [model(**kwargs)[0] for kwargs in step_inputs(pixart)]
+
+
+@pytest.fixture(scope="module")
+def expected(pixart):
+    return python_path(pixart, CFG)
+
+
+@pytest.fixture(scope="module")
+def packaged(pixart, tmp_path_factory):
+    """The one AOTInductor compile of this file: (program, package path)."""
+    path = tmp_path_factory.mktemp("export") / "pixart.pt2"
+    model = dittofx.optimize(pixart.build(), CFG)
+    ep = dittofx.export(model, ((), pixart.inputs(0, 1.0)), path)
+    return ep, path
+
+
+def all_targets(gm: torch.fx.GraphModule) -> set[str]:
+    return {str(n.target) for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes if n.op == "call_function"}
+
+
+def test_package_runs_without_dittofx_and_matches_python_path(pixart, uncached, expected, packaged, tmp_path):
+    _ep, path = packaged
+    want, cached = expected
+    assert 0 < len(cached) < STEPS - 2, cached  # a schedule worth checking
+    torch.save(step_inputs(pixart), tmp_path / "inputs.pt")
+    run = subprocess.run(
+        [sys.executable, "-c", PACKAGE_RUN, str(path), str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    requests = torch.load(tmp_path / "outputs.pt")
+    assert_matches(requests, want)
+    # each request (the second one starts over by itself) caches exactly the Python path's steps
+    assert [cached_steps_seen(outs, uncached) for outs in requests] == [cached, cached]
+
+
+@pytest.mark.parametrize("cfg", [CFG, TAYLOR_MASK], ids=["dbcache", "taylorseer+mask"])
+def test_exported_program_matches_python_path(pixart, uncached, expected, packaged, cfg):
+    if cfg is CFG:
+        (ep, _path), (want, cached) = packaged, expected
+    else:
+        ep = dittofx.export(dittofx.optimize(pixart.build(), cfg), ((), pixart.inputs(0, 1.0)))
+        want, cached = python_path(pixart, cfg)
+    targets = all_targets(ep.graph_module)
+    assert "cond" in targets and not [t for t in targets if "dittofx" in t]
+    mutated = set(ep.graph_signature.buffers_to_mutate.values())
+    assert {"dittofx_state.step", "dittofx_state.p", "dittofx_state.residual_0"} <= mutated
+    assert cached
+    program = ep.module()
+    with torch.no_grad():
+        outs = [program(**kwargs)[0] for kwargs in step_inputs(pixart)]
+    assert_matches([outs], want)
+    assert cached_steps_seen(outs, uncached) == cached
+
+
+def test_export_bad_input(pixart):
+    example = ((), pixart.inputs(0, 1.0))
+    with pytest.raises(ValueError, match="not optimized by dittofx"):
+        dittofx.export(pixart.build(), example)
+    no_length = dittofx.optimize(pixart.build(), {k: v for k, v in CFG.items() if k != "num_inference_steps"})
+    with pytest.raises(ValueError, match="num_inference_steps=None"):
+        dittofx.export(no_length, example)
+    with pytest.raises(TypeError, match="example_inputs=dict"):
+        dittofx.export(dittofx.optimize(pixart.build(), CFG), pixart.inputs(0, 1.0))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, transformer=zoo.get("flux").build(),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="pipe.transformer"):
+        dittofx.export(dittofx.optimize(pipe, CFG), example)
