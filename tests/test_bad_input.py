@@ -58,7 +58,7 @@ CASES = [
     ({"steps_computation_mask": [1, 2, 0]}, ValueError, ["steps_computation_mask=(1, 2, 0)", "0/1 ints"]),
     ({"steps_computation_mask": [1, 0], "scm_steps_mask_policy": "fast"}, ValueError, ["give one of them"]),
     ({"scm_steps_policy": "static", "steps_computation_policy": "dynamic"}, ValueError, ["the same setting twice"]),
-    ([("Fn_compute_blocks", 1)], TypeError, ["cache_config=", "must be one of ['DBCacheConfig', 'TeaCacheConfig'] or a dict"]),
+    ([("Fn_compute_blocks", 1)], TypeError, ["cache_config=", "must be one of ['DBCacheConfig', 'TeaCacheConfig', 'DBPruneConfig'] or a dict"]),
 ]
 
 
