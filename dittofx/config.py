@@ -50,6 +50,10 @@ class DBCacheConfig:
     # any scheduler's grid), or "timestep" (the model's timestep input: on a non-uniform schedule
     # the derivatives follow the scheduler's own spacing)
     taylorseer_gap: str = "steps"
+    # "taylor": SPEC §4 (cache-dit's: differences over the latest gap, sum D(i) e^i / i!; exact for a
+    # residual linear in the step); "newton": divided differences over the actual compute steps and
+    # the Newton polynomial through them (exact for a degree-k polynomial; torch ops, no Triton kernel)
+    taylorseer_interpolation: str = "taylor"
 
     last_step_computes = False  # (not a field) SPEC §3 has no such gate; TeaCache has
 
@@ -104,6 +108,7 @@ class TeaCacheConfig:
     steps_computation_policy = "dynamic"
     enable_taylorseer = False
     taylorseer_gap = "steps"
+    taylorseer_interpolation = "taylor"
     has_mask = False
     levels = 1
     last_step_computes = True
@@ -142,6 +147,7 @@ class DBPruneConfig:
     steps_computation_policy = "dynamic"
     enable_taylorseer = False
     taylorseer_gap = "steps"
+    taylorseer_interpolation = "taylor"
     has_mask = False
     levels = 1
     last_step_computes = False
@@ -269,6 +275,8 @@ def validate(cfg: CacheConfig) -> CacheConfig:
         raise ValueError(f"scm_steps_policy={cfg.steps_computation_policy!r}: must be 'dynamic' or 'static'")
     _check_optional_bool("enable_taylorseer", cfg.enable_taylorseer, allow_none=False)
     _check_int("taylorseer_order", cfg.taylorseer_order, 1, ">= 1")
+    if cfg.taylorseer_interpolation not in ("taylor", "newton"):
+        raise ValueError(f"taylorseer_interpolation={cfg.taylorseer_interpolation!r}: must be 'taylor' or 'newton'")
     if cfg.taylorseer_gap not in ("steps", "timestep"):
         raise ValueError(f"taylorseer_gap={cfg.taylorseer_gap!r}: must be 'steps' or 'timestep'")
     return cfg

@@ -104,7 +104,7 @@ def test_taylorseer_and_masks_match_the_naive_reference(name, extra, naive):
 
 
 class LinearMiddle(torch.nn.Module):
-    """A DiT whose middle residual is exactly c * s (s = the step index, from the timestep)."""
+    """A DiT whose middle residual is exactly c * s**degree (s = the step index, from the timestep)."""
 
     class Mix(torch.nn.Module):
         def __init__(self, dim):
@@ -115,16 +115,17 @@ class LinearMiddle(torch.nn.Module):
             return hidden_states + 0.1 * torch.tanh(self.proj(hidden_states))
 
     class Drift(torch.nn.Module):
-        def __init__(self, dim):
+        def __init__(self, dim, degree):
             super().__init__()
             self.c = torch.nn.Parameter(torch.randn(dim))
+            self.degree = degree
 
         def forward(self, hidden_states, temb):
-            return hidden_states + self.c * temb
+            return hidden_states + self.c * temb**self.degree
 
-    def __init__(self, dim=8):
+    def __init__(self, dim=8, degree=1):
         super().__init__()
-        self.blocks = torch.nn.ModuleList([self.Mix(dim), self.Drift(dim), self.Drift(dim), self.Mix(dim)])
+        self.blocks = torch.nn.ModuleList([self.Mix(dim), self.Drift(dim, degree), self.Drift(dim, degree), self.Mix(dim)])
 
     def forward(self, hidden_states, timestep):
         temb = (100.0 - timestep)[:, None, None]  # the step index, as the model sees it
@@ -147,6 +148,33 @@ def test_taylorseer_order_1_is_exact_for_a_linear_middle_residual():
     assert dittofx.summary(model)[0].cached_steps == [2, 3, 4, 5, 7, 8, 9, 10]
     for g, w in zip(got, expected):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_taylorseer_newton_of_order_k_is_exact_for_a_degree_k_middle_residual(order):
+    """Computes at uneven steps (a static mask), then forecasts: the Newton form is exact for a
+    residual that is a degree-k polynomial of the step index; SPEC §4's form is not, for k >= 2."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 8)
+    model = LinearMiddle(degree=order)
+    with torch.no_grad():
+        expected = [model(x, torch.tensor([100.0 - s])) for s in range(STEPS)]
+    mask = [1, 0, 1, 1, 0, 0, 1, 0, 1, 0, 0, 0]  # computes at 0, 2, 3, 6, 8: uneven gaps
+    errors = {}
+    for form in ("newton", "taylor"):
+        dittofx.optimize(model, {"Fn_compute_blocks": 1, "Bn_compute_blocks": 1, "max_warmup_steps": 1,
+                                 "num_inference_steps": STEPS, "steps_computation_mask": mask,
+                                 "steps_computation_policy": "static", "enable_taylorseer": True,
+                                 "taylorseer_order": order, "taylorseer_interpolation": form})  # fmt: skip
+        with torch.no_grad():
+            got = [model(x, torch.tensor([100.0 - s])) for s in range(STEPS)]
+        assert dittofx.summary(model)[0].cached_steps == [1, 4, 5, 7, 9, 10, 11]
+        first = [0, 2, 3, 6, 8][order]  # the (k+1)-th compute: from then on k + 1 points are stored
+        errors[form] = max(((g - w).abs().max() / w.abs().max()).item() for s, (g, w) in enumerate(zip(got, expected)) if s > first)
+        dittofx.disable(model)
+    assert errors["newton"] < 1e-5, errors
+    if order >= 2:
+        assert errors["taylor"] > 1e-3, errors
 
 
 def test_taylorseer_timestep_gap_is_exact_where_the_residual_is_linear_in_the_timestep():

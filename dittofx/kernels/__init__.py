@@ -9,7 +9,7 @@ import torch
 
 from ._layout import TRITON_AVAILABLE
 from .residual_diff import _decide_torch, _residual_diff_torch, _sums_torch, cache_decision, l1_sums, residual_diff
-from .taylor import _forecast_torch, _update_torch, taylor_forecast, taylor_update_
+from .taylor import _forecast_torch, _update_torch, newton_forecast, newton_update_, taylor_forecast, taylor_update_
 
 __all__ = [
     "TORCH_IMPLEMENTATIONS",
@@ -19,6 +19,8 @@ __all__ = [
     "residual_diff",
     "taylor_update_",
     "taylor_forecast",
+    "newton_update_",
+    "newton_forecast",
 ]
 
 # Each op's torch implementation, traceable (no host read): what `dittofx.export` puts in place of

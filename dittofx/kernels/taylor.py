@@ -12,7 +12,7 @@ import torch
 
 from ._layout import CUDA_ELEMENTWISE, INTERPRETER, TRITON_AVAILABLE, Config, Layout, collapse, use_triton
 
-__all__ = ["taylor_update_", "taylor_forecast"]
+__all__ = ["taylor_update_", "taylor_forecast", "newton_update_", "newton_forecast"]
 
 if TRITON_AVAILABLE:
     import triton
@@ -127,8 +127,8 @@ def _update_torch(
     top = torch.clamp(valid, max=derivs.shape[0] - 1)  # highest level this update writes
     cur = x.float() - base.float()
     new = [cur]
-    for i in range(1, derivs.shape[0]):
-        cur = (cur - derivs[i - 1].float()) / gap.float()
+    for i in range(1, derivs.shape[0]):  # `gap`: one for every level, or one per level (Newton)
+        cur = (cur - derivs[i - 1].float()) / (gap if gap.dim() == 0 else gap[i - 1]).float()
         new.append(cur)
     for i, value in enumerate(new):
         derivs[i].copy_(torch.where(flag & (top >= i), value.to(derivs.dtype), derivs[i]))
@@ -137,14 +137,43 @@ def _update_torch(
 def _forecast_torch(derivs: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """fp32 reference of ``taylor_forecast``: ``base + sum_{i < valid} D(i) e^i / i!``; fresh and
     contiguous; no host read (traceable)."""
-    out = torch.empty(base.shape, dtype=torch.float32, device=base.device).copy_(base)
-    coef = torch.ones((), dtype=torch.float32, device=base.device)
     ef = e.float()
+    coefs, coef = [], torch.ones((), dtype=torch.float32, device=base.device)
     for i in range(derivs.shape[0]):
-        if i:
-            coef = coef * ef / i
+        coef = coef * ef / i if i else coef
+        coefs.append(coef)
+    return _series_torch(derivs, base, valid, coefs)
+
+
+def _series_torch(derivs: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, coefs: list[torch.Tensor]) -> torch.Tensor:
+    """``base + sum_{i < valid} coefs[i] * D(i)`` in fp32, fresh and contiguous."""
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device).copy_(base)
+    for i, coef in enumerate(coefs):
         out = torch.where(valid > i, torch.addcmul(out, derivs[i], coef), out)
     return out.to(base.dtype, memory_format=torch.contiguous_format)
+
+
+def newton_update_(
+    derivs: torch.Tensor, x: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, times: torch.Tensor,
+    now: torch.Tensor, flag: torch.Tensor,
+) -> None:
+    """If ``flag``: Newton divided differences over the last ``k + 1`` computes (``times``: their
+    positions, newest first; the caller then puts ``now`` in front):
+    ``D(i) = (D(i-1)_new - D(i-1)_old) / (now - times[i-1])``. Exact for a residual that is a
+    degree-k polynomial of the position, where SPEC §4's single gap is exact for degree 1 only.
+    torch ops only (no Triton kernel)."""
+    k = derivs.shape[0] - 1
+    _update_torch(derivs, x, base, valid, now.float() - times[:k].float() if k else now.float(), flag)
+
+
+def newton_forecast(derivs: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, times: torch.Tensor, now: torch.Tensor) -> torch.Tensor:
+    """``base + sum_{i < valid} D(i) prod_{m < i} (now - times[m])``: the Newton polynomial through
+    the stored computes, at ``now``."""
+    coefs, coef = [], torch.ones((), dtype=torch.float32, device=base.device)
+    for i in range(derivs.shape[0]):
+        coef = coef * (now.float() - times[i - 1].float()) if i else coef
+        coefs.append(coef)
+    return _series_torch(derivs, base, valid, coefs)
 
 
 @torch.library.custom_op("dittofx::taylor_update_", mutates_args=("derivs",))

@@ -43,6 +43,7 @@ class RewriteOptions:
     teacache_coefficients: tuple[float, ...] | None = None
     last_step_computes: bool = False
     gap_in_timesteps: bool = False  # TaylorSeer's gap in the timestep input's units, not in steps
+    newton: bool = False  # TaylorSeer as a Newton polynomial through the stored computes
 
 
 def _copy_meta(dst: fx.Node, src: fx.Node) -> fx.Node:
@@ -118,6 +119,9 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
         elapsed = g.call_function(torch.sub, (last_compute_ts, last_ts))
     else:
         elapsed = g.call_function(torch.sub, (step, last_compute))
+    now = g.call_function(gates.position, (step, last_ts), {"in_timesteps": opt.gap_in_timesteps})
+    # the forecast's arguments after (residual, base): Newton's needs the stored positions too
+    at = (valid, elapsed, st["taylor_times"], now) if opt.newton else (valid, elapsed)
 
     # the skeleton of the middle (blocks skipped, code between them kept) gives each output's base
     def skeleton_arg(n: fx.Node) -> fx.Node:
@@ -128,7 +132,7 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
     bases = [env[part.base[o]] for o in outs]
 
     if decision == "device":
-        diff, cache = _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, elapsed)
+        diff, cache = _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, at)
     else:
         fixed = g.call_function(gates.fixed_decision, (step,), {"cache": decision == "cache"})
         diff = g.call_function(operator.getitem, (fixed, 0))
@@ -139,16 +143,16 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
                     copy(node)
         else:
             for r, b, out in zip(residuals, bases, outs):
-                env[out] = _copy_meta(g.call_function(gates.forecast, (r, b, valid, elapsed)), out)
+                env[out] = _copy_meta(g.call_function(gates.forecast, (r, b, *at)), out)
 
     g.call_function(
         gates.finish_step,
         (
             cache, diff, step, elapsed, valid, last_compute, last_compute_ts, last_ts, cached_count, cont_count, acc,
             st["hist_diff"], st["hist_cached"], st["p"], env[part.h_fn], env[part.h0],
-            residuals, [env[o] for o in outs], bases,
+            residuals, [env[o] for o in outs], bases, st["taylor_times"], now,
         ),
-        {"signal_every_step": opt.teacache_coefficients is not None},
+        {"signal_every_step": opt.teacache_coefficients is not None, "newton": opt.newton},
     )  # fmt: skip
 
     for node in nodes:
@@ -160,7 +164,7 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
     return fx.GraphModule(gm, g, class_name="DittofxCached")
 
 
-def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, elapsed):
+def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, at):
     """Gates and diff in the graph; the middle inside torch.cond(cache, forecast, middle)."""
     region = part.region
     step, valid, cached_count, cont_count, acc = (st[n] for n in ("step", "valid", "cached_count", "cont_count", "acc"))
@@ -196,7 +200,7 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, e
     to_parent = {
         i: g.call_function(torch.ops.aten.clone.default, (env[i],)) if _is_view(i) else env[i] for i in part.middle_inputs
     }
-    operands = list(dict.fromkeys([*to_parent.values(), *bases, *residuals, valid, elapsed]))
+    operands = list(dict.fromkeys([*to_parent.values(), *bases, *residuals, *at]))
 
     def compute_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
         local: dict[fx.Node, fx.Node] = {}
@@ -213,8 +217,8 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, e
         ]
 
     def cache_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
-        vld, el = benv[valid], benv[elapsed]
-        return [graph.call_function(gates.forecast, (benv[r], benv[b], vld, el)) for r, b in zip(residuals, bases)]
+        args = tuple(benv[a] for a in at)
+        return [graph.call_function(gates.forecast, (benv[r], benv[b], *args)) for r, b in zip(residuals, bases)]
 
     cache_gm = _branch(gm, operands, cache_body, "CacheBranch")
     compute_gm = _branch(gm, operands, compute_body, "ComputeBranch")

@@ -270,6 +270,7 @@ class Engine:
             teacache_coefficients=self.coefficients,
             last_step_computes=cfg.last_step_computes,
             gap_in_timesteps=cfg.taylorseer_gap == "timestep",
+            newton=cfg.enable_taylorseer and cfg.taylorseer_interpolation == "newton",
         )
         if opts.gap_in_timesteps and opts.timestep_input is None:
             raise ValueError(

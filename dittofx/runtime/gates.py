@@ -14,7 +14,7 @@ import torch
 from .. import kernels
 
 __all__ = [
-    "begin_step", "step_gate", "decide", "teacache_decide", "fixed_decision", "finish_step", "forecast",
+    "begin_step", "step_gate", "decide", "teacache_decide", "fixed_decision", "finish_step", "position", "forecast",
     "prune_decide", "add_residual", "prune_store", "finish_prune",
 ]  # fmt: skip
 
@@ -157,8 +157,11 @@ def finish_step(
     residuals: list[torch.Tensor],
     outs: list[torch.Tensor],
     ins: list[torch.Tensor],
+    times: torch.Tensor,
+    now: torch.Tensor,
     *,
     signal_every_step: bool = False,
+    newton: bool = False,
 ) -> None:
     """Store what a computed step produced (Fn residual, middle residuals or Taylor derivatives)
     and advance the counters. The stores are no-ops on cached steps (flag read on the device).
@@ -170,7 +173,12 @@ def finish_step(
     else:
         kernels.taylor_update_(p, h_fn, h0, torch.zeros_like(valid), gap, compute)
     for res, out, inp in zip(residuals, outs, ins):
-        kernels.taylor_update_(res, out, inp, valid, gap, compute)
+        if newton:
+            kernels.newton_update_(res, out, inp, valid, times, now, compute)
+        else:
+            kernels.taylor_update_(res, out, inp, valid, gap, compute)
+    if newton:  # the residuals above used the positions before this compute
+        times.copy_(torch.where(compute, torch.cat([now.reshape(1).to(times.dtype), times[:-1]]), times))
     levels = residuals[0].shape[0] if residuals else 1
     valid.copy_(torch.where(compute, torch.clamp(valid + 1, max=levels), valid))
     last_compute.copy_(torch.where(compute, step, last_compute))
@@ -185,9 +193,23 @@ def finish_step(
     step.copy_(step + 1)
 
 
-def forecast(residual: torch.Tensor, carried: torch.Tensor, valid: torch.Tensor, elapsed: torch.Tensor) -> torch.Tensor:
+def position(step: torch.Tensor, ts: torch.Tensor, *, in_timesteps: bool) -> torch.Tensor:
+    """Where this step sits, in the units TaylorSeer measures gaps in (Newton's interpolation nodes)."""
+    return ts.clone() if in_timesteps else step.to(torch.float32)
+
+
+def forecast(
+    residual: torch.Tensor,
+    carried: torch.Tensor,
+    valid: torch.Tensor,
+    elapsed: torch.Tensor,
+    times: torch.Tensor | None = None,
+    now: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cache branch: the carried value after the middle = after Fn + stored residual (or its
-    Taylor forecast `elapsed` steps after the last compute)."""
+    Taylor forecast `elapsed` after the last compute; with `times`, the Newton polynomial at `now`)."""
+    if times is not None:
+        return kernels.newton_forecast(residual, carried, valid, times, now)
     return kernels.taylor_forecast(residual, carried, valid, elapsed)
 
 

@@ -33,7 +33,7 @@ def state_names(num_residuals: int, norms: bool = False) -> list[str]:
     """The state tensors in the order the rewritten graph takes them (its leading placeholders).
     `norms`: DBPrune's per-block input norms."""
     residuals = [f"residual_{j}" for j in range(num_residuals)]
-    return [*SCALARS, "hist_diff", "hist_cached", "mask", "p", *residuals, *(["norms"] if norms else [])]
+    return [*SCALARS, "hist_diff", "hist_cached", "mask", "taylor_times", "p", *residuals, *(["norms"] if norms else [])]
 
 
 class CacheState(torch.nn.Module):
@@ -64,6 +64,8 @@ class CacheState(torch.nn.Module):
         self.register_buffer("hist_cached", torch.full((HISTORY,), -1, dtype=torch.int8, device=device), persistent=False)
         self.register_buffer("mask", torch.zeros(HISTORY, dtype=torch.int8, device=device), persistent=False)
         self.set_mask(mask)
+        # positions (step or timestep) of the last `levels` computes, newest first (Newton TaylorSeer)
+        self.register_buffer("taylor_times", torch.zeros(levels, device=device), persistent=False)
         # the stored signal; DBPrune: the middle's input at each prunable block's last run
         self.register_buffer("p", p_like.new_zeros((p_levels, *p_like.shape)), persistent=False)
         self.has_norms = norms
