@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from .masks import PRESETS
 
-__all__ = ["DBCacheConfig", "parse_config"]
+__all__ = ["DBCacheConfig", "merge_config", "parse_config"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,23 @@ def parse_config(cache_config: Any) -> DBCacheConfig:
             f"cache_config={cache_config!r} ({type(cache_config).__name__}): must be a "
             f"DBCacheConfig or a dict of its fields"
         )
+    cls, options = _fields(cache_config)
+    return validate(cls(**options))
+
+
+def merge_config(base: DBCacheConfig, changes: Any) -> DBCacheConfig:
+    """`base` with the fields a partial dict names replaced (a whole config replaces it all), as
+    cache-dit's `ParamsModifier` overwrites the shared config with only what it sets."""
+    if isinstance(changes, DBCacheConfig):
+        return validate(changes)
+    if not isinstance(changes, Mapping):
+        raise TypeError(f"{changes!r} ({type(changes).__name__}): must be a DBCacheConfig or a dict of its fields")
+    _, options = _fields(changes)
+    return validate(dataclasses.replace(base, **options))
+
+
+def _fields(cache_config: Mapping) -> tuple[type, dict[str, Any]]:
+    """The config class a dict names and its options under our field names (unknown keys raise)."""
     options = dict(cache_config)
     for alias, name in _ALIASES.items():
         if alias in options:
@@ -176,4 +193,4 @@ def parse_config(cache_config: Any) -> DBCacheConfig:
     for key in ("blocks", "steps_computation_mask"):
         if isinstance(options.get(key), list):
             options[key] = tuple(options[key])
-    return validate(cls(**options))
+    return cls, options
