@@ -64,7 +64,8 @@ def optimize(
     length from its `num_inference_steps`. The forward is captured lazily on the first call (with
     the real inputs), or now when `example_inputs=(args, kwargs)` is given. Bad input raises
     before anything is touched. `process_group`: the context/sequence-parallel group whose ranks
-    each see a shard of the sequence; the diff's sums are all-reduced over it (SPEC §3).
+    each see a shard of the sequence; the diff's sums are all-reduced over it (SPEC §3). None:
+    the group of diffusers' own context parallelism when it is enabled on the model, else none.
     `params_modifiers` (pipelines only, cache-dit's name): a different config per transformer,
     `{"transformer_2": {"max_warmup_steps": 2}}` or a list with one entry per transformer in
     pipeline order (None keeps the shared config); a dict changes only the fields it names, a
@@ -85,12 +86,19 @@ def optimize(
     ):  # fmt: skip
         raise TypeError(f"example_inputs={type(example_inputs).__name__}: must be a tuple (args: tuple, kwargs: dict)")
     _warn_if_never_caches(cfg)
-    engine = Engine(model, cfg, _group_name(process_group))
+    engine = Engine(model, cfg, _group_name(_context_parallel_group(model) if process_group is None else process_group))
     if example_inputs is not None:
         engine.prepare(*example_inputs)  # captures now; raises before anything is attached
     engine.attach()
     _tune_dynamo()
     return model
+
+
+def _context_parallel_group(model: torch.nn.Module) -> Any:
+    """The group diffusers' own context parallelism shards the sequence over
+    (`model.enable_parallelism(config=ContextParallelConfig(...))`, called before `optimize`)."""
+    cp = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    return None if cp is None else cp._flattened_mesh.get_group()
 
 
 def _group_name(group: Any) -> str | None:

@@ -184,13 +184,33 @@ def partition(gm: fx.GraphModule, chain: Chain, fn_blocks: int, bn_blocks: int, 
     fn_tensors = [nd for nd in fn_out if isinstance(nd.meta.get("val"), torch.Tensor)]
     if not fn_tensors:
         raise PartitionError("the first Fn blocks produce no carried tensor; cannot measure the residual")
-    fn_pairs = pair_carried(sorted(fn_tensors, key=numel_hint, reverse=True)[:1], chain_inputs)
+    h_fn_list = sorted(fn_tensors, key=numel_hint, reverse=True)[:1]
+    try:
+        fn_pairs = pair_carried(h_fn_list, chain_inputs)
+    except PartitionError:  # the stream is sharded on its way into block 0
+        fn_pairs = pair_carried(h_fn_list, chain_inputs + _entry_views(nodes[start : blocks[0].end + 1], chain_inputs))
     (h_fn, h0), = fn_pairs.items()
     return Partition(
         chain=chain, fn_blocks=fn_blocks, bn_blocks=bn_blocks, region=region,
         middle_inputs=middle_inputs, middle_outputs=middle_outputs, carried_inputs=carried_in, base=base, glue=glue, skip=skip,
         h0=h0, h_fn=h_fn, hoisted=hoisted,
     )
+
+
+_VIEW_OPS = {"chunk", "split", "split_with_sizes", "tensor_split", "getitem", "narrow", "slice", "contiguous", "view", "reshape"}
+
+
+def _entry_views(block_nodes: list[fx.Node], chain_inputs: list[fx.Node]) -> list[fx.Node]:
+    """Views of the chain inputs taken in block 0 before anything else reads them: diffusers'
+    context parallelism shards the sequence in a hook on block 0 (`chunk(world)[rank]`), so the
+    carried hidden state the blocks update is such a shard, not the chain input itself."""
+    views, known = [], set(chain_inputs)
+    for node in block_nodes:
+        if node.op == "call_function" and _op_name(node) in _VIEW_OPS and node.all_input_nodes and all(a in known for a in node.all_input_nodes):
+            known.add(node)
+            if isinstance(node.meta.get("val"), torch.Tensor):
+                views.append(node)
+    return views
 
 
 def _skeleton(nodes, mid_blocks, middle_set, dependent, outputs):
