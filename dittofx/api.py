@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from .config import DBCacheConfig, merge_config, parse_config
-from .runtime.engine import Engine
+from .runtime.engine import Engine, context_parallel_group
 from .runtime.pipeline import attach_refresh, detach_refresh, is_pipeline, pipeline_transformers
 
 __all__ = ["CacheStats", "optimize", "refresh", "reset", "summary", "explain", "disable"]
@@ -86,19 +86,12 @@ def optimize(
     ):  # fmt: skip
         raise TypeError(f"example_inputs={type(example_inputs).__name__}: must be a tuple (args: tuple, kwargs: dict)")
     _warn_if_never_caches(cfg)
-    engine = Engine(model, cfg, _group_name(_context_parallel_group(model) if process_group is None else process_group))
+    engine = Engine(model, cfg, _group_name(context_parallel_group(model) if process_group is None else process_group))
     if example_inputs is not None:
         engine.prepare(*example_inputs)  # captures now; raises before anything is attached
     engine.attach()
     _tune_dynamo()
     return model
-
-
-def _context_parallel_group(model: torch.nn.Module) -> Any:
-    """The group diffusers' own context parallelism shards the sequence over
-    (`model.enable_parallelism(config=ContextParallelConfig(...))`, called before `optimize`)."""
-    cp = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
-    return None if cp is None else cp._flattened_mesh.get_group()
 
 
 def _group_name(group: Any) -> str | None:

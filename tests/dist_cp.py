@@ -30,7 +30,14 @@ def main(out_dir: str) -> None:
     with torch.no_grad():
         outs = [model(**z.inputs(s, 1 - s / STEPS), return_dict=False)[0] for s in range(STEPS)]
     stats = dittofx.summary(model, log_table=False)[0]
-    torch.save({"cached": stats.cached_steps, "diffs": stats.diffs, "outs": outs},
+    late = dittofx.optimize(z.build(), CFG)  # the wrong order: refused on the first call, dittofx detached
+    late.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+    try:
+        late(**z.inputs(0, 1.0), return_dict=False)
+        refused = ""
+    except ValueError as err:
+        refused = str(err) if "_dittofx" not in late.__dict__ else "still attached"
+    torch.save({"cached": stats.cached_steps, "diffs": stats.diffs, "outs": outs, "refused": refused},
                os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))  # fmt: skip
     dist.destroy_process_group()
 

@@ -55,7 +55,8 @@ def test_diffusers_context_parallelism_gives_every_rank_the_single_process_decis
     """Ulysses over 2 ranks (`enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))`,
     then `optimize` with no group): each rank sees half the tokens, the diffs are those of the whole
     sequence (a shard's own diff differs by ~1e-3 here), so both ranks cache the steps the single
-    process caches and skip the middle blocks' all-to-alls together; the gathered outputs match."""
+    process caches and skip the middle blocks' all-to-alls together; the gathered outputs match.
+    Enabling it after `optimize` is refused on the first call, and dittofx detaches."""
     z = zoo.get("wan")
     single = dittofx.optimize(z.build(), dist_cp.CFG)
     with torch.no_grad():
@@ -67,3 +68,4 @@ def test_diffusers_context_parallelism_gives_every_rank_the_single_process_decis
         torch.testing.assert_close(torch.tensor(rank["diffs"]), torch.tensor(stats.diffs), rtol=1e-5, atol=0, equal_nan=True)
         for got, want in zip(rank["outs"], outs):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert "context parallelism was enabled after dittofx.optimize" in rank["refused"]
