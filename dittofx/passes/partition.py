@@ -201,9 +201,9 @@ _VIEW_OPS = {"chunk", "split", "split_with_sizes", "tensor_split", "getitem", "n
 
 
 def _entry_views(block_nodes: list[fx.Node], chain_inputs: list[fx.Node]) -> list[fx.Node]:
-    """Views of the chain inputs taken in block 0 before anything else reads them: diffusers'
-    context parallelism shards the sequence in a hook on block 0 (`chunk(world)[rank]`), so the
-    carried hidden state the blocks update is such a shard, not the chain input itself."""
+    """Views taken in block 0 of the chain inputs (through view ops only): diffusers' context
+    parallelism shards the sequence in a hook on block 0 (`chunk(world)[rank]`), so the carried
+    hidden state the blocks update is such a shard, not the chain input itself."""
     views, known = [], set(chain_inputs)
     for node in block_nodes:
         if node.op == "call_function" and _op_name(node) in _VIEW_OPS and node.all_input_nodes and all(a in known for a in node.all_input_nodes):
