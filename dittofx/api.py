@@ -6,13 +6,13 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from .aot import export_program
-from .config import CacheConfig, DBPruneConfig, TeaCacheConfig, parse_config
-from .runtime.engine import Engine
+from .config import CacheConfig, DBPruneConfig, TeaCacheConfig, merge_config, parse_config
+from .runtime.engine import Engine, context_parallel_group
 from .runtime.pipeline import attach_refresh, detach_refresh, is_pipeline, pipeline_transformers
 
 __all__ = ["CacheStats", "optimize", "refresh", "reset", "summary", "explain", "disable", "export"]
@@ -57,6 +57,7 @@ def optimize(
     *,
     example_inputs: tuple[tuple, dict] | None = None,
     process_group: Any = None,
+    params_modifiers: Mapping[str, Any] | list[Any] | None = None,
 ) -> Any:
     """Enable step caching on `model` in place and return it.
 
@@ -65,19 +66,26 @@ def optimize(
     length from its `num_inference_steps`. The forward is captured lazily on the first call (with
     the real inputs), or now when `example_inputs=(args, kwargs)` is given. Bad input raises
     before anything is touched. `process_group`: the context/sequence-parallel group whose ranks
-    each see a shard of the sequence; the diff's sums are all-reduced over it (SPEC §3).
+    each see a shard of the sequence; the diff's sums are all-reduced over it (SPEC §3). None:
+    the group of diffusers' own context parallelism when it is enabled on the model, else none.
+    `params_modifiers` (pipelines only, cache-dit's name): a different config per transformer,
+    `{"transformer_2": {"max_warmup_steps": 2}}` or a list with one entry per transformer in
+    pipeline order (None keeps the shared config); a dict changes only the fields it names, a
+    config object (or a dict naming another "method") replaces the whole config.
     """
     if is_pipeline(model):
-        return _optimize_pipeline(model, cache_config, process_group)
+        return _optimize_pipeline(model, cache_config, process_group, params_modifiers)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model={type(model).__name__}: must be a torch.nn.Module (a diffusers transformer) or a DiffusionPipeline")
     if "_dittofx" in model.__dict__:
         raise ValueError(f"model={type(model).__name__}: already optimized; call dittofx.disable(model) first")
+    if params_modifiers is not None:
+        raise ValueError(f"params_modifiers: model={type(model).__name__} is one transformer; {_ONE_CONFIG_PER_TRANSFORMER}")
     cfg = parse_config({} if cache_config is None else cache_config)
     if example_inputs is not None:
         _check_example_inputs(example_inputs)
     _warn_if_never_caches(cfg)
-    engine = Engine(model, cfg, _group_name(process_group))
+    engine = Engine(model, cfg, _group_name(context_parallel_group(model) if process_group is None else process_group))
     if example_inputs is not None:
         engine.prepare(*example_inputs)  # captures now; raises before anything is attached
     engine.attach()
@@ -101,18 +109,62 @@ def _group_name(group: Any) -> str | None:
     return group.group_name
 
 
-def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any = None) -> Any:
+_ONE_CONFIG_PER_TRANSFORMER = (
+    "params_modifiers give one config per transformer of a pipeline (e.g. Wan 2.2's transformer_2); "
+    "a config per block list inside one transformer (e.g. FLUX's single_transformer_blocks) is not supported"
+)
+
+
+def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any, params_modifiers: Any) -> Any:
     if hasattr(type(pipe), "_dittofx_names"):
         raise ValueError(f"pipeline {type(pipe).__name__}: already optimized; call dittofx.disable(pipe) first")
     cfg = parse_config({} if cache_config is None else cache_config)
     names = pipeline_transformers(pipe)
+    configs = _component_configs(pipe, names, cfg, params_modifiers)
     for name in names:
         if "_dittofx" in getattr(pipe, name).__dict__:
             raise ValueError(f"pipeline {type(pipe).__name__}.{name}: already optimized; call dittofx.disable on it first")
     for name in names:
-        optimize(getattr(pipe, name), cfg, process_group=process_group)
-    attach_refresh(pipe, names, refresh)
+        optimize(getattr(pipe, name), configs[name], process_group=process_group)
+    attach_refresh(pipe, names, _refresh_component)
     return pipe
+
+
+def _component_configs(pipe: Any, names: list[str], cfg: CacheConfig, params_modifiers: Any) -> dict[str, CacheConfig]:
+    """Each pipeline transformer's config: the shared one, as `params_modifiers` changes it."""
+    configs = dict.fromkeys(names, cfg)
+    if params_modifiers is None:
+        return configs
+    where = f"pipeline {type(pipe).__name__}"
+    if isinstance(params_modifiers, (list, tuple)):  # cache-dit's form: one entry per transformer, in order
+        if len(params_modifiers) != len(names):
+            raise ValueError(
+                f"params_modifiers has {len(params_modifiers)} entries; {where} has {len(names)} transformers "
+                f"{names}: one entry each (None keeps the shared config). {_ONE_CONFIG_PER_TRANSFORMER}"
+            )
+        params_modifiers = {name: m for name, m in zip(names, params_modifiers) if m is not None}
+    elif not isinstance(params_modifiers, Mapping):
+        raise TypeError(
+            f"params_modifiers={params_modifiers!r}: must be a dict {{transformer name: config changes}}, "
+            f"a list with one entry per transformer, or None"
+        )
+    for name, changes in params_modifiers.items():
+        if name not in names:
+            raise ValueError(f"params_modifiers key {name!r}: not a transformer of {where}; allowed: {names}. {_ONE_CONFIG_PER_TRANSFORMER}")
+        try:
+            configs[name] = merge_config(cfg, changes)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"params_modifiers[{name!r}]: {err}") from None
+    return configs
+
+
+def _refresh_component(module: torch.nn.Module, num_inference_steps: int | None) -> None:
+    """Per pipeline call: a transformer that runs no step this time (e.g. a short request that
+    never reaches the low-noise expert) only forgets its state."""
+    if num_inference_steps == 0:
+        reset(module)
+    else:
+        refresh(module, num_inference_steps)
 
 
 def _warn_if_never_caches(cfg: CacheConfig) -> None:

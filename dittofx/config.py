@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from .masks import PRESETS
 
-__all__ = ["DBCacheConfig", "DBPruneConfig", "TeaCacheConfig", "parse_config"]
+__all__ = ["DBCacheConfig", "DBPruneConfig", "TeaCacheConfig", "merge_config", "parse_config"]
 
 
 @dataclass(frozen=True)
@@ -291,6 +291,28 @@ def parse_config(cache_config: Any) -> CacheConfig:
             f"cache_config={cache_config!r} ({type(cache_config).__name__}): must be one of "
             f"{[c.__name__ for c in _METHODS.values()]} or a dict of its fields (with \"method\")"
         )
+    cls, options = _fields(cache_config)
+    return validate(cls(**options))
+
+
+def merge_config(base: CacheConfig, changes: Any) -> CacheConfig:
+    """`base` with the fields a partial dict names replaced (a whole config, or a dict naming
+    another method, replaces it all), as cache-dit's `ParamsModifier` overwrites the shared config
+    with only what it sets."""
+    if isinstance(changes, tuple(_METHODS.values())):
+        return validate(changes)
+    if not isinstance(changes, Mapping):
+        raise TypeError(
+            f"{changes!r} ({type(changes).__name__}): must be one of {[c.__name__ for c in _METHODS.values()]} "
+            f"or a dict of its fields"
+        )
+    method = next(m for m, c in _METHODS.items() if isinstance(base, c))
+    cls, options = _fields({"method": method, **changes})
+    return validate(dataclasses.replace(base, **options) if isinstance(base, cls) else cls(**options))
+
+
+def _fields(cache_config: Mapping) -> tuple[type, dict[str, Any]]:
+    """The config class a dict names and its options under our field names (unknown keys raise)."""
     options = dict(cache_config)
     for alias, name in _ALIASES.items():
         if alias in options:
@@ -311,4 +333,4 @@ def parse_config(cache_config: Any) -> CacheConfig:
     for key in ("blocks", "steps_computation_mask", "coefficients", "non_prune_block_ids"):
         if isinstance(options.get(key), list):
             options[key] = tuple(options[key])
-    return validate(cls(**options))
+    return cls, options

@@ -91,8 +91,10 @@ def steps_mask(
         return _from_bins(list(compute_bins), list(cache_bins), total_steps)
     if mask_policy not in PRESETS:
         raise ValueError(f"mask_policy={mask_policy!r}: must be one of {sorted(PRESETS)}")
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 2:
-        raise ValueError(f"total_steps={total_steps!r}: a preset mask needs an int >= 2")
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps={total_steps!r}: a preset mask needs an int >= 1")
+    if total_steps == 1:  # e.g. a two-expert pipeline's share of a short request: the last step computes
+        return [1]
     if total_steps == 50:
         return [int(c) for c in _AT_50[mask_policy]]
     return _scaled(mask_policy, total_steps)

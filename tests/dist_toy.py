@@ -9,6 +9,12 @@ import torch
 STEPS = 10
 TOKENS, DIM = 16, 8
 CFG = {"residual_diff_threshold": 0.1, "max_warmup_steps": 1, "num_inference_steps": STEPS}
+# per method, a config whose single-process schedule differs from what either half alone decides
+CONFIGS = {
+    "dbcache": CFG,
+    "teacache": {"method": "teacache", "rel_l1_thresh": 0.3, "coefficients": [1.0, 0.0], "num_inference_steps": STEPS},
+    "dbprune": {"method": "dbprune", "residual_diff_threshold": 0.1, "max_warmup_steps": 1, "num_inference_steps": STEPS},
+}
 
 
 class Block(torch.nn.Module):
@@ -50,14 +56,14 @@ def inputs(step: int) -> dict:
     return dict(hidden_states=base + speed * step * drift, timestep=torch.tensor([1000.0 * (1 - step / STEPS)]))
 
 
-def main(out_dir: str, use_group: bool) -> None:
+def main(out_dir: str, use_group: bool, method: str) -> None:
     import torch.distributed as dist
 
     import dittofx
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = dittofx.optimize(build(), CFG, process_group=dist.group.WORLD if use_group else None)
+    model = dittofx.optimize(build(), CONFIGS[method], process_group=dist.group.WORLD if use_group else None)
     shard = TOKENS // world
     outs = []
     with torch.no_grad():
@@ -65,10 +71,11 @@ def main(out_dir: str, use_group: bool) -> None:
             kw = inputs(s)
             kw["hidden_states"] = kw["hidden_states"][:, rank * shard : (rank + 1) * shard]
             outs.append(model(**kw))
-    torch.save({"cached": dittofx.summary(model, log_table=False)[0].cached_steps, "outs": outs},
+    stats = dittofx.summary(model, log_table=False)[0]
+    torch.save({"cached": stats.cached_steps, "pruned": stats.pruned_blocks, "outs": outs},
                os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "group")
+    main(sys.argv[1], sys.argv[2] == "group", sys.argv[3] if len(sys.argv) > 3 else "dbcache")

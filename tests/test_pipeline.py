@@ -57,6 +57,13 @@ def test_pipeline_errors():
     with pytest.raises(ValueError, match="Fn_compute_blocks=0"):
         dittofx.optimize(pipe, {"Fn_compute_blocks": 0})
     assert "_dittofx" not in pipe.transformer.__dict__ and type(pipe) is FluxPipeline
+    # cache-dit's params_modifiers for FLUX's two block lists: one config per region of one graph is not supported
+    per_region = [{"residual_diff_threshold": 0.08}, {"residual_diff_threshold": 0.16}]
+    with pytest.raises(ValueError, match=r"2 entries; .* 1 transformers \['transformer'\].*block list inside one transformer"):
+        dittofx.optimize(pipe, {}, params_modifiers=per_region)
+    with pytest.raises(ValueError, match="params_modifiers: model=FluxTransformer2DModel is one transformer"):
+        dittofx.optimize(pipe.transformer, {}, params_modifiers={"single_transformer_blocks": {}})
+    assert "_dittofx" not in pipe.transformer.__dict__ and type(pipe) is FluxPipeline
     dittofx.optimize(pipe, {})
     with pytest.raises(ValueError, match="already optimized"):
         dittofx.optimize(pipe, {})

@@ -198,7 +198,7 @@ def partition(
     if signal is not None:
         h_fn, h0 = signal, max(chain_inputs, key=numel_hint)
     else:
-        h_fn, h0 = _fn_stream(nodes, region, dependent, chain_inputs)
+        h_fn, h0 = _fn_stream(nodes, region, dependent, chain_inputs, nodes[start : blocks[0].end + 1])
     return Partition(
         chain=chain, fn_blocks=fn_blocks, bn_blocks=bn_blocks, region=region,
         middle_inputs=middle_inputs, middle_outputs=middle_outputs, carried_inputs=carried_in, base=base, glue=glue, skip=skip,
@@ -216,16 +216,36 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _fn_stream(nodes, region, dependent, chain_inputs) -> tuple[fx.Node, fx.Node]:
+def _fn_stream(nodes, region, dependent, chain_inputs, block0_nodes) -> tuple[fx.Node, fx.Node]:
     """The carried hidden stream after Fn (the largest carried Fn output) and before it."""
     fn_set = {nd for nd in nodes if region[nd] == "Fn"}
     fn_out = [nd for nd in nodes if nd in fn_set and nd in dependent and any(u not in fn_set for u in nd.users)]
     fn_tensors = [nd for nd in fn_out if isinstance(nd.meta.get("val"), torch.Tensor)]
     if not fn_tensors:
         raise PartitionError("the first Fn blocks produce no carried tensor; cannot measure the residual")
-    fn_pairs = pair_carried(sorted(fn_tensors, key=numel_hint, reverse=True)[:1], chain_inputs)
+    largest = sorted(fn_tensors, key=numel_hint, reverse=True)[:1]
+    try:
+        fn_pairs = pair_carried(largest, chain_inputs)
+    except PartitionError:  # the stream is sharded on its way into block 0
+        fn_pairs = pair_carried(largest, chain_inputs + _entry_views(block0_nodes, chain_inputs))
     ((h_fn, h0),) = fn_pairs.items()
     return h_fn, h0
+
+
+_VIEW_OPS = {"chunk", "split", "split_with_sizes", "tensor_split", "getitem", "narrow", "slice", "contiguous", "view", "reshape"}
+
+
+def _entry_views(block_nodes: list[fx.Node], chain_inputs: list[fx.Node]) -> list[fx.Node]:
+    """Views taken in block 0 of the chain inputs (through view ops only): diffusers' context
+    parallelism shards the sequence in a hook on block 0 (`chunk(world)[rank]`), so the carried
+    hidden state the blocks update is such a shard, not the chain input itself."""
+    views, known = [], set(chain_inputs)
+    for node in block_nodes:
+        if node.op == "call_function" and _op_name(node) in _VIEW_OPS and node.all_input_nodes and all(a in known for a in node.all_input_nodes):
+            known.add(node)
+            if isinstance(node.meta.get("val"), torch.Tensor):
+                views.append(node)
+    return views
 
 
 def _skeleton(nodes, mid_blocks, middle_set, dependent, outputs):

@@ -63,11 +63,11 @@ class PruneRewritePass(PassBase):
     """Graph in (partitioned), DBPrune graph out; state placeholders lead, as in CacheRewritePass."""
 
     def __init__(self, partition: Partition, blocks: list[PrunableBlock], *, threshold: float,
-                 max_warmup_steps: int, warmup_interval: int, timestep_input: str | None):  # fmt: skip
+                 max_warmup_steps: int, warmup_interval: int, timestep_input: str | None, group: str | None = None):  # fmt: skip
         super().__init__()
         self.part, self.blocks = partition, blocks
         self.threshold, self.warmup, self.interval = threshold, max_warmup_steps, warmup_interval
-        self.timestep_input = timestep_input
+        self.timestep_input, self.group = timestep_input, group
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         return PassResult(self._rewrite(gm), True)
@@ -100,7 +100,7 @@ class PruneRewritePass(PassBase):
         decision = g.call_function(
             gates.prune_decide,
             (x, st["p"], st["norms"], valid, step),
-            dict(threshold=self.threshold, max_warmup_steps=self.warmup, warmup_interval=self.interval),
+            dict(threshold=self.threshold, max_warmup_steps=self.warmup, warmup_interval=self.interval, group=self.group),
         )
         diffs = g.call_function(operator.getitem, (decision, 0))
         pruned = g.call_function(operator.getitem, (decision, 1))

@@ -30,7 +30,7 @@ from ..teacache import coefficients_for
 from ..masks import steps_mask
 from .state import CacheState
 
-__all__ = ["Engine", "Entry", "CaptureError"]
+__all__ = ["Engine", "Entry", "CaptureError", "context_parallel_group"]
 
 
 class CaptureError(RuntimeError):
@@ -85,6 +85,13 @@ def _symbol_bindings(entry: Entry, leaves: list) -> dict:
                 if not isinstance(s, int) and s.node.expr.is_Symbol:
                     bindings[s.node.expr] = leaf.shape[d]
     return bindings
+
+
+def context_parallel_group(model: torch.nn.Module) -> Any:
+    """The group diffusers' own context parallelism shards the sequence over
+    (`model.enable_parallelism(config=ContextParallelConfig(...))`), or None."""
+    cp = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    return None if cp is None else cp._flattened_mesh.get_group()
 
 
 def _model_frame(err: BaseException) -> str:
@@ -244,6 +251,14 @@ class Engine:
 
     def _build(self, args: tuple, kwargs: dict, dynamic: bool = True) -> Entry:
         cfg = self.cfg
+        if self.group is None and context_parallel_group(self.model) is not None:
+            # each rank would decide on its own shard alone, and a rank that skips the middle
+            # blocks' collectives while another runs them hangs both
+            raise ValueError(
+                f"{type(self.model).__name__}: diffusers' context parallelism was enabled after dittofx.optimize; "
+                f"enable it first: model.enable_parallelism(...), then dittofx.optimize(model, ...) (diffusers "
+                f"allows enable_parallelism once per model, so start from a freshly loaded one)"
+            )
         captured = self._capture(args, kwargs, dynamic)
         gm = captured.gm
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -287,7 +302,7 @@ class Engine:
                 )
             pruned = PruneRewritePass(
                 part, blocks, threshold=opts.threshold, max_warmup_steps=cfg.max_warmup_steps,
-                warmup_interval=cfg.warmup_interval, timestep_input=opts.timestep_input,
+                warmup_interval=cfg.warmup_interval, timestep_input=opts.timestep_input, group=self.group,
             )(gm).graph_module  # fmt: skip
             graphs = dict.fromkeys(DECISIONS, pruned)  # every decision is made in the graph
             state_nodes = [part.h_fn, *(o for b in blocks for o in b.outputs)]

@@ -226,13 +226,18 @@ def prune_decide(
     threshold: float,
     max_warmup_steps: int,
     warmup_interval: int,
+    group: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All prunable blocks at once, from one reduction: block j is pruned when, for every sample,
     sum|x - x_j| / sum|input_j| < threshold, where x is the middle's input now, x_j the middle's
     input and input_j block j's own input when block j last ran. Returns per-block diffs (the
-    largest over samples) and the prune flags, on the device."""
+    largest over samples) and the prune flags, on the device. With `group` (ranks holding shards
+    of the sequence) both sums are all-reduced first, so all ranks prune alike."""
     blocks, batch = norms.shape
     change = (x.unsqueeze(0).float() - snapshots.float()).abs().reshape(blocks, batch, -1).sum(-1)
+    if group is not None:
+        sums = torch.ops._c10d_functional.all_reduce(torch.stack([change, norms]), "sum", group)
+        change, norms = torch.ops._c10d_functional.wait_tensor(sums).unbind(0)
     d = change / (norms + 1e-12)
     warm = (step < max_warmup_steps) & (step % warmup_interval == 0)
     ok = torch.isfinite(d).all(1) & (d < threshold).all(1) & (valid > 0) & ~warm
