@@ -77,8 +77,26 @@ class DBCacheConfig:
         return self.taylorseer_order + 1 if self.enable_taylorseer else 1
 
 
+class _DBCacheFieldsOff:
+    """The DBCache schedule fields a method does not expose, at the values that switch them off
+    (the engine reads one schedule for every method)."""
+
+    max_accumulated_residual_diff_threshold = None
+    max_cached_steps = -1
+    max_continuous_cached_steps = -1
+    steps_computation_mask = None
+    steps_mask_policy = None
+    steps_computation_policy = "dynamic"
+    enable_taylorseer = False
+    taylorseer_gap = "steps"
+    taylorseer_interpolation = "taylor"
+    has_mask = False
+    levels = 1
+    last_step_computes = False
+
+
 @dataclass(frozen=True)
-class TeaCacheConfig:
+class TeaCacheConfig(_DBCacheFieldsOff):
     """TeaCache (SPEC §6): skip every block while the accumulated, polynomially rescaled relative L1
     change of block 0's modulated input stays under `rel_l1_thresh`.
 
@@ -95,22 +113,11 @@ class TeaCacheConfig:
     cfg_diff_compute_separate: bool = True
     blocks: tuple[str, ...] | None = None
 
-    # the fixed DBCache schedule TeaCache runs on
-    max_accumulated_residual_diff_threshold = None
+    # the fixed DBCache schedule TeaCache runs on: the whole chain, one warmup step, the last step
     Fn_compute_blocks = 0
     Bn_compute_blocks = 0
     max_warmup_steps = 1
     warmup_interval = 1
-    max_cached_steps = -1
-    max_continuous_cached_steps = -1
-    steps_computation_mask = None
-    steps_mask_policy = None
-    steps_computation_policy = "dynamic"
-    enable_taylorseer = False
-    taylorseer_gap = "steps"
-    taylorseer_interpolation = "taylor"
-    has_mask = False
-    levels = 1
     last_step_computes = True
 
     def short_name(self) -> str:
@@ -118,7 +125,7 @@ class TeaCacheConfig:
 
 
 @dataclass(frozen=True)
-class DBPruneConfig:
+class DBPruneConfig(_DBCacheFieldsOff):
     """DBPrune (SPEC §7): each middle block (outside Fn/Bn and `non_prune_block_ids`, indices in the
     chain) is replaced by its stored residual while its input changed by less than
     `residual_diff_threshold` (relative L1) since the block last ran. All of a step's decisions come
@@ -137,20 +144,6 @@ class DBPruneConfig:
     cfg_compute_first: bool = False
     cfg_diff_compute_separate: bool = True
     blocks: tuple[str, ...] | None = None
-
-    # the DBCache schedule fields DBPrune does not use
-    max_accumulated_residual_diff_threshold = None
-    max_cached_steps = -1
-    max_continuous_cached_steps = -1
-    steps_computation_mask = None
-    steps_mask_policy = None
-    steps_computation_policy = "dynamic"
-    enable_taylorseer = False
-    taylorseer_gap = "steps"
-    taylorseer_interpolation = "taylor"
-    has_mask = False
-    levels = 1
-    last_step_computes = False
 
     def short_name(self) -> str:
         return (

@@ -20,9 +20,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..patterns.chain import Block, numel_hint
 from ..runtime import gates
-from ..runtime.state import SCALARS, state_names
+from ..runtime.state import state_names
 from .partition import Partition, PartitionError, pair_carried
-from .rewrite import _branch, _copy_meta, _is_view
+from .rewrite import _branch, _copy_meta, _is_view, begin_graph
 
 __all__ = ["PruneRewritePass", "PrunableBlock", "prunable_blocks"]
 
@@ -76,26 +76,8 @@ class PruneRewritePass(PassBase):
         part, blocks = self.part, self.blocks
         nodes = list(gm.graph.nodes)
         outs = [o for b in blocks for o in b.outputs]
-        g = fx.Graph()
-        st = {name: g.placeholder(f"dittofx_{name}") for name in state_names(len(outs), norms=True)}
-        env: dict[fx.Node, fx.Node] = {}
-        for node in nodes:
-            if node.op == "placeholder":
-                env[node] = _copy_meta(g.placeholder(node.name), node)
-
-        def copy(node: fx.Node) -> None:
-            env[node] = _copy_meta(g.node_copy(node, lambda n: env[n]), node)
-
-        for node in nodes:
-            if node.op not in ("placeholder", "output") and part.region[node] in ("prologue", "Fn"):
-                copy(node)
-        timestep = next((env[n] for n in nodes if n.op == "placeholder" and n.name == self.timestep_input), None)
+        g, st, env, copy = begin_graph(gm, part, state_names(len(outs), norms=True), self.timestep_input)
         step, valid = st["step"], st["valid"]
-        g.call_function(
-            gates.begin_step,
-            (step, st["num_steps"], st["last_ts"], valid, st["cached_count"], st["cont_count"], st["acc"],
-             st["hist_diff"], st["hist_cached"], timestep),
-        )  # fmt: skip
         x = env[part.h_fn]
         decision = g.call_function(
             gates.prune_decide,

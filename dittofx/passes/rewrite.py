@@ -23,7 +23,7 @@ from ..runtime import gates
 from ..runtime.state import SCALARS, state_names
 from .partition import Partition
 
-__all__ = ["CacheRewritePass", "DECISIONS", "RewriteOptions"]
+__all__ = ["CacheRewritePass", "DECISIONS", "RewriteOptions", "begin_graph"]
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,13 @@ class CacheRewritePass(PassBase):
         return PassResult(rewrite(gm, self.part, self.opt, self.decision), True)
 
 
-def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: str = "device") -> fx.GraphModule:
-    region = part.region
+def begin_graph(gm: fx.GraphModule, part: Partition, names: list[str], timestep_input: str | None):
+    """The start every cached graph shares: the state placeholders (`names`), the model's own
+    placeholders, the prologue and Fn copied, and `begin_step` (new-request detection). Returns
+    the new graph, the state nodes by name, the node map, and `copy(node)` for what follows."""
     nodes = list(gm.graph.nodes)
-    outs = part.middle_outputs
-
     g = fx.Graph()
-    st = {name: g.placeholder(f"dittofx_{name}") for name in state_names(len(outs))}
-    residuals = [st[f"residual_{j}"] for j in range(len(outs))]
+    st = {name: g.placeholder(f"dittofx_{name}") for name in names}
     env: dict[fx.Node, fx.Node] = {}
     for node in nodes:
         if node.op == "placeholder":
@@ -105,16 +104,24 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
         env[node] = _copy_meta(g.node_copy(node, lambda n: env[n]), node)
 
     for node in nodes:
-        if node.op not in ("placeholder", "output") and region[node] in ("prologue", "Fn"):
+        if node.op not in ("placeholder", "output") and part.region[node] in ("prologue", "Fn"):
             copy(node)
-
-    timestep = next((env[n] for n in nodes if n.op == "placeholder" and n.name == opt.timestep_input), None)
-    scalars = [st[n] for n in SCALARS]
-    step, _num, last_ts, valid, last_compute, cached_count, cont_count, acc, last_compute_ts = scalars
+    timestep = next((env[n] for n in nodes if n.op == "placeholder" and n.name == timestep_input), None)
     g.call_function(
         gates.begin_step,
-        (step, st["num_steps"], st["last_ts"], valid, cached_count, cont_count, acc, st["hist_diff"], st["hist_cached"], timestep),
-    )
+        (st["step"], st["num_steps"], st["last_ts"], st["valid"], st["cached_count"], st["cont_count"], st["acc"],
+         st["hist_diff"], st["hist_cached"], timestep),
+    )  # fmt: skip
+    return g, st, env, copy
+
+
+def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: str = "device") -> fx.GraphModule:
+    region = part.region
+    nodes = list(gm.graph.nodes)
+    outs = part.middle_outputs
+    g, st, env, copy = begin_graph(gm, part, state_names(len(outs)), opt.timestep_input)
+    residuals = [st[f"residual_{j}"] for j in range(len(outs))]
+    step, _num, last_ts, valid, last_compute, cached_count, cont_count, acc, last_compute_ts = (st[n] for n in SCALARS)
     if opt.gap_in_timesteps:  # timesteps fall as sampling goes on; begin_step put this step's in last_ts
         elapsed = g.call_function(torch.sub, (last_compute_ts, last_ts))
     else:
