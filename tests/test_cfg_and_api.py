@@ -110,3 +110,14 @@ def test_disable_restores_an_instance_level_forward(pixart):
     assert model.__dict__["forward"] is not original
     dittofx.disable(model)
     assert model.__dict__["forward"] is original
+
+
+def test_merge_config_keeps_the_method_unless_the_changes_name_another():
+    from dittofx.config import merge_config
+
+    tea = merge_config(dittofx.TeaCacheConfig(rel_l1_thresh=0.2, num_inference_steps=10), {"rel_l1_thresh": 0.3})
+    assert tea == dittofx.TeaCacheConfig(rel_l1_thresh=0.3, num_inference_steps=10)
+    prune = merge_config(dittofx.DBCacheConfig(max_warmup_steps=3), {"method": "dbprune", "residual_diff_threshold": 0.1})
+    assert prune == dittofx.DBPruneConfig(residual_diff_threshold=0.1)  # another method: its own defaults
+    with pytest.raises(ValueError, match=r"unknown cache_config key 'Fn_compute_blocks'"):
+        merge_config(dittofx.TeaCacheConfig(), {"Fn_compute_blocks": 2})

@@ -18,6 +18,8 @@ CASES = {
     "flux-dbcache": ("flux", {"residual_diff_threshold": 0.35, "max_warmup_steps": 2}),
     "flux-teacache": ("flux", {"method": "teacache", "rel_l1_thresh": 0.12, "coefficients": [1.0, 0.0]}),
     "pixart-dbprune": ("pixart", {"method": "dbprune", "residual_diff_threshold": 0.05, "max_warmup_steps": 2}),
+    "pixart-taylorseer-scm": ("pixart", {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "enable_taylorseer": True,
+                                         "taylorseer_order": 2, "scm_steps_mask_policy": "fast"}),
 }
 
 

@@ -120,3 +120,13 @@ def test_bad_dbprune_config_and_nothing_to_prune():
             model(**z.inputs(0, 1.0))
     assert "_dittofx" not in model.__dict__ and model.__dict__.get("forward") is forward  # restored
     assert dittofx.DBPruneConfig(non_prune_block_ids=(3,)).short_name() == "DBPrune_F1B0_W8I1_R0.08_NP1"
+
+
+@pytest.mark.parametrize("name", ["pixart", "flux"])
+def test_threshold_zero_is_bitwise_the_plain_model(name):
+    z = zoo.get(name)
+    want = run(z.build(), z, 4)
+    model = dittofx.optimize(z.build(), {"method": "dbprune", "residual_diff_threshold": 0.0, "max_warmup_steps": 0})
+    got = run(model, z, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert dittofx.summary(model)[0].pruned_blocks == [0, 0, 0, 0]

@@ -133,7 +133,7 @@ def untouched(pipe) -> bool:
         ({"transformer.blocks": {}}, ValueError, ["not a transformer", "per block list inside one transformer"]),
         ({"transformer_2": {"threshold": 0.1}}, ValueError, ["params_modifiers['transformer_2']", "unknown cache_config key 'threshold'"]),
         ({"transformer_2": {"max_warmup_steps": -1}}, ValueError, ["params_modifiers['transformer_2']", "max_warmup_steps=-1"]),
-        ({"transformer_2": 0.1}, TypeError, ["params_modifiers['transformer_2']", "DBCacheConfig or a dict"]),
+        ({"transformer_2": 0.1}, TypeError, ["params_modifiers['transformer_2']", "must be one of ['DBCacheConfig', 'TeaCacheConfig', 'DBPruneConfig'] or a dict"]),
         ([{}, {}, {}], ValueError, ["3 entries", "2 transformers", "one entry each"]),
         ("transformer_2", TypeError, ["params_modifiers='transformer_2'"]),
     ],
