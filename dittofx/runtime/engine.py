@@ -100,7 +100,8 @@ class Engine:
         self.num_steps = cfg.num_inference_steps
         self.entries: list[Entry] = []
         self.states = torch.nn.ModuleDict()
-        self.current: tuple[fx.GraphModule, Entry, CacheState] | None = None
+        # the graph for this call, its entry and the state tensors it takes (a plain list, see pre_call)
+        self.current: tuple[fx.GraphModule, Entry, list[torch.Tensor]] | None = None
         self.host: dict[str, tuple[int, bool]] = {}  # per branch: (host step count, residuals stored)
         self._masks: dict[int | None, list[int] | None] = {}
         self.context_name: str | None = None
@@ -348,7 +349,10 @@ class Engine:
         entry, sizes, device = self.prepare(args, kwargs)
         branch = self._branch()
         state = self._state_for(branch, entry, sizes, device)
-        self.current = (entry.graphs[self._host_decision(branch)], entry, state)
+        # the state goes to the graph as a plain list, not read from the CacheState module inside
+        # the compiled forward: dynamo keeps module buffers at static shapes, so every new
+        # resolution's fresh state would recompile; list items get automatic dynamic shapes
+        self.current = (entry.graphs[self._host_decision(branch)], entry, state.tensors())
 
     @torch._dynamo.disable
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -367,5 +371,5 @@ def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     engine: Engine = self._dittofx
     graph, entry, state = engine.current
     with torch.no_grad():
-        flat = graph(*state.tensors(), *entry.live_state(), *entry.captured.constants, *pytree.tree_leaves((args, kwargs)))
+        flat = graph(*state, *entry.live_state(), *entry.captured.constants, *pytree.tree_leaves((args, kwargs)))
     return pytree.tree_unflatten(list(flat), entry.captured.out_spec)
