@@ -22,7 +22,7 @@ from ..patterns.chain import Block, numel_hint
 from ..runtime import gates
 from ..runtime.state import state_names
 from .partition import Partition, PartitionError, pair_carried
-from .rewrite import _branch, _copy_meta, _is_view, begin_graph
+from .rewrite import _branch, _copy_meta, _flat, _is_view, begin_graph
 
 __all__ = ["PruneRewritePass", "PrunableBlock", "prunable_blocks"]
 
@@ -123,15 +123,15 @@ class PruneRewritePass(PassBase):
             for nd in b.nodes:
                 local[nd] = _copy_meta(graph.node_copy(nd, lambda a: local[a] if a in members else benv[to_parent[a]]), nd)
             return [
-                graph.call_function(torch.ops.aten.clone.default, (local[o],), {"memory_format": torch.contiguous_format})
+                _flat(graph, graph.call_function(torch.ops.aten.clone.default, (local[o],), {"memory_format": torch.contiguous_format}))
                 if _is_view(o) or not o.meta["val"].is_contiguous()
-                else local[o]
+                else _flat(graph, local[o])
                 for o in b.outputs
             ]
 
         def prune_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
             return [
-                graph.call_function(gates.add_residual, (benv[to_parent[b.pairs[o]]], benv[r]))
+                _flat(graph, graph.call_function(gates.add_residual, (benv[to_parent[b.pairs[o]]], benv[r])))
                 for o, r in zip(b.outputs, res)
             ]
 
@@ -144,8 +144,8 @@ class PruneRewritePass(PassBase):
             torch.ops.higher_order.cond,
             (pred, g.get_attr(f"dittofx_prune_{j}"), g.get_attr(f"dittofx_run_{j}"), tuple(operands)),
         )
-        for k, o in enumerate(b.outputs):
-            env[o] = _copy_meta(g.call_function(operator.getitem, (cond, k)), o)
+        for k, o in enumerate(b.outputs):  # back from 1-D (see rewrite._flat) to the paired input's shape
+            env[o] = _copy_meta(g.call_method("view_as", (g.call_function(operator.getitem, (cond, k)), env[b.pairs[o]])), o)
         g.call_function(
             gates.prune_store,
             (pruned, j, res, [env[o] for o in b.outputs], [env[b.pairs[o]] for o in b.outputs],

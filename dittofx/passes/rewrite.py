@@ -217,15 +217,15 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
         # both branches must return fresh tensors of one layout: views (e.g. FLUX's slice of its
         # text+image stream) and strided values are copied to contiguous ones
         return [
-            graph.call_function(torch.ops.aten.clone.default, (local[o],), {"memory_format": torch.contiguous_format})
+            _flat(graph, graph.call_function(torch.ops.aten.clone.default, (local[o],), {"memory_format": torch.contiguous_format}))
             if _is_view(o) or not o.meta["val"].is_contiguous()
-            else local[o]
+            else _flat(graph, local[o])
             for o in outs
         ]
 
     def cache_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
         args = tuple(benv[a] for a in at)
-        return [graph.call_function(gates.forecast, (benv[r], benv[b], *args)) for r, b in zip(residuals, bases)]
+        return [_flat(graph, graph.call_function(gates.forecast, (benv[r], benv[b], *args))) for r, b in zip(residuals, bases)]
 
     cache_gm = _branch(gm, operands, cache_body, "CacheBranch")
     compute_gm = _branch(gm, operands, compute_body, "ComputeBranch")
@@ -235,6 +235,14 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
         torch.ops.higher_order.cond,
         (cache, g.get_attr("dittofx_cache_branch"), g.get_attr("dittofx_compute_branch"), tuple(operands)),
     )
-    for j, out in enumerate(outs):
-        env[out] = _copy_meta(g.call_function(operator.getitem, (cond, j)), out)
+    for j, (out, base) in enumerate(zip(outs, bases)):  # the base has the output's shape
+        env[out] = _copy_meta(g.call_method("view_as", (g.call_function(operator.getitem, (cond, j)), base)), out)
     return diff, cache
+
+
+def _flat(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    """A cond output as 1-D. torch.cond checks that symbolic output strides are products of the
+    sizes; a contiguous stride over a size like (h//2)*(w//2) comes out as 16*Max(1, (h//2)*(w//2))
+    and fails that check, so dynamo stops at the first recompile with dynamic shapes (Wan, PixArt at
+    a second resolution). A 1-D tensor's stride is 1."""
+    return graph.call_function(torch.ops.aten.view.default, (node, [-1]))

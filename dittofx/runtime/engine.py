@@ -114,7 +114,8 @@ class Engine:
         self.num_steps = cfg.num_inference_steps
         self.entries: list[Entry] = []
         self.states = torch.nn.ModuleDict()
-        self.current: tuple[fx.GraphModule, Entry, CacheState] | None = None
+        # the graph for this call, its entry and its leading inputs (a plain list, see pre_call)
+        self.current: tuple[fx.GraphModule, Entry, list[torch.Tensor]] | None = None
         self.host: dict[str, tuple[int, bool]] = {}  # per branch: (host step count, residuals stored)
         self._masks: dict[int | None, list[int] | None] = {}
         self.context_name: str | None = None
@@ -407,7 +408,12 @@ class Engine:
         entry, sizes, device = self.prepare(args, kwargs)
         branch = self._branch()
         state = self._state_for(branch, entry, sizes, device)
-        self.current = (entry.graphs[self._host_decision(branch)], entry, state)
+        # state, weights and constants go to the graph as one plain list, gathered here rather than
+        # inside the compiled forward: dynamo keeps module buffers at static shapes (every new
+        # resolution's fresh state would recompile; list items get automatic dynamic shapes), and
+        # walking entry.slots there cost ~6 guards per weight, evaluated on every call
+        leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
+        self.current = (entry.graphs[self._host_decision(branch)], entry, leading)
 
     @torch._dynamo.disable
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -424,7 +430,7 @@ class Engine:
 def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The forward `optimize` installs: run the rewritten graph on live weights and state."""
     engine: Engine = self._dittofx
-    graph, entry, state = engine.current
+    graph, entry, leading = engine.current
     with torch.no_grad():
-        flat = graph(*state.tensors(), *entry.live_state(), *entry.captured.constants, *pytree.tree_leaves((args, kwargs)))
+        flat = graph(*leading, *pytree.tree_leaves((args, kwargs)))
     return pytree.tree_unflatten(list(flat), entry.captured.out_spec)
