@@ -7,13 +7,14 @@ taylor_update_, taylor_forecast}``. CUDA tensors run Triton kernels when Triton 
 
 import torch
 
-from ._layout import TRITON_AVAILABLE
+from ._layout import TRITON_AVAILABLE, use_triton
 from .residual_diff import _decide_torch, _residual_diff_torch, _sums_torch, cache_decision, l1_sums, residual_diff
 from .taylor import _forecast_torch, _update_torch, newton_forecast, newton_update_, taylor_forecast, taylor_update_
 
 __all__ = [
     "TORCH_IMPLEMENTATIONS",
     "TRITON_AVAILABLE",
+    "use_triton",
     "l1_sums",
     "cache_decision",
     "residual_diff",
