@@ -119,6 +119,11 @@ def test_bad_dbprune_config_and_nothing_to_prune():
         with torch.no_grad():
             model(**z.inputs(0, 1.0))
     assert "_dittofx" not in model.__dict__ and model.__dict__.get("forward") is forward  # restored
+    dittofx.optimize(model, {"method": "dbprune", "non_prune_block_ids": [1, 9]})
+    with pytest.raises(ValueError, match=r"non_prune_block_ids=\[1, 9\]: \[9\] past the chain; allowed: 0..3"):
+        with torch.no_grad():
+            model(**z.inputs(0, 1.0))
+    assert "_dittofx" not in model.__dict__
     assert dittofx.DBPruneConfig(non_prune_block_ids=(3,)).short_name() == "DBPrune_F1B0_W8I1_R0.08_NP1"
 
 

@@ -295,6 +295,12 @@ class Engine:
             )
         counts = {r: len(part.nodes_in(r)) for r in ("prologue", "Fn", "middle", "Bn", "epilogue")}
         if self.prune:
+            outside = [i for i in cfg.non_prune_block_ids if i >= len(chain)]
+            if outside:
+                raise ValueError(
+                    f"non_prune_block_ids={list(cfg.non_prune_block_ids)}: {outside} past the chain; allowed: "
+                    f"0..{len(chain) - 1} ({len(chain)} blocks: {chain.lists})"
+                )
             blocks = prunable_blocks(gm, part, cfg.non_prune_block_ids)
             if not blocks:
                 raise ValueError(
