@@ -121,12 +121,10 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
     outs = part.middle_outputs
     g, st, env, copy = begin_graph(gm, part, state_names(len(outs)), opt.timestep_input)
     residuals = [st[f"residual_{j}"] for j in range(len(outs))]
-    step, _num, last_ts, valid, last_compute, cached_count, cont_count, acc, last_compute_ts = (st[n] for n in SCALARS)
-    if opt.gap_in_timesteps:  # timesteps fall as sampling goes on; begin_step put this step's in last_ts
-        elapsed = g.call_function(torch.sub, (last_compute_ts, last_ts))
-    else:
-        elapsed = g.call_function(torch.sub, (step, last_compute))
+    step, _num, last_ts, valid, cached_count, cont_count, acc = (st[n] for n in SCALARS)
+    # where this step sits (begin_step put its timestep in last_ts), and how far the last compute is
     now = g.call_function(gates.position, (step, last_ts), {"in_timesteps": opt.gap_in_timesteps})
+    elapsed = g.call_function(gates.since_last_compute, (now, st["taylor_times"]))
     # the forecast's arguments after (residual, base): Newton's needs the stored positions too
     at = (valid, elapsed, st["taylor_times"], now) if opt.newton else (valid, elapsed)
 
@@ -155,7 +153,7 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
     g.call_function(
         gates.finish_step,
         (
-            cache, diff, step, elapsed, valid, last_compute, last_compute_ts, last_ts, cached_count, cont_count, acc,
+            cache, diff, step, elapsed, valid, cached_count, cont_count, acc,
             st["hist_diff"], st["hist_cached"], st["p"], env[part.h_fn], env[part.h0],
             residuals, [env[o] for o in outs], bases, st["taylor_times"], now,
         ),

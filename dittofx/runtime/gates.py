@@ -15,7 +15,7 @@ import torch
 from .. import kernels
 
 __all__ = [
-    "begin_step", "step_gate", "decide", "teacache_decide", "fixed_decision", "finish_step", "position", "forecast",
+    "begin_step", "step_gate", "decide", "teacache_decide", "fixed_decision", "finish_step", "position", "since_last_compute", "forecast",
     "prune_decide", "add_residual", "prune_store", "finish_prune",
 ]  # fmt: skip
 
@@ -26,6 +26,13 @@ def _kernel(name: str, x: torch.Tensor) -> Callable:
     if torch.compiler.is_compiling() and not kernels.use_triton(x):
         return kernels.TORCH_IMPLEMENTATIONS[getattr(torch.ops.dittofx, name).default]
     return getattr(kernels, name)
+
+
+def _sum_over(t: torch.Tensor, group: str | None) -> torch.Tensor:
+    """`t` summed over the ranks of a context/sequence-parallel group (each holds a shard)."""
+    if group is None:
+        return t
+    return torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(t, "sum", group))
 
 
 # gate codes understood by the residual_diff kernel
@@ -112,8 +119,7 @@ def decide(
     if group is None:
         return _kernel("residual_diff", h_fn)(h_fn, p[0], h0, gate, acc, threshold, acc_limit, True)
     sums = _kernel("l1_sums", h_fn)(h_fn, p[0], h0, True)
-    sums = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(sums, "sum", group))
-    return _kernel("cache_decision", sums)(sums, gate, acc, threshold, acc_limit)
+    return _kernel("cache_decision", sums)(_sum_over(sums, group), gate, acc, threshold, acc_limit)
 
 
 def teacache_decide(
@@ -130,8 +136,7 @@ def teacache_decide(
     `acc + distance < threshold` for every sample. Returns the largest rescaled distance (what the
     accumulator adds on a cached step; NaN when gated) and the cache flag."""
     sums = _kernel("l1_sums", m)(m, prev[0], None, True)
-    if group is not None:
-        sums = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(sums, "sum", group))
+    sums = _sum_over(sums, group)
     rel = sums[:, 0] / sums[:, 1]
     rescaled = torch.zeros_like(rel)
     for c in coefficients:  # Horner, highest degree first (numpy poly1d order)
@@ -153,9 +158,6 @@ def finish_step(
     step: torch.Tensor,
     elapsed: torch.Tensor,
     valid: torch.Tensor,
-    last_compute: torch.Tensor,
-    last_compute_ts: torch.Tensor,
-    ts: torch.Tensor,
     cached_count: torch.Tensor,
     cont_count: torch.Tensor,
     acc: torch.Tensor,
@@ -187,12 +189,10 @@ def finish_step(
             kernels.newton_update_(res, out, inp, valid, times, now, compute)
         else:
             _kernel("taylor_update_", out)(res, out, inp, valid, gap, compute)
-    if newton:  # the residuals above used the positions before this compute
-        times.copy_(torch.where(compute, torch.cat([now.reshape(1).to(times.dtype), times[:-1]]), times))
+    # this compute's position joins the front (the Newton update above used the older ones)
+    times.copy_(torch.where(compute, torch.cat([now.reshape(1).to(times.dtype), times[:-1]]), times))
     levels = residuals[0].shape[0] if residuals else 1
     valid.copy_(torch.where(compute, torch.clamp(valid + 1, max=levels), valid))
-    last_compute.copy_(torch.where(compute, step, last_compute))
-    last_compute_ts.copy_(torch.where(compute, ts, last_compute_ts))
     measured = torch.nan_to_num(diff, nan=0.0)
     acc.copy_(torch.where(cache, acc + measured, torch.zeros_like(acc)))
     cached_count.copy_(cached_count + cache.to(cached_count.dtype))
@@ -204,8 +204,14 @@ def finish_step(
 
 
 def position(step: torch.Tensor, ts: torch.Tensor, *, in_timesteps: bool) -> torch.Tensor:
-    """Where this step sits, in the units TaylorSeer measures gaps in (Newton's interpolation nodes)."""
-    return ts.clone() if in_timesteps else step.to(torch.float32)
+    """Where this step sits, in the units TaylorSeer measures gaps in: the step index, or minus
+    the timestep (timesteps fall as sampling goes on, positions grow)."""
+    return -ts if in_timesteps else step.to(torch.float32)
+
+
+def since_last_compute(now: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """The gap from the last computed step to this one (`times[0]` is its position)."""
+    return now - times[0]
 
 
 def forecast(
@@ -246,8 +252,7 @@ def prune_decide(
     blocks, batch = norms.shape
     change = (x.unsqueeze(0).float() - snapshots.float()).abs().reshape(blocks, batch, -1).sum(-1)
     if group is not None:
-        sums = torch.ops._c10d_functional.all_reduce(torch.stack([change, norms]), "sum", group)
-        change, norms = torch.ops._c10d_functional.wait_tensor(sums).unbind(0)
+        change, norms = _sum_over(torch.stack([change, norms]), group).unbind(0)
     d = change / (norms + 1e-12)
     warm = (step < max_warmup_steps) & (step % warmup_interval == 0)
     ok = torch.isfinite(d).all(1) & (d < threshold).all(1) & (valid > 0) & ~warm
@@ -273,8 +278,8 @@ def prune_store(
 ) -> None:
     """After block j ran (not pruned): store its residuals, the middle's input and its input norm."""
     ran = ~pruned[j]
-    for res, out, inp in zip(residuals, outs, ins):
-        res[0].copy_(torch.where(ran, (out - inp).to(res.dtype), res[0]))
+    for res, out, inp in zip(residuals, outs, ins):  # D0 = out - inp where ran; the op skips the data otherwise
+        _kernel("taylor_update_", out)(res, out, inp, torch.zeros_like(pruned[j], dtype=torch.int64), torch.ones((), device=out.device), ran)
     snapshots[j].copy_(torch.where(ran, x, snapshots[j]))
     norm = hidden_in.float().abs().reshape(hidden_in.shape[0], -1).sum(1)
     norms[j].copy_(torch.where(ran, norm, norms[j]))

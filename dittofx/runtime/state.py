@@ -21,11 +21,9 @@ SCALARS = {
     "num_steps": torch.int64,  # request length; 0 = unknown (new request detected from the timestep)
     "last_ts": torch.float32,  # timestep of the previous call (request detection)
     "valid": torch.int64,  # residual levels stored (0 = nothing stored yet; Taylor order k: up to k+1)
-    "last_compute": torch.int64,  # step of the last computed middle
     "cached_count": torch.int64,  # cached steps in this request
     "cont_count": torch.int64,  # current run of consecutive cached steps
     "acc": torch.float32,  # sum of the diffs of the cached steps since the last compute
-    "last_compute_ts": torch.float32,  # timestep of the last computed middle (TaylorSeer's timestep gap)
 }
 
 
@@ -64,7 +62,8 @@ class CacheState(torch.nn.Module):
         self.register_buffer("hist_cached", torch.full((HISTORY,), -1, dtype=torch.int8, device=device), persistent=False)
         self.register_buffer("mask", torch.zeros(HISTORY, dtype=torch.int8, device=device), persistent=False)
         self.set_mask(mask)
-        # positions (step or timestep) of the last `levels` computes, newest first (Newton TaylorSeer)
+        # positions of the last `levels` computed steps, newest first: the step index, or minus the
+        # timestep (so positions grow); the gap since the last compute and Newton's nodes come from it
         self.register_buffer("taylor_times", torch.zeros(levels, device=device), persistent=False)
         # the stored signal; DBPrune: the middle's input at each prunable block's last run
         self.register_buffer("p", p_like.new_zeros((p_levels, *p_like.shape)), persistent=False)
