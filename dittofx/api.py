@@ -63,8 +63,10 @@ def optimize(
 
     `model` is a transformer (any `nn.Module` with a chain of blocks) or a diffusers pipeline: then
     every transformer in it is optimized and each call of that pipeline refreshes the request
-    length from its `num_inference_steps`. The forward is captured lazily on the first call (with
-    the real inputs), or now when `example_inputs=(args, kwargs)` is given. Bad input raises
+    length: the number of timesteps the pipeline sets on its scheduler for the loop (custom
+    sigmas, img2img strength, order-2 schedulers), else its `num_inference_steps`. The forward is
+    captured lazily on the first call (with the real inputs), or now when
+    `example_inputs=(args, kwargs)` is given. Bad input raises
     before anything is touched. `process_group`: the context/sequence-parallel group whose ranks
     each see a shard of the sequence; the diff's sums are all-reduced over it (SPEC §3). None:
     the group of diffusers' own context parallelism when it is enabled on the model, else none.

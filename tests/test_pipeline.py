@@ -3,7 +3,7 @@ prompt embeddings given directly, latents out)."""
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline, QwenImagePipeline
 
 import dittofx
 import zoo
@@ -17,12 +17,35 @@ def tiny_flux_pipeline() -> FluxPipeline:
     )  # fmt: skip
 
 
-def generate(pipe, steps):
+def generate(pipe, steps=None, **call):
+    """One call; `steps=None` leaves `num_inference_steps` at the pipeline's default."""
     g = torch.Generator().manual_seed(0)
     text = torch.randn(1, 7, pipe.transformer.config.joint_attention_dim, generator=g)
     pooled = torch.randn(1, pipe.transformer.config.pooled_projection_dim, generator=g)
-    return pipe(prompt_embeds=text, pooled_prompt_embeds=pooled, height=64, width=64, num_inference_steps=steps,
-                guidance_scale=3.5, output_type="latent", generator=torch.Generator().manual_seed(1)).images  # fmt: skip
+    if steps is not None:
+        call["num_inference_steps"] = steps
+    return pipe(prompt_embeds=text, pooled_prompt_embeds=pooled, height=64, width=64, guidance_scale=3.5,
+                output_type="latent", generator=torch.Generator().manual_seed(1), **call).images  # fmt: skip
+
+
+MASKED = {"residual_diff_threshold": 10.0, "max_warmup_steps": 2, "scm_steps_mask_policy": "fast",
+          "scm_steps_policy": "dynamic"}  # fmt: skip
+
+
+def masked_schedule(steps):
+    """(computed, cached) steps of `MASKED` for a request of `steps` steps: with a threshold no diff
+    reaches, the 2 warmup steps and the ones of the "fast" mask for `steps` compute, the rest cache."""
+    mask = dittofx.steps_mask(mask_policy="fast", total_steps=steps)
+    return [s for s in range(steps) if s < 2 or mask[s]], [s for s in range(2, steps) if not mask[s]]
+
+
+def transformer_calls(pipe, **call) -> int:
+    """How many times a plain pipeline calls its transformer in one call (independent of dittofx)."""
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    generate(pipe, **call)
+    handle.remove()
+    return len(calls)
 
 
 def test_pipeline_threshold_zero_equals_the_plain_pipeline_and_disable_restores():
@@ -39,17 +62,77 @@ def test_pipeline_threshold_zero_equals_the_plain_pipeline_and_disable_restores(
 
 
 def test_every_pipeline_call_refreshes_the_request_length():
-    pipe = dittofx.optimize(tiny_flux_pipeline(), {"residual_diff_threshold": 10.0, "max_warmup_steps": 2,
-                                                   "scm_steps_mask_policy": "fast", "scm_steps_policy": "dynamic"})  # fmt: skip
+    pipe = dittofx.optimize(tiny_flux_pipeline(), MASKED)
     for steps in (8, 8, 5, 12):
         generate(pipe, steps)
         (stats,) = dittofx.summary(pipe)
         assert stats.name == "transformer:transformer_blocks+single_transformer_blocks"
         assert stats.branch == "cond"  # FluxPipeline names its calls with cache_context("cond")
-        mask = dittofx.steps_mask(mask_policy="fast", total_steps=steps)
-        assert stats.computed_steps == [s for s in range(steps) if s < 2 or mask[s]]
-        assert stats.cached_steps == [s for s in range(2, steps) if not mask[s]]
+        assert (stats.computed_steps, stats.cached_steps) == masked_schedule(steps)
     assert "dittofx: FluxTransformer2DModel (transformer)" in dittofx.explain(pipe)
+
+
+SIGMAS = [1.0 - 0.09 * i for i in range(10)]
+
+
+def test_custom_sigmas_set_the_request_length():
+    """`sigmas` of length 10 with num_inference_steps left at FLUX's default 28 (or given as 5): the
+    loop runs 10 steps, so the schedule is the one for 10 steps, last step computed."""
+    assert transformer_calls(tiny_flux_pipeline(), sigmas=SIGMAS) == 10
+    pipe = dittofx.optimize(tiny_flux_pipeline(), MASKED)
+    for steps in (None, 5):
+        generate(pipe, steps, sigmas=SIGMAS)
+        (stats,) = dittofx.summary(pipe)
+        assert (stats.computed_steps, stats.cached_steps) == masked_schedule(10)
+        assert stats.computed_steps[-1] == 9
+    assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+    assert not {"set_timesteps", "set_begin_index"} & set(vars(pipe.scheduler))
+
+
+def tiny_vae() -> AutoencoderKL:
+    """Random weights; 4 levels so that FLUX's pipelines see the usual 8x downsampling."""
+    torch.manual_seed(0)
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                         shift_factor=0.0, scaling_factor=1.0)  # fmt: skip
+
+
+def test_img2img_strength_sets_the_request_length():
+    """strength=0.5 of 20 steps: FluxImg2ImgPipeline keeps the last 10 timesteps (`set_begin_index`)."""
+
+    def pipeline():
+        return FluxImg2ImgPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=None,
+                                   tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                   transformer=zoo.get("flux").build())  # fmt: skip
+
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    assert transformer_calls(pipeline(), steps=20, image=image, strength=0.5) == 10
+    pipe = dittofx.optimize(pipeline(), MASKED)
+    for steps, strength, runs in ((20, 0.5, 10), (12, 0.75, 9)):
+        generate(pipe, steps, image=image, strength=strength)
+        (stats,) = dittofx.summary(pipe)
+        assert (stats.computed_steps, stats.cached_steps) == masked_schedule(runs), (steps, strength)
+
+
+def test_scheduler_is_restored_after_a_call_that_raises():
+    """The scheduler object is shared with a plain pipeline: after an optimized call raises
+    mid-loop, it is of its own class again and the plain pipeline's output is unchanged."""
+    want = generate(tiny_flux_pipeline(), sigmas=SIGMAS)
+    pipe = dittofx.optimize(tiny_flux_pipeline(), MASKED)
+    plain = tiny_flux_pipeline()
+    plain.scheduler = pipe.scheduler
+
+    def fail(*_):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        generate(pipe, sigmas=SIGMAS, callback_on_step_end=fail)
+    assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+    assert not {"set_timesteps", "set_begin_index"} & set(vars(pipe.scheduler))
+    assert torch.equal(generate(plain, sigmas=SIGMAS), want)
+    generate(pipe, 8)  # the next call starts a request of its own length
+    (stats,) = dittofx.summary(pipe)
+    assert (stats.computed_steps, stats.cached_steps) == masked_schedule(8)
 
 
 def test_pipeline_errors():

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from diffusers import UniPCMultistepScheduler, WanPipeline
+from diffusers import FlowMatchHeunDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
 
 import dittofx
 import zoo
@@ -77,6 +77,33 @@ def test_each_expert_gets_the_preset_mask_for_its_own_share_of_every_call():
             mask = dittofx.steps_mask(mask_policy="fast", total_steps=n) if n else []
             assert stats[name, "cond"].computed_steps == [i for i in range(n) if i < 2 or mask[i]], (steps, name)
             assert stats[name, "cond"].cached_steps == [i for i in range(2, n) if not mask[i]], (steps, name)
+
+
+@pytest.mark.parametrize("experts", [1, 2])
+def test_an_order_2_scheduler_runs_each_expert_once_per_timestep(experts):
+    """Heun lists 2N-1 timesteps for N steps and the loop calls a transformer once per entry: each
+    transformer (Wan 2.1's one, or Wan 2.2's two split by the boundary) gets the schedule for the
+    calls it really gets, counted on a plain pipeline's calls."""
+
+    def pipeline():
+        second = {"transformer_2": expert(2), "boundary_ratio": BOUNDARY} if experts == 2 else {}
+        return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchHeunDiscreteScheduler(shift=3.0),
+                           transformer=expert(1), **second)  # fmt: skip
+
+    names = ["transformer", "transformer_2"][:experts]
+    plain, calls = pipeline(), dict.fromkeys(names, 0)
+    for name in names:
+        getattr(plain, name).register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    generate(plain, 8, guidance=1.0)
+    assert sum(calls.values()) == 15 and all(n > 2 for n in calls.values())
+    pipe = dittofx.optimize(pipeline(), {"residual_diff_threshold": 10.0, "max_warmup_steps": 2,
+                                         "scm_steps_mask_policy": "fast", "scm_steps_policy": "dynamic"})  # fmt: skip
+    generate(pipe, 8, guidance=1.0)
+    stats = by_expert(pipe)
+    for name, n in calls.items():
+        mask = dittofx.steps_mask(mask_policy="fast", total_steps=n)
+        assert stats[name, "cond"].computed_steps == [i for i in range(n) if i < 2 or mask[i]], name
+        assert stats[name, "cond"].cached_steps == [i for i in range(2, n) if not mask[i]], name
 
 
 def naive(transformer: torch.nn.Module, cfg: NaiveConfig) -> NaiveDBCache:
