@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import dittofx
 import zoo
+from host_reads import HostReads
 from reference import NaiveDBPrune
 
 STEPS = 10
@@ -49,38 +49,6 @@ def test_dbprune_matches_naive_reference(name, fn, bn, non_prune):
         assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5 * max(1.0, abs(b)), (stats.diffs, reference.diffs)
     for g, w in zip(got, expected):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
-
-
-class HostReads(TorchDispatchMode):
-    """Counts what would sync a GPU with the host: copies to the CPU, and scalar reads (`.item()`,
-    `bool()`, a torch.cond predicate) of anything that is not such a host copy (or a view of one).
-    On this CPU-only machine the copies are real `_to_copy` calls, so they are seen."""
-
-    supports_higher_order_operators = True
-
-    def __init__(self):
-        super().__init__()
-        self.copies = 0
-        self.reads = 0
-        self.host: set[int] = set()
-
-    def _on_host(self, t) -> bool:
-        return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.host
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.higher_order.cond:
-            pred, on_true, on_false, operands = args
-            self.reads += not self._on_host(pred)
-            with self:
-                return (on_true if pred else on_false)(*operands)
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default):
-            self.reads += not self._on_host(args[0])
-        out = func(*args, **kwargs)
-        if func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
-            self.copies += 1
-            self.host.add(out.untyped_storage().data_ptr())
-        return out
 
 
 def test_one_host_sync_per_step():

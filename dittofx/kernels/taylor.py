@@ -183,7 +183,7 @@ def taylor_update_(
     """If ``flag``: ``D0 = x - base``, ``D(i) = (D(i-1)_new - D(i-1)_old) / gap`` for ``i <= min(valid, k)``."""
     if use_triton(x):
         taylor_update_triton(derivs, x, base, valid, gap, flag)
-    elif bool(flag):  # a host read is free on CPU: cached steps skip the pass
+    elif flag.device.type != "cpu" or bool(flag):  # a host read is free on CPU only: cached steps skip the pass
         _update_torch(derivs, x, base, valid, gap, flag)
 
 

@@ -1,0 +1,37 @@
+"""An instrument for tests: what a step would make a GPU wait for."""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what would sync a GPU with the host: copies to the CPU, and scalar reads (`.item()`,
+    `bool()`, a torch.cond predicate) of anything that is not such a host copy (or a view of one).
+    On this CPU-only machine the copies are real `_to_copy` calls, so they are seen."""
+
+    supports_higher_order_operators = True
+
+    def __init__(self):
+        super().__init__()
+        self.copies = 0
+        self.reads = 0
+        self.host: set[int] = set()
+
+    def _on_host(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.host
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.higher_order.cond:
+            pred, on_true, on_false, operands = args
+            self.reads += not self._on_host(pred)
+            branch = on_true if pred else on_false  # read outside the mode: counted once, above
+            with self:
+                return branch(*operands)
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default):
+            self.reads += not self._on_host(args[0])
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
+            self.copies += 1
+            self.host.add(out.untyped_storage().data_ptr())
+        return out
