@@ -27,6 +27,8 @@ shared machine, not speed claims.
     python bench/e2e.py --device cpu     # small Wan for 2 cores -> bench/results/e2e_cpu_<date>.{json,md}
     python bench/e2e.py --device cpu --smoke                        # tiny PixArt: every row runs
     python bench/e2e.py --device cpu --smoke --model flux-tiny      # tiny FLUX: every row runs
+
+bench/gpu_session.sh splits the GPU runs into device calls of under 10 minutes.
 """
 
 from __future__ import annotations
