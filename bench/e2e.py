@@ -2,26 +2,33 @@
 
 The ideal for a schedule (issue 7) = computed steps x a full compiled step + cached steps x a
 compiled step of only prologue + Fn + Bn + epilogue (the same architecture built with Fn + Bn
-blocks). Rows, per cache config (the static "fast" mask; a dynamic threshold, vLLM-omni's default
-F1B0 W4 MC3 R0.24) and per torch.compile mode: cache-dit eager, cache-dit with its regional compile
-(diffusers' `compile_repeated_blocks`, where the model class has repeated blocks), cache-dit with
-full-model torch.compile, dittofx + torch.compile(fullgraph=True). Columns: request time; speed vs
-ideal (ideal s / row s); speed vs cache-dit (fastest cache-dit row of the config, s / row s: > 1 is
-ahead); cached-step cost (the row's median cached step / the ideal's cached step) and computed-step
-cost (/ the baseline's step); graph breaks and
-frames compiled while warming up; recompiles after warm-up; peak memory above what was allocated
-before the request (CUDA only); cache-state bytes. Every dittofx row's output is checked against
-the same config run eagerly.
+blocks; FLUX with F1B0: one double block, no single block). Rows, per cache config (cache-dit's
+static "fast" and "ultra" masks; a dynamic threshold, vLLM-omni's default F1B0 W4 MC3 R0.24) and
+per torch.compile mode: cache-dit eager, cache-dit with its regional compile (diffusers'
+`compile_repeated_blocks`, where the model class has repeated blocks), cache-dit with full-model
+torch.compile, dittofx + torch.compile(fullgraph=True). Columns: request time; speed vs ideal
+(ideal s / row s); speed vs cache-dit (fastest cache-dit row of the config, s / row s: > 1 is
+ahead); cached-step cost (the row's median cached step / the ideal's cached step) and
+computed-step cost (/ the baseline's step); graph breaks and frames compiled while warming up;
+recompiles after warm-up; peak memory above what was allocated before the request (CUDA only);
+cache-state bytes. Every dittofx row's output is checked against the same config run eagerly. A
+cache row that raises (cache-dit under CUDA graphs did) is recorded with its error and left out.
 
-Every row is built and warmed up (one request) first; then the rows are timed in interleaved rounds,
-one request per row per round, so that load changes on a shared machine fall on all rows alike.
-Times are medians over the rounds, per step (CUDA events, or time.perf_counter on CPU); a request
-is the sum of its steps' medians. On CPU the compiled rows use inductor's C++ backend and there are
-no CUDA-graph rows; the figures are ratios measured on a shared machine, not speed claims.
+All rows hold their own module objects over one seeded weight set (FLUX.1-dev is 24 GB in bf16:
+one copy per row would not fit), so every row is built and warmed up (one request) first; then the
+rows are timed in interleaved rounds, one request per row per round, so that load changes on a
+shared machine fall on all rows alike. Times are medians over the rounds, per step (CUDA events,
+or time.perf_counter on CPU); a request is the sum of its steps' medians. On CPU the compiled rows
+use inductor's C++ backend and there are no CUDA-graph rows; the figures are ratios measured on a
+shared machine, not speed claims.
 
     python bench/e2e.py --device cuda --out bench/results/e2e.json          # PixArt-alpha-512 shape
+    python bench/e2e.py --model flux-1024 --only static --modes default --repeats 3 --out ...
     python bench/e2e.py --device cpu     # small Wan for 2 cores -> bench/results/e2e_cpu_<date>.{json,md}
-    python bench/e2e.py --device cpu --smoke        # tiny PixArt: checks that every row runs
+    python bench/e2e.py --device cpu --smoke                        # tiny PixArt: every row runs
+    python bench/e2e.py --device cpu --smoke --model flux-tiny      # tiny FLUX: every row runs
+
+bench/gpu_session.sh splits the GPU runs into device calls of under 10 minutes.
 """
 
 from __future__ import annotations
@@ -35,40 +42,97 @@ _BENCH = Path(__file__).resolve().parent
 sys.path[:] = [str(_BENCH.parent) if Path(p or ".").resolve() == _BENCH else p for p in sys.path]
 
 import argparse
+import copy
+import itertools
 import json
 import platform
 import statistics
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import cache_dit
 import diffusers
 import torch
+from cache_dit.caching.patch_functors import FluxPatchFunctor
 from torch._dynamo.utils import counters
+from torch.utils._pytree import tree_map
 
 import dittofx
 
 STEPS = 28
+FN, BN = 1, 0  # blocks computed at every step, first and last: the F1B0 of every row
 RESULTS = _BENCH / "results"
 
 
 @dataclass(frozen=True)
 class Spec:
-    """A transformer shape to benchmark and how cache-dit adapts it."""
+    """A transformer shape to benchmark, its call inputs and how cache-dit adapts it."""
 
     cls: str  # diffusers class
     config: dict
-    latent: tuple[int, ...]  # latent shape (batch 1)
-    text: tuple[int, int]  # text tokens, text channels
-    blocks: str  # the block list cache-dit caches
-    pattern: str  # its cache-dit ForwardPattern
-    extra: dict = field(default_factory=dict)  # constant call kwargs besides latents, text, timestep
+    latent: tuple[int, ...]  # hidden_states (batch 1): the Euler loop's state
+    conditioning: Callable[[torch.Generator], dict]  # the call's other inputs, timestep aside (CPU, fp32)
+    cachedit_blocks: Callable[[torch.nn.Module], dict]  # cache-dit BlockAdapter fields: blocks and forward pattern
+    fn_bn_layers: dict  # config fields that leave only the Fn + Bn blocks (the ideal's cached step)
+    timestep_scale: float = 1000.0  # timestep at the start of the request (FLUX scales it by 1000 itself)
 
-    def build(self, device: str, dtype: torch.dtype, layers: int | None = None) -> torch.nn.Module:
+    def build(self, device: str, dtype: torch.dtype, **layers: int) -> torch.nn.Module:
+        """Random weights, seeded, initialized on `device` in `dtype` (FLUX.1-dev: 24 GB of bf16
+        never passes through 48 GB of fp32 on the host)."""
         torch.manual_seed(0)
-        config = dict(self.config, num_layers=layers or self.config["num_layers"])
-        return getattr(diffusers, self.cls)(**config).to(device, dtype).eval()
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = getattr(diffusers, self.cls)(**dict(self.config, **layers))
+        finally:
+            torch.set_default_dtype(default_dtype)
+        return model.to(device, dtype).eval()  # fp32 buffers (PixArt's pos_embed) too, as a bf16 load casts them
+
+
+def sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A new module object (its own forward, attributes and submodules for a library to patch or
+    compile) over `model`'s parameter and buffer tensors: all rows of a run hold one weight set."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return copy.deepcopy(model, {id(t): t for t in tensors})
+
+
+def text_inputs(tokens: int, channels: int, **constants: Any) -> Callable[[torch.Generator], dict]:
+    return lambda g: {"encoder_hidden_states": torch.randn(1, tokens, channels, generator=g), **constants}
+
+
+def flux_inputs(side: int, text_tokens: int, config: dict) -> Callable[[torch.Generator], dict]:
+    """FluxPipeline's transformer inputs for a side x side grid of packed latent tokens."""
+
+    def make(g: torch.Generator) -> dict:
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+        return {
+            "encoder_hidden_states": torch.randn(1, text_tokens, config["joint_attention_dim"], generator=g),
+            "pooled_projections": torch.randn(1, config["pooled_projection_dim"], generator=g),
+            "img_ids": img_ids, "txt_ids": torch.zeros(text_tokens, 3), "guidance": torch.full((1,), 3.5),
+        }  # fmt: skip
+
+    return make
+
+
+def one_block_list(name: str, pattern: str) -> Callable[[torch.nn.Module], dict]:
+    return lambda model: {"blocks": model.get_submodule(name), "forward_pattern": getattr(cache_dit.ForwardPattern, pattern)}
+
+
+def flux_block_chain(model: torch.nn.Module) -> dict:
+    """cache-dit 1.5.3's own FLUX adapter in its default form (caching/block_adapters/adapters.py,
+    CACHE_DIT_FLUX_ENABLE_DUMMY_BLOCKS=1): the double then the single blocks as one chain in one
+    context, Pattern_1 (the single blocks take and return the text stream too), as dittofx chains
+    them. Its other form, two lists, gives each list its own context and its own F1B0, so a cached
+    step would compute a double and a single block: not the ideal below."""
+    return {
+        "blocks": model.transformer_blocks + model.single_transformer_blocks, "blocks_name": "transformer_blocks",
+        "dummy_blocks_names": ["single_transformer_blocks"], "patch_functor": FluxPatchFunctor(),
+        "forward_pattern": cache_dit.ForwardPattern.Pattern_1,
+    }  # fmt: skip
 
 
 # PixArt-alpha 512 (0.6 B): 28 blocks, 16 heads x 72, 64x64 latents -> 1024 tokens, 120 text tokens
@@ -77,32 +141,58 @@ PIXART = dict(
     sample_size=64, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
     norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
 )  # fmt: skip
+PIXART_TINY = dict(PIXART, num_attention_heads=2, attention_head_dim=16, num_layers=6, sample_size=16, cross_attention_dim=32, caption_channels=32)
 PIXART_COND = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
 # Wan 2.1 layout at a size where 2 CPU cores spend their time in the blocks, not in Python:
-# 12 blocks, 4 heads x 64, 32x32 latents -> 256 tokens, 64 text tokens
+# 12 blocks, 3 heads x 64, 24x24 latents -> 144 tokens, 64 text tokens
 WAN_CPU = dict(
     patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=64, in_channels=16, out_channels=16,
     text_dim=256, freq_dim=256, ffn_dim=768, num_layers=12, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
 )  # fmt: skip
+# FLUX.1-dev (12 B): 19 double + 38 single blocks, 24 heads x 128; packed 2x2 latents: 64x64 tokens
+# at 1024^2, 32x32 at 512^2; 512 T5 text tokens (4096 channels), CLIP pooled projection (768), guidance
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+FLUX_TINY = dict(FLUX_DEV, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))  # fmt: skip
+ONE_LIST_FN_BN = {"num_layers": FN + BN}
+FLUX_FN_BN = {"num_layers": FN, "num_single_layers": BN}  # Fn double blocks first, Bn single blocks last
+
+
+def flux(config: dict, side: int, text_tokens: int) -> Spec:
+    return Spec("FluxTransformer2DModel", config, (1, side * side, config["in_channels"]), flux_inputs(side, text_tokens, config),
+                flux_block_chain, FLUX_FN_BN, timestep_scale=1.0)  # fmt: skip
+
+
 SPECS = {
-    "pixart": Spec("PixArtTransformer2DModel", PIXART, (1, 4, 64, 64), (120, 4096), "transformer_blocks", "Pattern_3", PIXART_COND),
-    "pixart-tiny": Spec(
-        "PixArtTransformer2DModel",
-        dict(PIXART, num_attention_heads=2, attention_head_dim=16, num_layers=6, sample_size=16, cross_attention_dim=32, caption_channels=32),
-        (1, 4, 16, 16), (120, 32), "transformer_blocks", "Pattern_3", PIXART_COND,
-    ),
-    "wan-cpu": Spec("WanTransformer3DModel", WAN_CPU, (1, 16, 1, 24, 24), (64, 256), "blocks", "Pattern_2"),
+    "pixart": Spec("PixArtTransformer2DModel", PIXART, (1, 4, 64, 64), text_inputs(120, 4096, **PIXART_COND),
+                   one_block_list("transformer_blocks", "Pattern_3"), ONE_LIST_FN_BN),
+    "pixart-tiny": Spec("PixArtTransformer2DModel", PIXART_TINY, (1, 4, 16, 16), text_inputs(120, 32, **PIXART_COND),
+                        one_block_list("transformer_blocks", "Pattern_3"), ONE_LIST_FN_BN),
+    "wan-cpu": Spec("WanTransformer3DModel", WAN_CPU, (1, 16, 1, 24, 24), text_inputs(64, 256),
+                    one_block_list("blocks", "Pattern_2"), ONE_LIST_FN_BN),
+    "flux-1024": flux(FLUX_DEV, 64, 512),
+    "flux-512": flux(FLUX_DEV, 32, 512),
+    "flux-tiny": flux(FLUX_TINY, 8, 32),
 }  # fmt: skip
 
-FN, BN = 1, 0
+
+def static_mask(policy: str) -> tuple[dict, dict]:
+    """cache-dit's preset steps mask: compute the 1 steps, cache the 0 steps without measuring a diff."""
+    return (
+        {"residual_diff_threshold": 1e9, "max_warmup_steps": 0, "scm_steps_mask_policy": policy, "scm_steps_policy": "static"},
+        {"residual_diff_threshold": 0.24, "max_warmup_steps": 0, "steps_computation_policy": "static",
+         "steps_computation_mask": cache_dit.steps_mask(mask_policy=policy, total_steps=STEPS)},
+    )  # fmt: skip
+
+
 # name -> (dittofx config, cache-dit DBCacheConfig fields): the same schedule rules on both sides
 CONFIGS = {
-    "static fast": (
-        {"residual_diff_threshold": 1e9, "max_warmup_steps": 0, "scm_steps_mask_policy": "fast", "scm_steps_policy": "static"},
-        {"residual_diff_threshold": 0.24, "max_warmup_steps": 0, "steps_computation_policy": "static",
-         "steps_computation_mask": cache_dit.steps_mask(mask_policy="fast", total_steps=STEPS)},
-    ),
+    "static fast": static_mask("fast"),
+    "static ultra": static_mask("ultra"),
     "dynamic F1B0 W4 MC3 R0.24": (
         {"residual_diff_threshold": 0.24, "max_warmup_steps": 4, "max_continuous_cached_steps": 3},
         {"residual_diff_threshold": 0.24, "max_warmup_steps": 4, "max_continuous_cached_steps": 3},
@@ -136,12 +226,14 @@ class Row:
     config: str | None  # cache config name; None for baseline / Fn+Bn only
     mode: str | None  # torch.compile mode; None: eager
     kind: str  # "baseline", "chain", "cache-dit", "dittofx"
-    model: Callable
+    model: Callable | None
     cached_steps: Callable[[], list[int]] = lambda: []
     state_bytes: Callable[[], int] = lambda: 0
     before_request: Callable[[], None] = lambda: None
+    eager: Callable | None = None  # dittofx rows: the optimized module before torch.compile
     steps: list[list[float]] = field(default_factory=list)  # per timed request, seconds per step
     stats: dict = field(default_factory=dict)
+    error: str | None = None  # the exception that stopped the row: it is left out of the timing
 
     def step_medians(self) -> list[float]:
         return [statistics.median(s) for s in zip(*self.steps)]
@@ -152,14 +244,14 @@ class Row:
         return sum(self.step_medians())
 
 
-def denoise(model: Callable, spec: Spec, latents: torch.Tensor, text: torch.Tensor, clock: Clock) -> tuple[torch.Tensor, list[float]]:
+def denoise(model: Callable, spec: Spec, latents: torch.Tensor, inputs: dict, clock: Clock) -> tuple[torch.Tensor, list[float]]:
     """A 28-step Euler loop (the scheduler's math is negligible next to the transformer)."""
     x = latents
     marks = [clock.mark()]
     for i in range(STEPS):
-        t = torch.full((1,), 1000.0 * (1 - i / STEPS), device=x.device, dtype=x.dtype)
-        v = model(hidden_states=x, encoder_hidden_states=text, timestep=t, return_dict=False, **spec.extra)[0]
-        x = x - v[:, : x.shape[1]] / STEPS
+        t = torch.full((1,), spec.timestep_scale * (1 - i / STEPS), device=x.device, dtype=x.dtype)
+        v = model(hidden_states=x, timestep=t, return_dict=False, **inputs)[0]
+        x = x - v[:, : x.shape[1]] / STEPS  # PixArt also predicts variance channels: the latent's only
         marks.append(clock.mark())
     return x, clock.seconds(marks)
 
@@ -170,22 +262,19 @@ def _compile_stats() -> tuple[int, int]:
 
 def _cachedit_context(model: torch.nn.Module):
     model = getattr(model, "_orig_mod", model)
-    (name,) = model._context_names  # one block list -> one cache-dit context
+    (name,) = model._context_names  # one block chain -> one cache-dit context (FLUX too: flux_block_chain)
     return model._context_manager.get_context(name)
 
 
-def _cachedit_row(spec: Spec, cname: str, how: str, mode: str | None, device: str, dtype: torch.dtype) -> Row | None:
+def _cachedit_row(spec: Spec, weights: torch.nn.Module, cname: str, how: str, mode: str | None) -> Row | None:
     """cache-dit on a bare transformer, as tests/test_cachedit_differential.py drives it; `how`:
     "eager", "regional" (compile_repeated_blocks, after enable_cache as cache-dit's own tools do)
     or "compile" (torch.compile of the whole cached transformer)."""
-    model = spec.build(device, dtype)
+    model = sharing_weights(weights)
     if how == "regional" and not getattr(model, "_repeated_blocks", None):
         return None
     fields = dict(CONFIGS[cname][1], Fn_compute_blocks=FN, Bn_compute_blocks=BN, num_inference_steps=STEPS, enable_separate_cfg=False)
-    adapter = cache_dit.BlockAdapter(
-        transformer=model, blocks=model.get_submodule(spec.blocks),
-        forward_pattern=getattr(cache_dit.ForwardPattern, spec.pattern), check_forward_pattern=False,
-    )  # fmt: skip
+    adapter = cache_dit.BlockAdapter(transformer=model, check_forward_pattern=False, **spec.cachedit_blocks(model))
     cache_dit.enable_cache(adapter, cache_config=cache_dit.DBCacheConfig(**fields))
     run = model
     if how == "regional":
@@ -203,56 +292,90 @@ def _cachedit_row(spec: Spec, cname: str, how: str, mode: str | None, device: st
     )  # fmt: skip
 
 
-def _dittofx_row(spec: Spec, cname: str, mode: str, device: str, dtype: torch.dtype) -> Row:
+def _dittofx_row(weights: torch.nn.Module, cname: str, mode: str) -> Row:
     cfg = dict(CONFIGS[cname][0], Fn_compute_blocks=FN, Bn_compute_blocks=BN, num_inference_steps=STEPS)
-    model = dittofx.optimize(spec.build(device, dtype), cfg)
+    model = dittofx.optimize(sharing_weights(weights), cfg)
     return Row(
         f"dittofx {cname} ({mode})", cname, mode, "dittofx", torch.compile(model, mode=mode, fullgraph=True),
         cached_steps=lambda: dittofx.summary(model, log_table=False)[0].cached_steps,
         state_bytes=lambda: sum(s.bytes() for s in model._dittofx.states.values()),
+        eager=model,
     )  # fmt: skip
 
 
-def build_rows(spec: Spec, modes: list[str], only: str | None, device: str, dtype: torch.dtype) -> list[Row]:
+def build_rows(spec: Spec, full: torch.nn.Module, fn_bn: torch.nn.Module, modes: list[str], only: str | None) -> list[Row]:
+    """Every row gets its own module objects over `full`'s (or `fn_bn`'s) weights."""
     rows = []
     for mode in modes:
-        rows.append(Row(f"baseline compiled ({mode})", None, mode, "baseline", torch.compile(spec.build(device, dtype), mode=mode, fullgraph=True)))
-        chain = torch.compile(spec.build(device, dtype, layers=FN + BN), mode=mode, fullgraph=True)
-        rows.append(Row(f"Fn+Bn only compiled ({mode})", None, mode, "chain", chain))
+        rows.append(Row(f"baseline compiled ({mode})", None, mode, "baseline", torch.compile(sharing_weights(full), mode=mode, fullgraph=True)))
+        rows.append(Row(f"Fn+Bn only compiled ({mode})", None, mode, "chain", torch.compile(sharing_weights(fn_bn), mode=mode, fullgraph=True)))
     for cname in CONFIGS:
         if only is not None and only not in cname:
             continue
-        rows.append(_cachedit_row(spec, cname, "eager", None, device, dtype))
+        rows.append(_cachedit_row(spec, full, cname, "eager", None))
         for mode in modes:
-            rows += [_cachedit_row(spec, cname, how, mode, device, dtype) for how in ("regional", "compile")]
-            rows.append(_dittofx_row(spec, cname, mode, device, dtype))
+            rows += [_cachedit_row(spec, full, cname, how, mode) for how in ("regional", "compile")]
+            rows.append(_dittofx_row(full, cname, mode))
     return [r for r in rows if r is not None]
 
 
-def measure(rows: list[Row], spec: Spec, latents: torch.Tensor, text: torch.Tensor, clock: Clock, repeats: int) -> dict[str, torch.Tensor]:
-    """Warm every row up (compiles), then time interleaved rounds. Returns each row's last output."""
-    outputs = {}
+def _stop(row: Row, err: Exception) -> None:
+    """A cache row that raises (e.g. cache-dit under CUDA graphs) stops; the run goes on without it.
+    The baseline and the Fn+Bn-only rows are the ideal's parts: their errors end the run."""
+    if row.kind in ("baseline", "chain"):
+        raise err
+    traceback.print_exc()
+    message = str(err).strip()
+    row.error = f"{type(err).__name__}: {message.splitlines()[0][:300]}" if message else type(err).__name__
+    row.model = row.eager = None
+    print(f"stopped {row.name}: {row.error}", flush=True)
+
+
+def measure(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, clock: Clock, repeats: int) -> tuple[dict, dict]:
+    """Warm every row up (compiles), then time interleaved rounds. Before its warm-up, the first
+    dittofx row of each config runs its module eagerly: that config's reference (one capture serves
+    both). Returns each row's last output and, per config, the reference (output, cached steps)."""
+    outputs, references = {}, {}
+    start = time.perf_counter()
     for row in rows:
-        graphs, breaks = _compile_stats()
-        row.before_request()
-        outputs[row.name], _ = denoise(row.model, spec, latents, text, clock)
-        graphs_after, breaks_after = _compile_stats()
-        row.stats = {"frames_compiled": graphs_after - graphs, "graph_breaks": breaks_after - breaks, "recompiles_after_warmup": 0}
-        print(f"warmed up {row.name}: {row.stats}", flush=True)
-    for _ in range(repeats):
-        for row in rows:
-            graphs, _ = _compile_stats()
+        try:
+            if row.eager is not None and row.config not in references:
+                out, _ = denoise(row.eager, spec, latents, inputs, clock)
+                references[row.config] = (out, row.cached_steps())
+            graphs, breaks = _compile_stats()
             row.before_request()
-            if clock.cuda:
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            outputs[row.name], seconds = denoise(row.model, spec, latents, text, clock)
+            began = time.perf_counter()
+            outputs[row.name], _ = denoise(row.model, spec, latents, inputs, clock)
+            warmup_s = time.perf_counter() - began
+        except Exception as err:
+            _stop(row, err)
+            continue
+        graphs_after, breaks_after = _compile_stats()
+        row.stats = {"frames_compiled": graphs_after - graphs, "graph_breaks": breaks_after - breaks, "recompiles_after_warmup": 0,
+                     "warmup_s": warmup_s}  # fmt: skip
+        memory = f", {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated" if clock.cuda else ""
+        print(f"[{time.perf_counter() - start:.0f} s] warmed up {row.name}: {row.stats}{memory}", flush=True)
+    for round_ in range(repeats):
+        for row in rows:
+            if row.error is not None:
+                continue
+            try:
+                graphs, _ = _compile_stats()
+                row.before_request()
+                if clock.cuda:
+                    torch.cuda.synchronize()
+                    before = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                outputs[row.name], seconds = denoise(row.model, spec, latents, inputs, clock)
+            except Exception as err:
+                _stop(row, err)
+                continue
             row.steps.append(seconds)
             if clock.cuda:
                 row.stats["peak_mem_mb"] = max(row.stats.get("peak_mem_mb", 0), (torch.cuda.max_memory_allocated() - before) / 2**20)
             row.stats["recompiles_after_warmup"] += _compile_stats()[0] - graphs
-    return outputs
+        print(f"[{time.perf_counter() - start:.0f} s] timed round {round_ + 1} of {repeats}", flush=True)
+    return outputs, references
 
 
 def report(rows: list[Row], outputs: dict, references: dict) -> list[dict]:
@@ -266,10 +389,14 @@ def report(rows: list[Row], outputs: dict, references: dict) -> list[dict]:
 
     cachedit_best: dict[str, float] = {}
     for row in rows:
-        if row.kind == "cache-dit":
+        if row.kind == "cache-dit" and row.error is None:
             cachedit_best[row.config] = min(cachedit_best.get(row.config, float("inf")), row.seconds())
+    vs_cachedit = lambda config, seconds: cachedit_best[config] / seconds if config in cachedit_best else None  # noqa: E731
     records = []
     for row in rows:
+        if row.error is not None:
+            records.append({"row": row.name, "kind": row.kind, "config": row.config, "mode": row.mode, "error": row.error})
+            continue
         rec = {"row": row.name, "kind": row.kind, "config": row.config, "mode": row.mode, "seconds": row.seconds(), **row.stats,
                "step_medians_s": row.step_medians()}  # fmt: skip
         if row.kind in ("cache-dit", "dittofx"):
@@ -278,11 +405,11 @@ def report(rows: list[Row], outputs: dict, references: dict) -> list[dict]:
             if row.kind == "dittofx":
                 records.append({"row": f"ideal {row.config} ({mode})", "kind": "ideal", "config": row.config, "mode": mode,
                                 "seconds": ideal(len(cached), mode), "cached": len(cached), "speed_vs_ideal": 1.0,
-                                "speed_vs_cachedit": cachedit_best[row.config] / ideal(len(cached), mode)})  # fmt: skip
+                                "speed_vs_cachedit": vs_cachedit(row.config, ideal(len(cached), mode))})  # fmt: skip
             rec.update(
                 cached=len(cached), cached_steps=cached,
                 ideal_s=ideal(len(cached), mode), speed_vs_ideal=ideal(len(cached), mode) / row.seconds(),
-                speed_vs_cachedit=cachedit_best[row.config] / row.seconds(),
+                speed_vs_cachedit=vs_cachedit(row.config, row.seconds()),
                 cached_step_vs_ideal=statistics.median(medians[s] for s in cached) / chain[mode] if cached else None,
                 computed_step_vs_baseline=statistics.median(computed) / full[mode],
                 state_bytes=row.state_bytes(),
@@ -296,7 +423,19 @@ def report(rows: list[Row], outputs: dict, references: dict) -> list[dict]:
     return records
 
 
-def markdown(meta: dict, records: list[dict], cpu: bool) -> str:
+def schedule_problems(records: list[dict]) -> list[str]:
+    """What says a row did not run the schedule it should: a stopped row; a dittofx row whose
+    compiled schedule is not its eager one; under a static mask, two rows caching different steps."""
+    problems = [f"{r['row']}: stopped ({r['error']})" for r in records if "error" in r]
+    problems += [f"{r['row']}: schedule differs from eager dittofx" for r in records if r["kind"] == "dittofx" and not r["same_schedule_as_eager"]]
+    for cname, (cfg, _) in CONFIGS.items():
+        schedules = {r["row"]: r["cached_steps"] for r in records if r["config"] == cname and "cached_steps" in r}
+        if cfg.get("scm_steps_policy") == "static" and len({tuple(s) for s in schedules.values()}) > 1:
+            problems.append(f"{cname}: rows cached different steps: {schedules}")
+    return problems
+
+
+def markdown(meta: dict, records: list[dict], problems: list[str], cpu: bool) -> str:
     lines = [f"# End-to-end, {meta['model']}, {meta['device']} — {meta['date']}", ""]
     if cpu:
         lines += [
@@ -306,6 +445,8 @@ def markdown(meta: dict, records: list[dict], cpu: bool) -> str:
         ]
     lines += [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in meta.items()]
     lines += [
+        "- timing: every row holds its own module objects over one seeded weight set; all rows were built and warmed up, "
+        "then timed in interleaved rounds (one request per row per round); a request = the sum of its steps' medians over the rounds.",
         "- speed vs ideal = ideal s / row s; speed vs cache-dit = fastest cache-dit row of the config, s / row s (> 1: ahead); "
         "cached step = the row's median cached step / the Fn+Bn-only compiled step; computed step = the row's median computed step / the baseline's; recompiles counted after the warm-up request.",
         "- peak memory: " + ("not measured on CPU (no allocator statistics without tracemalloc, which would slow every row)." if cpu else "CUDA bytes above what was allocated before the request."),
@@ -317,7 +458,7 @@ def markdown(meta: dict, records: list[dict], cpu: bool) -> str:
     ]  # fmt: skip
     fmt = lambda v, f="{:.3f}": "" if v is None else f.format(v)  # noqa: E731
     for r in records:
-        if r["kind"] in ("baseline", "chain"):
+        if r["kind"] in ("baseline", "chain") or "error" in r:
             continue
         if r["kind"] == "ideal":
             lines.append(f"| *{r['row']}* | {r['cached']} | 1 | {fmt(r['speed_vs_cachedit'])} | 1 | 1 | | | | |" + ("" if cpu else " |") + " |")
@@ -332,6 +473,10 @@ def markdown(meta: dict, records: list[dict], cpu: bool) -> str:
     step = {(r["kind"], r["mode"]): statistics.median(r["step_medians_s"]) for r in records if r["kind"] in ("baseline", "chain")}
     ratios = [f"{step[('baseline', m)] / step[('chain', m)]:.2f} ({m})" for k, m in step if k == "baseline"]
     lines += ["", f"The ideal's parts: one baseline step costs {', '.join(ratios)} Fn+Bn-only steps."]
+    if problems:
+        lines += ["", "Checks failed:", *[f"- {p}" for p in problems]]
+    else:
+        lines += ["", "Checks: every row ran; dittofx's compiled schedules are its eager ones; under static masks all rows cached the same steps."]
     return "\n".join(lines) + "\n"
 
 
@@ -339,10 +484,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default=None, choices=sorted(SPECS), help="default: pixart on CUDA, wan-cpu on CPU, pixart-tiny with --smoke")
-    ap.add_argument("--smoke", action="store_true", help="tiny model: checks that every row runs, no speed claims")
+    ap.add_argument("--smoke", action="store_true", help="tiny model: checks that every row runs, no speed claims; exits 1 on a failed check")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=None, help="JSON path (CPU default: bench/results/e2e_cpu_<date>.json, with a .md beside it)")
-    ap.add_argument("--only", default=None, help="run only the configs whose name contains this")
+    ap.add_argument("--only", default=None, help='run only the configs whose name contains this ("static": fast and ultra)')
     ap.add_argument("--modes", default=None, help="comma-separated torch.compile modes (default: both on CUDA)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: on a shared 2-core machine two "
                     "threads per process made steps 2-4x slower and far noisier than one)")  # fmt: skip
@@ -361,32 +506,32 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(*spec.latent, generator=g).to(device, dtype)
-    text = torch.randn(1, *spec.text, generator=g).to(device, dtype)
+    inputs = tree_map(lambda t: t.to(device, dtype) if isinstance(t, torch.Tensor) else t, spec.conditioning(g))
     clock = Clock(device)
-    references = {}
     with torch.no_grad():
-        for cname, (cfg, _) in CONFIGS.items():
-            if args.only is None or args.only in cname:
-                eager = dittofx.optimize(spec.build(device, dtype), dict(cfg, Fn_compute_blocks=FN, Bn_compute_blocks=BN, num_inference_steps=STEPS))
-                out, _ = denoise(eager, spec, latents, text, clock)
-                references[cname] = (out, dittofx.summary(eager, log_table=False)[0].cached_steps)
-        rows = build_rows(spec, modes, args.only, device, dtype)
-        outputs = measure(rows, spec, latents, text, clock, args.repeats)
+        full = spec.build(device, dtype)
+        fn_bn = spec.build(device, dtype, **spec.fn_bn_layers)
+        rows = build_rows(spec, full, fn_bn, modes, args.only)
+        outputs, references = measure(rows, spec, latents, inputs, clock, args.repeats)
     records = report(rows, outputs, references)
     for r in records:
         print(json.dumps({k: v for k, v in r.items() if k not in ("cached_steps", "step_medians_s")}), flush=True)
+    problems = schedule_problems(records)
+    print("checks:", "ok" if not problems else "\n  ".join(["FAILED", *problems]), flush=True)
 
     meta = {
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if not cpu else f"CPU: {_cpu_name()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "cache-dit": getattr(cache_dit, "__version__", "?"),
-        "dtype": str(dtype), "model": model_name, "steps": STEPS, "repeats": args.repeats,
-        "command": "python " + " ".join(sys.argv),
+        "dtype": str(dtype), "model": model_name, "weights_gib": round(sum(p.numel() * p.element_size() for p in full.parameters()) / 2**30, 2),
+        "steps": STEPS, "repeats": args.repeats, "command": "python " + " ".join(sys.argv),
     }  # fmt: skip
     out = Path(args.out) if args.out else (RESULTS / f"e2e_cpu_{meta['date']}.json" if cpu and not args.smoke else None)
     if out is not None:
-        out.write_text(json.dumps({"meta": meta, "rows": records}, indent=1))
-        out.with_suffix(".md").write_text(markdown(meta, records, cpu))
+        out.write_text(json.dumps({"meta": meta, "rows": records, "problems": problems}, indent=1))
+        out.with_suffix(".md").write_text(markdown(meta, records, problems, cpu))
         print(f"wrote {out} and {out.with_suffix('.md')}")
+    if args.smoke and problems:
+        sys.exit(1)
 
 
 def _cpu_name() -> str:

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 7's GPU runs, in device calls that each end inside the device tool's 10-minute limit.
+#
+# Here, once (pip reaches the registry here, not there):  bash ../shared/gpu/wheels.sh
+# Then each call, from the repository root there, with carry [".whl"] and timeout_s 600:
+#     bash bench/gpu_session.sh 1          # a call by number (table below), or steps by name:
+#     bash bench/gpu_session.sh pixart-dynamic kernels
+# Every step writes $OUT/<step>.json (+ .md beside it for e2e steps); $OUT/call.log holds all
+# output, with each row's warm-up seconds (mostly compile). A step starts only when the call has
+# its estimated seconds left, and is stopped when the call's time is up, so the call always
+# returns what finished. The estimates were made without a GPU (bench/README.md): replace them
+# with the logged times once a call has run.
+set -uo pipefail
+: "${OUT:?OUT must name the folder whose files come back (the device tool sets it)}"
+(($#)) || { echo "usage: bash bench/gpu_session.sh CALL|STEP..." >&2; exit 2; }
+budget=${BUDGET_S:-570} # seconds for this call: the device tool stops a command at 600
+log=$OUT/call.log
+
+# step -> "estimated seconds | command arguments"; FLUX rows hold one 22 GiB bf16 weight set
+declare -A STEP=(
+    [kernels]="120 | bench/kernels.py --sweep --reduce-config auto --rotate-l2 8"
+    [pixart-static]="330 | bench/e2e.py --model pixart --only static --repeats 7"
+    [pixart-dynamic]="220 | bench/e2e.py --model pixart --only dynamic --repeats 7"
+    [flux1024-fast-default]="360 | bench/e2e.py --model flux-1024 --only fast --modes default --repeats 3"
+    [flux1024-ultra-default]="180 | bench/e2e.py --model flux-1024 --only ultra --modes default --repeats 3"
+    [flux1024-fast-ro]="360 | bench/e2e.py --model flux-1024 --only fast --modes reduce-overhead --repeats 3"
+    [flux1024-ultra-ro]="180 | bench/e2e.py --model flux-1024 --only ultra --modes reduce-overhead --repeats 3"
+    [flux512-fast-default]="330 | bench/e2e.py --model flux-512 --only fast --modes default --repeats 3"
+    [flux512-ultra-default]="170 | bench/e2e.py --model flux-512 --only ultra --modes default --repeats 3"
+    [flux512-fast-ro]="330 | bench/e2e.py --model flux-512 --only fast --modes reduce-overhead --repeats 3"
+    [flux512-ultra-ro]="170 | bench/e2e.py --model flux-512 --only ultra --modes reduce-overhead --repeats 3"
+    [flux1024-dynamic-default]="420 | bench/e2e.py --model flux-1024 --only dynamic --modes default --repeats 3"
+    [flux1024-dynamic-ro]="420 | bench/e2e.py --model flux-1024 --only dynamic --modes reduce-overhead --repeats 3"
+    [flux512-dynamic-default]="380 | bench/e2e.py --model flux-512 --only dynamic --modes default --repeats 3"
+    [flux512-dynamic-ro]="380 | bench/e2e.py --model flux-512 --only dynamic --modes reduce-overhead --repeats 3"
+)
+# the calls, in the order of what issue 7's acceptance needs first
+CALLS=(
+    ""
+    "pixart-static pixart-dynamic kernels"
+    "flux1024-fast-default flux1024-ultra-default"
+    "flux1024-fast-ro flux1024-ultra-ro"
+    "flux512-fast-default flux512-ultra-default"
+    "flux512-fast-ro flux512-ultra-ro"
+    "flux1024-dynamic-default"
+    "flux1024-dynamic-ro"
+    "flux512-dynamic-default"
+    "flux512-dynamic-ro"
+)
+
+steps=()
+for arg; do
+    if [[ $arg =~ ^[0-9]+$ ]]; then
+        ((arg >= 1 && arg < ${#CALLS[@]})) || { echo "no call $arg" >&2; exit 2; }
+        read -ra more <<<"${CALLS[arg]}"
+        steps+=("${more[@]}")
+    elif [[ -v STEP[$arg] ]]; then
+        steps+=("$arg")
+    else
+        echo "no step $arg; steps: $(printf '%s\n' "${!STEP[@]}" | sort | xargs)" >&2
+        exit 2
+    fi
+done
+
+# the install line ../shared/gpu/wheels.sh prints (diffusers, cache-dit, torchao, carried in .whl/)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor # steps of one call share compiled graphs
+
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee -a "$log"
+for name in "${steps[@]}"; do
+    estimate=${STEP[$name]%% |*}
+    read -ra cmd <<<"${STEP[$name]#*| }"
+    left=$((budget - SECONDS))
+    if ((left < estimate)); then
+        echo "== $name: skipped, ${left} s left, estimated ${estimate} s" | tee -a "$log"
+        continue
+    fi
+    echo "== $name: starts at ${SECONDS} s, estimated ${estimate} s, limit ${left} s" | tee -a "$log"
+    timeout -k 10 "$left" python3 "${cmd[@]}" --out "$OUT/$name.json" 2>&1 | tee -a "$log" | grep -v '\[Cache-DiT\]'
+    echo "== $name: exit ${PIPESTATUS[0]} at ${SECONDS} s of the call" | tee -a "$log"
+done
+grep -h '^==' "$log"
