@@ -35,3 +35,14 @@ class HostReads(TorchDispatchMode):
             self.copies += 1
             self.host.add(out.untyped_storage().data_ptr())
         return out
+
+
+def reads_per_step(model, z, steps: int) -> list[tuple[int, int]]:
+    """(host copies, scalar reads) of each step of one request of zoo model `z`."""
+    per_step = []
+    with torch.no_grad():
+        for s in range(steps):
+            with HostReads() as mode:
+                model(**z.inputs(s, 1 - s / steps))
+            per_step.append((mode.copies, mode.reads))
+    return per_step

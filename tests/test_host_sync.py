@@ -8,7 +8,7 @@ import torch
 
 import dittofx
 import zoo
-from host_reads import HostReads
+from host_reads import reads_per_step
 
 STEPS = 12
 FAST = dittofx.steps_mask(mask_policy="fast", total_steps=STEPS)
@@ -27,16 +27,6 @@ CASES = {  # config, the steps the host decides (worked out here from SPEC ยง3/ย
     ),
     "teacache": ({"method": "teacache", "rel_l1_thresh": 0.3, "coefficients": [1.0, 0.0]}, {0, STEPS - 1}),
 }  # fmt: skip
-
-
-def reads_per_step(model, z, steps: int) -> list[tuple[int, int]]:
-    per_step = []
-    with torch.no_grad():
-        for s in range(steps):
-            with HostReads() as mode:
-                model(**z.inputs(s, 1 - s / steps))
-            per_step.append((mode.copies, mode.reads))
-    return per_step
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
