@@ -2,18 +2,19 @@
 `optimize` tunes (issue 7 item 5): none across the steps and requests of one resolution, at most
 two across four resolutions. Outputs and schedules equal those of the same model run eagerly.
 
-Wan, not PixArt: PixArt's PatchEmbed compares its sizes in Python, so each new resolution is
-captured again with static shapes (tests/test_shapes.py) and brings its own graphs, which dynamo
-must compile (two per resolution). Wan's capture stays symbolic: one graph per variant serves
-every resolution, and dynamo recompiles each variant once, with dynamic shapes, at the second.
-Two blocks (the zoo's Wan has four): each inductor compile here costs 15-60 s, and the chain
-F1 | middle 1 | B0 is all the schedule needs.
+Wan's capture stays symbolic: one graph per variant serves every resolution, and dynamo recompiles
+each variant once, with dynamic shapes, at the second. Two blocks (the zoo's Wan has four): each
+inductor compile here costs 15-60 s, and the chain F1 | middle 1 | B0 is all the schedule needs.
+PixArt's PatchEmbed compares its sizes in Python (its table for the first size, a new one for any
+other), so its first capture serves only the first size and a second, at the second size, serves
+the rest: counted with dynamo's eager backend (the frames compiled do not depend on the backend).
 """
 
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import dittofx
+import test_shapes
 import zoo
 
 STEPS = 28
@@ -59,3 +60,25 @@ def test_recompiles_across_steps_requests_and_resolutions():
     assert frames[:REQUESTS] == [2] * REQUESTS, frames
     # new resolutions: each variant recompiles once, with dynamic shapes, then serves all sizes
     assert frames[-1] - frames[REQUESTS - 1] <= 2, frames
+
+
+def test_pixart_two_captures_serve_four_resolutions():
+    z = zoo.get("pixart")
+    cfg = {"residual_diff_threshold": 0.2, "max_warmup_steps": 1, "num_inference_steps": 4}
+    torch._dynamo.reset()
+    model = dittofx.optimize(z.build(), cfg)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    frames = []
+    for side in (8, 8, 16, 12, 20):
+        steps = test_shapes.request(1, side, seed=side)
+        got, got_cached = run(compiled, steps)
+        want, want_cached = run(dittofx.optimize(z.build(), cfg), steps)  # a fresh model: its own capture
+        assert got_cached == want_cached
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        frames.append(counter.frame_count)
+    assert [bool(e.captured.dynamic_dims) for e in model._dittofx.entries] == [True, True]
+    # two variants (warmup's compute graph, then the device decision) per capture, each compiled
+    # once: none for the second request, two at the second size, none after
+    assert frames == [2, 2, 4, 4, 4], frames

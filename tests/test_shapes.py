@@ -44,6 +44,31 @@ def test_batch_and_resolution_changes_between_requests():
     # batch 1 was specialized by export, so batch 3 is captured again; 16x16 too, but for another
     # reason: PixArt's PatchEmbed keeps a table for its first size and compares sizes in Python,
     # which export traced without a guard; the first call at 16x16 checks the symbolic graph against
-    # the original forward, sees it is wrong there, and captures static shapes instead
+    # the original forward, sees it is wrong there, and captures again, symbolically: that graph
+    # computes the table for any size (tests/test_recompiles.py: it serves three more resolutions)
     assert len(model._dittofx.entries) == 3
-    assert model._dittofx.entries[2].captured.dynamic_dims == {}
+    assert model._dittofx.entries[2].captured.dynamic_dims
+
+
+def test_graphs_wrong_at_new_sizes_get_one_symbolic_recapture_then_static_ones(monkeypatch):
+    """The capture policy on its own: every symbolic graph is declared wrong at sizes it was not
+    captured at (a model whose size-dependent Python export misses at every size)."""
+    z = zoo.get("pixart")
+    model = dittofx.optimize(z.build(), CFG)
+    engine = model._dittofx
+    checked = []
+
+    def wrong_elsewhere(entry, args, kwargs):
+        checked.append(entries.index(entry))
+        return False
+
+    entries = engine.entries
+    monkeypatch.setattr(engine, "_still_valid", wrong_elsewhere)
+    for side in (8, 16, 12, 12, 8):
+        got, _ = run(model, request(1, side, seed=side))
+        want, _ = run(dittofx.optimize(z.build(), CFG), request(1, side, seed=side))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert [bool(e.captured.dynamic_dims) for e in entries] == [True, True, False]  # 8, 16 symbolic; 12 static
+    assert [e.recaptured for e in entries] == [False, True, True]
+    assert checked == [0, 0, 1]  # at 16: the first graph; at 12: both symbolic ones; the sizes seen are not checked again

@@ -50,6 +50,7 @@ class Entry:
     state_nodes: list[fx.Node]  # nodes whose shapes size the state: the signal, then each stored residual
     region_counts: dict[str, int] = field(default_factory=dict)
     pruned_blocks: list[int] = field(default_factory=list)  # DBPrune: chain positions of the prunable blocks
+    recaptured: bool = False  # captured because the graphs of the same input structure were wrong at new sizes
     # concrete input shapes the graph is known to be right for -> the state shapes they need
     # (p, then each carried middle output): worked out once per size, not per step
     state_shapes: dict[tuple, tuple] = field(default_factory=dict)
@@ -179,16 +180,17 @@ class Engine:
         for entry in self.entries:
             if sizes in entry.state_shapes:
                 return entry, sizes
-        structure_seen = False
-        for entry in self.entries:
-            if input_key(args, kwargs, entry.captured.dynamic_dims) != entry.key:
-                continue
-            structure_seen = True
+        same_structure = [e for e in self.entries if input_key(args, kwargs, e.captured.dynamic_dims) == e.key]
+        for entry in same_structure:
             if self._still_valid(entry, args, kwargs):
                 entry.state_shapes[sizes] = _state_shapes(entry, leaves)
                 return entry, sizes
-        # a symbolic graph that was wrong at these sizes is not captured symbolically again
-        entry = self._build(args, kwargs, dynamic=not structure_seen)
+        # A symbolic graph wrong at these sizes took a size-dependent branch without a guard, e.g.
+        # PixArt's PatchEmbed: its table for the first size, or a new table for any other size. A
+        # second symbolic capture, at other sizes, takes the general branch and serves the rest;
+        # where a second capture is wrong too, each new size gets a static capture.
+        entry = self._build(args, kwargs, dynamic=not any(e.recaptured for e in same_structure))
+        entry.recaptured = bool(same_structure)
         entry.state_shapes[sizes] = _state_shapes(entry, leaves)
         self.entries.append(entry)
         return entry, sizes
