@@ -294,21 +294,27 @@ def _cachedit_row(spec: Spec, weights: torch.nn.Module, cname: str, how: str, mo
 
 # Dynamic decisions under CUDA graphs (issue 7 item 3). Inductor's CUDA graphs skip a graph holding
 # a torch.cond (its cond reads the predicate on the host), so the dynamic graph runs without them
-# under mode="reduce-overhead". Two other ways, timed against the reduce-overhead ideal:
+# under mode="reduce-overhead". Other ways, timed against the reduce-overhead ideal, as
+# (dittofx.optimize arguments, torch.compile arguments):
+# - split_at_decision: the head (prologue, Fn, gates, diff) runs before the forward, the host reads
+#   its decision, the forward runs a cond-free tail: CUDA graphs hold every graph; the head
+#   compiled with reduce-overhead too, or eager;
 # - dynamo's "cudagraphs" backend (no inductor): cudagraph trees record the cond as CUDA-graph
 #   conditional nodes, so nothing syncs, but the kernels are eager ones, unfused;
 # - inductor's graph partitions: the parts around the cond are CUDA-graphed, the cond itself (the
 #   middle blocks, on computed steps) runs outside them after a host read of the predicate.
 CUDAGRAPH_VARIANTS = {
-    "backend=cudagraphs": {"backend": "cudagraphs"},
-    "graph_partition": {"options": {"triton.cudagraphs": True, "graph_partition": True}},
+    "split_at_decision, head reduce-overhead": ({"split_at_decision": {"mode": "reduce-overhead"}}, {"mode": "reduce-overhead"}),
+    "split_at_decision, head eager": ({"split_at_decision": True}, {"mode": "reduce-overhead"}),
+    "backend=cudagraphs": ({}, {"backend": "cudagraphs"}),
+    "graph_partition": ({}, {"options": {"triton.cudagraphs": True, "graph_partition": True}}),
 }
 
 
 def _dittofx_row(weights: torch.nn.Module, cname: str, mode: str, variant: str | None = None) -> Row:
     cfg = dict(CONFIGS[cname][0], Fn_compute_blocks=FN, Bn_compute_blocks=BN, num_inference_steps=STEPS)
-    model = dittofx.optimize(sharing_weights(weights), cfg)
-    how = CUDAGRAPH_VARIANTS[variant] if variant else {"mode": mode}
+    options, how = CUDAGRAPH_VARIANTS[variant] if variant else ({}, {"mode": mode})
+    model = dittofx.optimize(sharing_weights(weights), cfg, **options)
     return Row(
         f"dittofx {cname} ({variant or mode})", cname, mode, "dittofx", torch.compile(model, fullgraph=True, **how),
         cached_steps=lambda: dittofx.summary(model, log_table=False)[0].cached_steps,
@@ -317,7 +323,9 @@ def _dittofx_row(weights: torch.nn.Module, cname: str, mode: str, variant: str |
     )  # fmt: skip
 
 
-def build_rows(spec: Spec, full: torch.nn.Module, fn_bn: torch.nn.Module, modes: list[str], only: str | None) -> list[Row]:
+def build_rows(
+    spec: Spec, full: torch.nn.Module, fn_bn: torch.nn.Module, modes: list[str], only: str | None, variants: bool = False
+) -> list[Row]:
     """Every row gets its own module objects over `full`'s (or `fn_bn`'s) weights."""
     rows = []
     for mode in modes:
@@ -330,7 +338,7 @@ def build_rows(spec: Spec, full: torch.nn.Module, fn_bn: torch.nn.Module, modes:
         for mode in modes:
             rows += [_cachedit_row(spec, full, cname, how, mode) for how in ("regional", "compile")]
             rows.append(_dittofx_row(full, cname, mode))
-            if mode == "reduce-overhead" and cname.startswith("dynamic"):
+            if variants and mode == "reduce-overhead" and cname.startswith("dynamic"):
                 rows += [_dittofx_row(full, cname, mode, variant) for variant in CUDAGRAPH_VARIANTS]
     return [r for r in rows if r is not None]
 
@@ -505,6 +513,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=None, help="JSON path (CPU default: bench/results/e2e_cpu_<date>.json, with a .md beside it)")
     ap.add_argument("--only", default=None, help='run only the configs whose name contains this ("static": fast and ultra)')
+    ap.add_argument("--variants", action="store_true", help="dynamic configs with reduce-overhead: also the other ways to "
+                    "CUDA graphs (CUDAGRAPH_VARIANTS: split_at_decision, the cudagraphs backend, graph partitions)")
     ap.add_argument("--modes", default=None, help="comma-separated torch.compile modes (default: both on CUDA)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: on a shared 2-core machine two "
                     "threads per process made steps 2-4x slower and far noisier than one)")  # fmt: skip
@@ -528,7 +538,7 @@ def main() -> None:
     with torch.no_grad():
         full = spec.build(device, dtype)
         fn_bn = spec.build(device, dtype, **spec.fn_bn_layers)
-        rows = build_rows(spec, full, fn_bn, modes, args.only)
+        rows = build_rows(spec, full, fn_bn, modes, args.only, args.variants)
         outputs, references = measure(rows, spec, latents, inputs, clock, args.repeats)
     records = report(rows, outputs, references)
     for r in records:

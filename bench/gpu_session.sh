@@ -20,7 +20,7 @@ log=$OUT/call.log
 declare -A STEP=(
     [kernels]="120 | bench/kernels.py --sweep --reduce-config auto --rotate-l2 8"
     [pixart-static]="330 | bench/e2e.py --model pixart --only static --repeats 7"
-    [pixart-dynamic]="300 | bench/e2e.py --model pixart --only dynamic --repeats 7"
+    [pixart-dynamic]="420 | bench/e2e.py --model pixart --only dynamic --variants --repeats 7"
     [flux1024-fast-default]="360 | bench/e2e.py --model flux-1024 --only fast --modes default --repeats 3"
     [flux1024-ultra-default]="180 | bench/e2e.py --model flux-1024 --only ultra --modes default --repeats 3"
     [flux1024-fast-ro]="360 | bench/e2e.py --model flux-1024 --only fast --modes reduce-overhead --repeats 3"
@@ -30,9 +30,9 @@ declare -A STEP=(
     [flux512-fast-ro]="330 | bench/e2e.py --model flux-512 --only fast --modes reduce-overhead --repeats 3"
     [flux512-ultra-ro]="170 | bench/e2e.py --model flux-512 --only ultra --modes reduce-overhead --repeats 3"
     [flux1024-dynamic-default]="420 | bench/e2e.py --model flux-1024 --only dynamic --modes default --repeats 3"
-    [flux1024-dynamic-ro]="520 | bench/e2e.py --model flux-1024 --only dynamic --modes reduce-overhead --repeats 3"
+    [flux1024-dynamic-ro]="420 | bench/e2e.py --model flux-1024 --only dynamic --modes reduce-overhead --repeats 3"
     [flux512-dynamic-default]="380 | bench/e2e.py --model flux-512 --only dynamic --modes default --repeats 3"
-    [flux512-dynamic-ro]="480 | bench/e2e.py --model flux-512 --only dynamic --modes reduce-overhead --repeats 3"
+    [flux512-dynamic-ro]="380 | bench/e2e.py --model flux-512 --only dynamic --modes reduce-overhead --repeats 3"
 )
 # the calls, in the order of what issue 7's acceptance needs first
 CALLS=(

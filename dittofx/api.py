@@ -58,6 +58,7 @@ def optimize(
     example_inputs: tuple[tuple, dict] | None = None,
     process_group: Any = None,
     params_modifiers: Mapping[str, Any] | list[Any] | None = None,
+    split_at_decision: bool | dict[str, Any] = False,
 ) -> Any:
     """Enable step caching on `model` in place and return it.
 
@@ -74,9 +75,17 @@ def optimize(
     `{"transformer_2": {"max_warmup_steps": 2}}` or a list with one entry per transformer in
     pipeline order (None keeps the shared config); a dict changes only the fields it names, a
     config object (or a dict naming another "method") replaces the whole config.
+    `split_at_decision`: a step decided on the device (the threshold gates) runs in two graphs
+    instead of one with a torch.cond: a head (prologue, Fn, gates, diff) run before the forward,
+    the host's read of its decision (the one sync the cond makes too), then a cond-free tail that
+    computes the middle or applies the cache: inductor runs no CUDA graph for a graph holding a
+    torch.cond, so this is the way to CUDA graphs (`mode="reduce-overhead"`) with dynamic
+    decisions. The head runs eagerly, or compiled with `torch.compile(head, fullgraph=True, **d)`
+    when a dict `d` is given (e.g. `{"mode": "reduce-overhead"}`). DBCache and TeaCache.
     """
+    split = _split_option(split_at_decision, cache_config)
     if is_pipeline(model):
-        return _optimize_pipeline(model, cache_config, process_group, params_modifiers)
+        return _optimize_pipeline(model, cache_config, process_group, params_modifiers, split_at_decision)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model={type(model).__name__}: must be a torch.nn.Module (a diffusers transformer) or a DiffusionPipeline")
     if "_dittofx" in model.__dict__:
@@ -87,12 +96,28 @@ def optimize(
     if example_inputs is not None:
         _check_example_inputs(example_inputs)
     _warn_if_never_caches(cfg)
-    engine = Engine(model, cfg, _group_name(context_parallel_group(model) if process_group is None else process_group))
+    engine = Engine(model, cfg, _group_name(context_parallel_group(model) if process_group is None else process_group), split)
     if example_inputs is not None:
         engine.prepare(*example_inputs)  # captures now; raises before anything is attached
     engine.attach()
     _tune_dynamo()
     return model
+
+
+def _split_option(split_at_decision: Any, cache_config: Any) -> dict | None:
+    """`split_at_decision` as the engine takes it: None (off), or torch.compile arguments for the head."""
+    if split_at_decision is False:
+        return None
+    if split_at_decision is not True and not isinstance(split_at_decision, Mapping):
+        raise TypeError(
+            f"split_at_decision={split_at_decision!r}: must be True, False or a dict of torch.compile arguments for the head"
+        )
+    if isinstance(parse_config({} if cache_config is None else cache_config), DBPruneConfig):
+        raise ValueError(
+            "split_at_decision with method='dbprune': DBPrune already reads its decisions on the host "
+            "(one copy per step) and has no torch.cond to split; allowed with 'dbcache' and 'teacache'"
+        )
+    return {} if split_at_decision is True else dict(split_at_decision)
 
 
 def _check_example_inputs(example_inputs: Any) -> None:
@@ -117,7 +142,7 @@ _ONE_CONFIG_PER_TRANSFORMER = (
 )
 
 
-def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any, params_modifiers: Any) -> Any:
+def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any, params_modifiers: Any, split_at_decision: Any) -> Any:
     if hasattr(type(pipe), "_dittofx_names"):
         raise ValueError(f"pipeline {type(pipe).__name__}: already optimized; call dittofx.disable(pipe) first")
     cfg = parse_config({} if cache_config is None else cache_config)
@@ -127,7 +152,7 @@ def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any, params_
         if "_dittofx" in getattr(pipe, name).__dict__:
             raise ValueError(f"pipeline {type(pipe).__name__}.{name}: already optimized; call dittofx.disable on it first")
     for name in names:
-        optimize(getattr(pipe, name), configs[name], process_group=process_group)
+        optimize(getattr(pipe, name), configs[name], process_group=process_group, split_at_decision=split_at_decision)
     attach_refresh(pipe, names, _refresh_component)
     return pipe
 

@@ -29,11 +29,13 @@ CASES = {  # config, the steps the host decides (worked out here from SPEC ยง3/ย
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["cond", "split_at_decision"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_host_decided_steps_never_sync_and_the_others_read_one_predicate(case):
+def test_host_decided_steps_never_sync_and_the_others_read_one_predicate(case, split):
+    """In the graph (the cond reads its predicate) or split there (the host reads the head's)."""
     cfg, on_host = CASES[case]
     z = zoo.get("flux" if cfg.get("method") == "teacache" else "pixart")
-    model = dittofx.optimize(z.build(), {**cfg, "num_inference_steps": STEPS})
+    model = dittofx.optimize(z.build(), {**cfg, "num_inference_steps": STEPS}, split_at_decision=split)
     want = [(0, 0) if s in on_host else (0, 1) for s in range(STEPS)]
     for _request in range(2):  # the host's step count starts again with the second request
         assert reads_per_step(model, z, STEPS) == want

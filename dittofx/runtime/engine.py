@@ -24,6 +24,7 @@ from ..passes.capture import CapturedGraph, capture, input_key
 from ..passes.partition import Partition, PartitionPass
 from ..passes.prune import PruneRewritePass, prunable_blocks
 from ..passes.rewrite import DECISIONS, CacheRewritePass, RewriteOptions
+from ..passes.split import SIDES, SplitAtDecisionPass
 from ..patterns.chain import Chain, find_chain
 from ..patterns.modulation import find_modulated_input
 from ..teacache import coefficients_for
@@ -44,13 +45,16 @@ class Entry:
     captured: CapturedGraph
     chain: Chain
     partition: Partition
-    graphs: dict[str, fx.GraphModule]  # rewritten, per decision: "device" (torch.cond), "compute", "cache"
+    # rewritten, per decision: "device" (torch.cond), "compute", "cache"; with split_at_decision
+    # also the device graph's halves: "split-head", "split-compute", "split-cache"
+    graphs: dict[str, fx.GraphModule]
     slots: list[tuple[torch.nn.Module, str, bool]]  # (owner module, attribute, is_parameter) per state placeholder
     key: tuple
     state_nodes: list[fx.Node]  # nodes whose shapes size the state: the signal, then each stored residual
     region_counts: dict[str, int] = field(default_factory=dict)
     pruned_blocks: list[int] = field(default_factory=list)  # DBPrune: chain positions of the prunable blocks
     recaptured: bool = False  # captured because the graphs of the same input structure were wrong at new sizes
+    head: Callable | None = None  # the split head as run in the pre-hook (compiled if asked)
     # concrete input shapes the graph is known to be right for -> the state shapes they need
     # (p, then each carried middle output): worked out once per size, not per step
     state_shapes: dict[tuple, tuple] = field(default_factory=dict)
@@ -105,9 +109,12 @@ def _model_frame(err: BaseException) -> str:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, cfg: CacheConfig, group: str | None = None):
+    def __init__(self, model: torch.nn.Module, cfg: CacheConfig, group: str | None = None, split: dict | None = None):
         self.model = model
         self.cfg = cfg
+        # split_at_decision: None = the device decision stays in the graph (torch.cond); a dict =
+        # the head runs in the pre-hook, compiled with these torch.compile arguments if any
+        self.split = split
         self.teacache = isinstance(cfg, TeaCacheConfig)
         self.prune = isinstance(cfg, DBPruneConfig)
         self.coefficients = coefficients_for(model, cfg.coefficients) if self.teacache else None
@@ -318,6 +325,8 @@ class Engine:
         else:
             blocks = []
             graphs = {d: CacheRewritePass(part, opts, d)(gm).graph_module for d in DECISIONS}
+            if self.split is not None:
+                graphs.update({f"split-{side}": SplitAtDecisionPass(side)(graphs["device"]).graph_module for side in SIDES})
             state_nodes = [part.h_fn, *part.middle_outputs]
         return Entry(
             captured=captured,
@@ -421,7 +430,21 @@ class Engine:
         # resolution's fresh state would recompile; list items get automatic dynamic shapes), and
         # walking entry.slots there cost ~6 guards per weight, evaluated on every call
         leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
-        self.current = (entry.graphs[self._host_decision(branch)], entry, leading)
+        decision = self._host_decision(branch)
+        if decision == "device" and self.split is not None:
+            head = self._run_head(entry, [*leading, *pytree.tree_leaves((args, kwargs))])
+            decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
+            leading = [*head, *leading]
+        self.current = (entry.graphs[decision], entry, leading)
+
+    def _run_head(self, entry: Entry, inputs: list) -> tuple[torch.Tensor, ...]:
+        """The split head (prologue, Fn, gates, diff), run here, before the forward: the forward
+        then runs a cond-free tail, which CUDA graphs can hold."""
+        if entry.head is None:
+            graph = entry.graphs["split-head"]
+            entry.head = torch.compile(graph, fullgraph=True, **self.split) if self.split else graph
+        with torch.no_grad():
+            return entry.head(*inputs)
 
     @torch._dynamo.disable
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
