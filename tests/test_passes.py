@@ -114,3 +114,41 @@ def test_input_structure_changes_recapture_and_resolution_changes_do_not():
     reference.double()
     check({k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()})
     assert len(engine.entries) == 3  # new dtype: captured again
+
+
+def test_split_at_decision_cuts_the_device_graph_at_its_cond():
+    """Graph in, graph out: the head is everything before the cond and returns its predicate first;
+    head then tail, on copies of one state, do what the device graph does (outputs and state)."""
+    from dittofx.passes.split import SplitAtDecisionPass, boundary
+    from dittofx.runtime.state import CacheState
+
+    z, model, graph, weights = captured("pixart")
+    chain = find_chain(graph.gm, model, weights)
+    part = partition(graph.gm, chain, 1, 0, weights)
+    device = rewrite(graph.gm, part, RewriteOptions(0.1, float("inf"), 0, 1, -1, -1, "timestep"))
+    head, compute, cache = (SplitAtDecisionPass(side)(device).graph_module for side in ("head", "compute", "cache"))
+    (cond,) = device.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond)
+    assert boundary(device)[0] is cond.args[0]
+    for gm in (head, compute, cache):
+        assert not gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond)
+        assert not [n for n in gm.graph.nodes if n.op == "get_attr"]
+
+    def fresh_state():
+        p, h = part.h_fn.meta["val"], part.middle_outputs[0].meta["val"]
+        return CacheState(torch.zeros(p.shape), [torch.zeros(h.shape)], 1, 4, None)
+
+    live = [model.get_parameter(f) if f in dict(model.named_parameters()) else model.get_buffer(f) for f in graph.state_fqns]
+    decisions = []
+    with torch.no_grad():
+        whole, split = fresh_state(), fresh_state()
+        for s in range(4):
+            inputs = [*live, *graph.constants, *torch.utils._pytree.tree_leaves(z.inputs(s, 1 - s / 4))]
+            want = device(*whole.tensors(), *inputs)
+            out = head(*split.tensors(), *inputs)
+            decisions.append(bool(out[0]))
+            got = (cache if out[0] else compute)(*out, *split.tensors(), *inputs)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+            for a, b in zip(split.tensors(), whole.tensors()):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert decisions[0] is False and True in decisions  # step 0 computes; a later step caches
