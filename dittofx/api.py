@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -83,7 +84,6 @@ def optimize(
     decisions. The head runs eagerly, or compiled with `torch.compile(head, fullgraph=True, **d)`
     when a dict `d` is given (e.g. `{"mode": "reduce-overhead"}`). DBCache and TeaCache.
     """
-    split = _split_option(split_at_decision, cache_config)
     if is_pipeline(model):
         return _optimize_pipeline(model, cache_config, process_group, params_modifiers, split_at_decision)
     if not isinstance(model, torch.nn.Module):
@@ -93,6 +93,7 @@ def optimize(
     if params_modifiers is not None:
         raise ValueError(f"params_modifiers: model={type(model).__name__} is one transformer; {_ONE_CONFIG_PER_TRANSFORMER}")
     cfg = parse_config({} if cache_config is None else cache_config)
+    split = _split_option(split_at_decision, cfg)
     if example_inputs is not None:
         _check_example_inputs(example_inputs)
     _warn_if_never_caches(cfg)
@@ -104,20 +105,27 @@ def optimize(
     return model
 
 
-def _split_option(split_at_decision: Any, cache_config: Any) -> dict | None:
-    """`split_at_decision` as the engine takes it: None (off), or torch.compile arguments for the head."""
+def _split_option(split_at_decision: Any, cfg: CacheConfig) -> dict | None:
+    """`split_at_decision` as the engine takes it: None (off), or {"compile": None (eager head) or
+    torch.compile arguments for the head}."""
     if split_at_decision is False:
         return None
     if split_at_decision is not True and not isinstance(split_at_decision, Mapping):
         raise TypeError(
             f"split_at_decision={split_at_decision!r}: must be True, False or a dict of torch.compile arguments for the head"
         )
-    if isinstance(parse_config({} if cache_config is None else cache_config), DBPruneConfig):
+    if isinstance(cfg, DBPruneConfig):
         raise ValueError(
             "split_at_decision with method='dbprune': DBPrune already reads its decisions on the host "
             "(one copy per step) and has no torch.cond to split; allowed with 'dbcache' and 'teacache'"
         )
-    return {} if split_at_decision is True else dict(split_at_decision)
+    if split_at_decision is True:
+        return {"compile": None}
+    allowed = sorted(set(inspect.signature(torch.compile).parameters) - {"model"})
+    unknown = sorted(set(split_at_decision) - set(allowed))
+    if unknown:
+        raise ValueError(f"split_at_decision={dict(split_at_decision)!r}: {unknown} are not torch.compile arguments; allowed: {allowed}")
+    return {"compile": dict(split_at_decision)}
 
 
 def _check_example_inputs(example_inputs: Any) -> None:
@@ -148,6 +156,11 @@ def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any, params_
     cfg = parse_config({} if cache_config is None else cache_config)
     names = pipeline_transformers(pipe)
     configs = _component_configs(pipe, names, cfg, params_modifiers)
+    for name in names:  # every component's config, before any is touched
+        try:
+            _split_option(split_at_decision, configs[name])
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"pipeline {type(pipe).__name__}.{name}: {err}") from None
     for name in names:
         if "_dittofx" in getattr(pipe, name).__dict__:
             raise ValueError(f"pipeline {type(pipe).__name__}.{name}: already optimized; call dittofx.disable on it first")

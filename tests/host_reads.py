@@ -7,7 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 class HostReads(TorchDispatchMode):
     """Counts what would sync a GPU with the host: copies to the CPU, and scalar reads (`.item()`,
     `bool()`, a torch.cond predicate) of anything that is not such a host copy (or a view of one).
-    On this CPU-only machine the copies are real `_to_copy` calls, so they are seen."""
+    On this CPU-only machine the copies are real `_to_copy` calls, so they are seen. Not seen: what
+    a custom op's Python implementation does inside (the mode is off while the op runs)."""
 
     supports_higher_order_operators = True
 

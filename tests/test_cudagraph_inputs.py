@@ -24,18 +24,26 @@ CASES = {
 }  # fmt: skip
 
 
-def _inspecting_backend(graphs: list[dict]):
-    def forward_compiler(gm: torch.fx.GraphModule, example_inputs):
-        meta = torch._guards.TracingContext.try_get().fw_metadata
-        static = set(meta.static_input_indices)
-        graphs.append({
-            "mutated_not_static": [i for i, info in enumerate(meta.input_info) if info.mutates_data and i not in static],
-            "not_static": len(example_inputs) - len(static),
-            "has_cond": any(n.target is torch.ops.higher_order.cond for n in gm.graph.nodes),
-        })  # fmt: skip
-        return make_boxed_func(gm.forward)
+def inspecting_backend(graphs: list[dict]):
+    """A dynamo backend recording, per compiled graph, what cudagraph trees would see: mutated
+    inputs that are not static, the sources of the non-static tensor inputs, and any cond."""
 
-    return aot_autograd(fw_compiler=forward_compiler)
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        sources = [n.name for n in gm.graph.find_nodes(op="placeholder")]  # dynamo names them after their source
+
+        def forward_compiler(aot_gm: torch.fx.GraphModule, aot_inputs):
+            meta = torch._guards.TracingContext.try_get().fw_metadata
+            static = set(meta.static_input_indices)
+            graphs.append({
+                "mutated_not_static": [i for i, info in enumerate(meta.input_info) if info.mutates_data and i not in static],
+                "not_static": [sources[i] for i, x in enumerate(aot_inputs) if isinstance(x, torch.Tensor) and i not in static],
+                "has_cond": any(n.target is torch.ops.higher_order.cond for n in aot_gm.graph.nodes),
+            })  # fmt: skip
+            return make_boxed_func(aot_gm.forward)
+
+        return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+
+    return backend
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -44,7 +52,7 @@ def test_state_weights_and_constants_are_static_inputs_and_host_decided_steps_ho
     torch._dynamo.reset()
     model = dittofx.optimize(z.build(), {**CASES[case], "num_inference_steps": STEPS})
     graphs: list[dict] = []
-    compiled = torch.compile(model, fullgraph=True, backend=_inspecting_backend(graphs))
+    compiled = torch.compile(model, fullgraph=True, backend=inspecting_backend(graphs))
     user_tensors = sum(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(z.inputs(0, 1.0)))
     with torch.no_grad():
         for s in range(STEPS):
@@ -53,6 +61,6 @@ def test_state_weights_and_constants_are_static_inputs_and_host_decided_steps_ho
     assert graphs
     for g in graphs:
         assert g["mutated_not_static"] == [], g  # else CUDA-graph trees would run this graph without CUDA graphs
-        assert g["not_static"] == user_tensors, g  # only the call's own tensors are copied per replay
+        assert len(g["not_static"]) == user_tensors, g  # only the call's own tensors are copied per replay
     if CASES[case].get("scm_steps_policy") == "static":  # every decision made on the host
         assert not any(g["has_cond"] for g in graphs)

@@ -6,19 +6,37 @@ inductor's CUDA graphs can hold every step, checked as in tests/test_cudagraph_i
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
+from torch.utils._pytree import tree_leaves
 
 import dittofx
 import zoo
-from test_cudagraph_inputs import _inspecting_backend
+from test_cudagraph_inputs import inspecting_backend
 
 STEPS = 10
+# each case runs both tails (max_continuous_cached_steps forces device-decided computes)
 CASES = {
     "pixart dbcache": ("pixart", {"residual_diff_threshold": 0.1, "max_warmup_steps": 2}),
-    "flux dbcache F1B1": ("flux", {"residual_diff_threshold": 0.35, "max_warmup_steps": 2, "Bn_compute_blocks": 1}),
+    "flux dbcache F1B1 (views out of the middle)": ("flux", {"residual_diff_threshold": 0.35, "max_warmup_steps": 2, "Bn_compute_blocks": 1,
+                                                             "max_continuous_cached_steps": 2}),
     "flux teacache": ("flux", {"method": "teacache", "rel_l1_thresh": 0.12, "coefficients": [1.0, 0.0]}),
-    "pixart taylorseer + dynamic mask": ("pixart", {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "enable_taylorseer": True,
-                                                    "taylorseer_order": 2, "scm_steps_mask_policy": "fast"}),
+    "pixart taylorseer": ("pixart", {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "enable_taylorseer": True,
+                                     "taylorseer_order": 2, "max_continuous_cached_steps": 2}),
+    "zimage (higher-order ops in the middle)": ("zimage", {"residual_diff_threshold": 1.0, "max_warmup_steps": 2,
+                                                           "max_continuous_cached_steps": 2}),
 }  # fmt: skip
+
+
+class TailCounter:
+    """Which graph variants the forward ran, per call."""
+
+    def __init__(self, model):
+        self.graphs, self.engine = [], model._dittofx
+        model.register_forward_hook(self.record)
+
+    def record(self, *_):
+        if not self.engine.capturing:
+            graph, entry, _leading = self.engine.current
+            self.graphs.append(next(k for k, g in entry.graphs.items() if g is graph))
 
 
 def steps(model, z, n=STEPS):
@@ -32,31 +50,46 @@ def test_split_runs_the_steps_of_the_cond_graph_bitwise(case):
     z = zoo.get(name)
     cfg = {**cfg, "num_inference_steps": STEPS}
     in_graph, split = dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg, split_at_decision=True)
+    ran = TailCounter(split)
     for _request in range(2):
-        for a, b in zip(steps(in_graph, z), steps(split, z)):
+        for a, b in zip(tree_leaves(steps(in_graph, z)), tree_leaves(steps(split, z))):
             assert torch.equal(a, b)
         want = dittofx.summary(in_graph)[0]
         got = dittofx.summary(split)[0]
         assert got.cached_steps == want.cached_steps and got.cached_steps, got.cached_steps
         torch.testing.assert_close(torch.tensor(got.diffs), torch.tensor(want.diffs), rtol=0, atol=0, equal_nan=True)
+    assert {"split-compute", "split-cache"} <= set(ran.graphs), ran.graphs
 
 
-def test_split_under_torch_compile_holds_no_cond_and_keeps_the_state_static():
+def test_split_under_torch_compile_holds_no_cond_and_serves_new_resolutions_without_recompiling():
+    """No graph torch.compile sees holds a cond; the state is static, the head's tensors are not
+    (CUDA graphs would record again whenever a static input moves); sizes are not constants."""
+    import test_shapes
+
     z = zoo.get("pixart")
-    cfg = {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "num_inference_steps": STEPS}
-    eager = dittofx.optimize(z.build(), cfg, split_at_decision=True)
+    cfg = {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "num_inference_steps": 4}
     torch._dynamo.reset()
     graphs: list[dict] = []
     model = dittofx.optimize(z.build(), cfg, split_at_decision=True)
-    compiled = torch.compile(model, fullgraph=True, backend=_inspecting_backend(graphs))
-    for _request in range(2):
-        for a, b in zip(steps(compiled, z), steps(eager, z)):
-            assert torch.equal(a, b)
-    assert dittofx.summary(model)[0].cached_steps == dittofx.summary(eager)[0].cached_steps
-    # the host-decided compute graph (warmup), then the two tails; none for the second request
-    assert len(graphs) == 3, graphs
+    compiled = torch.compile(model, fullgraph=True, backend=inspecting_backend(graphs))
+    frames = []
+    for side in (8, 8, 16, 12, 20):
+        request = test_shapes.request(1, side, seed=side)
+        eager = dittofx.optimize(z.build(), cfg, split_at_decision=True)
+        with torch.no_grad():
+            for kw in request:
+                assert torch.equal(compiled(**kw)[0], eager(**kw)[0])
+        assert dittofx.summary(model)[0].cached_steps == dittofx.summary(eager)[0].cached_steps
+        frames.append(len(graphs))
+    # the host-decided compute graph (warmup), the cache tail (the schedule caches every decided
+    # step); again with dynamic shapes at the second resolution of each capture (PixArt: two
+    # captures, tests/test_recompiles.py), none after
+    assert frames == [2, 2, 4, 4, 4], frames
     for g in graphs:
         assert not g["has_cond"] and g["mutated_not_static"] == [], g
+        # copied per CUDA-graph replay: the call's own tensors, and for a tail the head's
+        assert all(n.startswith(("l_args_", "l_kwargs_hidden", "l_kwargs_encoder", "l_kwargs_timestep", "l_kwargs_dittofx_head")) for n in g["not_static"]), g
+    assert any(n.startswith("l_kwargs_dittofx_head") for g in graphs for n in g["not_static"])
 
 
 def test_split_tails_under_inductor_equal_eager_and_the_head_compiles_when_asked():
@@ -80,4 +113,19 @@ def test_bad_split_option_raises_and_leaves_the_model_untouched():
         dittofx.optimize(model, {}, split_at_decision="yes")
     with pytest.raises(ValueError, match=r"split_at_decision with method='dbprune'.*allowed with 'dbcache' and 'teacache'"):
         dittofx.optimize(model, {"method": "dbprune"}, split_at_decision=True)
+    with pytest.raises(ValueError, match=r"\['modee'\] are not torch.compile arguments; allowed: \[.*'mode'"):
+        dittofx.optimize(model, {}, split_at_decision={"modee": "reduce-overhead"})
     assert "_dittofx" not in model.__dict__ and "forward" not in model.__dict__
+
+
+def test_split_option_checked_for_every_pipeline_transformer_before_any_is_touched():
+    from test_pipeline_wan import wan_pipeline
+
+    pipe = wan_pipeline()
+    cls = type(pipe)
+    with pytest.raises(ValueError, match=r"WanPipeline.transformer_2: split_at_decision with method='dbprune'"):
+        dittofx.optimize(pipe, {}, params_modifiers={"transformer_2": {"method": "dbprune"}}, split_at_decision=True)
+    assert type(pipe) is cls and "_dittofx" not in pipe.transformer.__dict__ and "_dittofx" not in pipe.transformer_2.__dict__
+    # a shared DBPrune config that every transformer replaces is fine
+    dittofx.optimize(pipe, {"method": "dbprune"}, params_modifiers=[{"method": "dbcache"}, {"method": "dbcache"}], split_at_decision=True)
+    assert pipe.transformer._dittofx.split == {"compile": None}

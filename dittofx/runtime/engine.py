@@ -112,8 +112,8 @@ class Engine:
     def __init__(self, model: torch.nn.Module, cfg: CacheConfig, group: str | None = None, split: dict | None = None):
         self.model = model
         self.cfg = cfg
-        # split_at_decision: None = the device decision stays in the graph (torch.cond); a dict =
-        # the head runs in the pre-hook, compiled with these torch.compile arguments if any
+        # split_at_decision: None = the device decision stays in the graph (torch.cond); else
+        # {"compile": None (the head runs eagerly) or torch.compile arguments for the head}
         self.split = split
         self.teacache = isinstance(cfg, TeaCacheConfig)
         self.prune = isinstance(cfg, DBPruneConfig)
@@ -421,7 +421,9 @@ class Engine:
             captured.constants[:] = [c.to(device) for c in captured.constants]
         return entry, sizes, device
 
-    def pre_call(self, args: tuple, kwargs: dict) -> None:
+    def pre_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
+        """Pick this call's graph and gather its leading inputs; for a step split at its decision,
+        run the head and return its tensors."""
         entry, sizes, device = self.prepare(args, kwargs)
         branch = self._branch()
         state = self._state_for(branch, entry, sizes, device)
@@ -430,38 +432,47 @@ class Engine:
         # resolution's fresh state would recompile; list items get automatic dynamic shapes), and
         # walking entry.slots there cost ~6 guards per weight, evaluated on every call
         leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
-        decision = self._host_decision(branch)
+        decision, head = self._host_decision(branch), None
         if decision == "device" and self.split is not None:
             head = self._run_head(entry, [*leading, *pytree.tree_leaves((args, kwargs))])
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
-            leading = [*head, *leading]
         self.current = (entry.graphs[decision], entry, leading)
+        return head
 
     def _run_head(self, entry: Entry, inputs: list) -> tuple[torch.Tensor, ...]:
         """The split head (prologue, Fn, gates, diff), run here, before the forward: the forward
         then runs a cond-free tail, which CUDA graphs can hold."""
         if entry.head is None:
             graph = entry.graphs["split-head"]
-            entry.head = torch.compile(graph, fullgraph=True, **self.split) if self.split else graph
+            compile_args = self.split["compile"]
+            entry.head = graph if compile_args is None else torch.compile(graph, **{"fullgraph": True, **compile_args})
         with torch.no_grad():
             return entry.head(*inputs)
 
     @torch._dynamo.disable
-    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.capturing:
-            return
+            return None
         try:
-            self.pre_call(args, kwargs)
-        except (ValueError, CaptureError):
+            head = self.pre_call(args, kwargs)
+        except Exception:
             if not self.entries:  # the first capture failed: leave the model exactly as it was
                 self.detach()
             raise
+        # the split head's tensors reach the forward as an input of the call, not through the
+        # module: dynamo would take them for static (guarded, CUDA-graph-fixed) module state
+        return None if head is None else (args, {**kwargs, HEAD_KWARG: head})
+
+
+HEAD_KWARG = "_dittofx_head"
 
 
 def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The forward `optimize` installs: run the rewritten graph on live weights and state."""
+    """The forward `optimize` installs: run the rewritten graph on live weights and state (and, for
+    a split step, on the head's tensors: the tail's last inputs)."""
     engine: Engine = self._dittofx
     graph, entry, leading = engine.current
+    head = kwargs.pop(HEAD_KWARG, ())
     with torch.no_grad():
-        flat = graph(*leading, *pytree.tree_leaves((args, kwargs)))
+        flat = graph(*leading, *pytree.tree_leaves((args, kwargs)), *head)
     return pytree.tree_unflatten(list(flat), entry.captured.out_spec)

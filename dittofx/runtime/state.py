@@ -77,6 +77,8 @@ class CacheState(torch.nn.Module):
             self.register_buffer(name, like.new_zeros(shape, dtype=residual_dtype or like.dtype), persistent=False)
             self.residual_names.append(name)
         self.shapes = (tuple(p_like.shape), tuple(tuple(c.shape) for c in carried_like), p_like.dtype, device)
+        for t in self.buffers():  # fixed addresses for CUDA graphs, however a graph is handed them
+            torch._dynamo.mark_static_address(t, guard=False)
 
     def tensors(self) -> list[torch.Tensor]:
         """The flat list the rewritten graph takes, in its placeholder order."""
