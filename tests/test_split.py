@@ -129,3 +129,16 @@ def test_split_option_checked_for_every_pipeline_transformer_before_any_is_touch
     # a shared DBPrune config that every transformer replaces is fine
     dittofx.optimize(pipe, {"method": "dbprune"}, params_modifiers=[{"method": "dbcache"}, {"method": "dbcache"}], split_at_decision=True)
     assert pipe.transformer._dittofx.split == {"compile": None}
+
+
+def test_a_compiled_head_mutates_only_static_inputs():
+    """With no request length every step is decided on the device, so the head is the first graph
+    compiled: its state inputs must be static all the same (else CUDA graphs would skip it)."""
+    z = zoo.get("pixart")
+    torch._dynamo.reset()
+    heads: list[dict] = []
+    model = dittofx.optimize(z.build(), {"residual_diff_threshold": 0.1, "max_warmup_steps": 2},
+                             split_at_decision={"backend": inspecting_backend(heads)})  # fmt: skip
+    steps(model, z, 4)
+    assert len(heads) == 1 and heads[0]["mutated_not_static"] == [] and not heads[0]["has_cond"], heads
+    assert sorted(heads[0]["not_static"]) == ["l_encoder_hidden_states_", "l_hidden_states_", "l_timestep_"]  # the call's own

@@ -434,20 +434,23 @@ class Engine:
         leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
         decision, head = self._host_decision(branch), None
         if decision == "device" and self.split is not None:
-            head = self._run_head(entry, [*leading, *pytree.tree_leaves((args, kwargs))])
+            head = self._run_head(entry, leading, pytree.tree_leaves((args, kwargs)))
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
         self.current = (entry.graphs[decision], entry, leading)
         return head
 
-    def _run_head(self, entry: Entry, inputs: list) -> tuple[torch.Tensor, ...]:
+    def _run_head(self, entry: Entry, leading: list[torch.Tensor], leaves: list) -> tuple[torch.Tensor, ...]:
         """The split head (prologue, Fn, gates, diff), run here, before the forward: the forward
         then runs a cond-free tail, which CUDA graphs can hold."""
+        compile_args = self.split["compile"]
         if entry.head is None:
             graph = entry.graphs["split-head"]
-            compile_args = self.split["compile"]
             entry.head = graph if compile_args is None else torch.compile(graph, **{"fullgraph": True, **compile_args})
+        if compile_args is not None:  # the model's buffers and constants reach it as plain inputs: fixed addresses
+            for t in leading:
+                torch._dynamo.mark_static_address(t, guard=False)
         with torch.no_grad():
-            return entry.head(*inputs)
+            return entry.head(*leading, *leaves)
 
     @torch._dynamo.disable
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
