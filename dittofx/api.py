@@ -125,6 +125,10 @@ def _split_option(split_at_decision: Any, cfg: CacheConfig) -> dict | None:
     unknown = sorted(set(split_at_decision) - set(allowed))
     if unknown:
         raise ValueError(f"split_at_decision={dict(split_at_decision)!r}: {unknown} are not torch.compile arguments; allowed: {allowed}")
+    try:  # backend, mode and options are looked up now, not at the first decided step
+        torch.compile(lambda: None, **{"fullgraph": True, **split_at_decision})
+    except Exception as err:
+        raise ValueError(f"split_at_decision={dict(split_at_decision)!r}: torch.compile refuses it ({type(err).__name__}: {err})") from None
     return {"compile": dict(split_at_decision)}
 
 
@@ -164,8 +168,15 @@ def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any, params_
     for name in names:
         if "_dittofx" in getattr(pipe, name).__dict__:
             raise ValueError(f"pipeline {type(pipe).__name__}.{name}: already optimized; call dittofx.disable on it first")
-    for name in names:
-        optimize(getattr(pipe, name), configs[name], process_group=process_group, split_at_decision=split_at_decision)
+    done = []
+    try:
+        for name in names:
+            optimize(getattr(pipe, name), configs[name], process_group=process_group, split_at_decision=split_at_decision)
+            done.append(name)
+    except Exception:  # never half-applied: the transformers optimized so far are restored
+        for name in done:
+            disable(getattr(pipe, name))
+        raise
     attach_refresh(pipe, names, _refresh_component)
     return pipe
 

@@ -115,6 +115,8 @@ def test_bad_split_option_raises_and_leaves_the_model_untouched():
         dittofx.optimize(model, {"method": "dbprune"}, split_at_decision=True)
     with pytest.raises(ValueError, match=r"\['modee'\] are not torch.compile arguments; allowed: \[.*'mode'"):
         dittofx.optimize(model, {}, split_at_decision={"modee": "reduce-overhead"})
+    with pytest.raises(ValueError, match=r"split_at_decision=\{'backend': 'bogus'\}: torch.compile refuses it \(InvalidBackend"):
+        dittofx.optimize(model, {}, split_at_decision={"backend": "bogus"})
     assert "_dittofx" not in model.__dict__ and "forward" not in model.__dict__
 
 
@@ -125,6 +127,10 @@ def test_split_option_checked_for_every_pipeline_transformer_before_any_is_touch
     cls = type(pipe)
     with pytest.raises(ValueError, match=r"WanPipeline.transformer_2: split_at_decision with method='dbprune'"):
         dittofx.optimize(pipe, {}, params_modifiers={"transformer_2": {"method": "dbprune"}}, split_at_decision=True)
+    assert type(pipe) is cls and "_dittofx" not in pipe.transformer.__dict__ and "_dittofx" not in pipe.transformer_2.__dict__
+    # an error in the second transformer's config undoes the first's optimize
+    with pytest.raises(ValueError, match="no-such-table"):
+        dittofx.optimize(pipe, {"method": "teacache"}, params_modifiers={"transformer_2": {"coefficients": "no-such-table"}})
     assert type(pipe) is cls and "_dittofx" not in pipe.transformer.__dict__ and "_dittofx" not in pipe.transformer_2.__dict__
     # a shared DBPrune config that every transformer replaces is fine
     dittofx.optimize(pipe, {"method": "dbprune"}, params_modifiers=[{"method": "dbcache"}, {"method": "dbcache"}], split_at_decision=True)
@@ -142,3 +148,63 @@ def test_a_compiled_head_mutates_only_static_inputs():
     steps(model, z, 4)
     assert len(heads) == 1 and heads[0]["mutated_not_static"] == [] and not heads[0]["has_cond"], heads
     assert sorted(heads[0]["not_static"]) == ["l_encoder_hidden_states_", "l_hidden_states_", "l_timestep_"]  # the call's own
+
+
+def test_a_compiled_head_with_inductor_freezing_keeps_each_branch_state():
+    """With freezing, dynamo bakes static tensors into the graph unless it guards them: two CFG
+    branches (two states of one shape) through one compiled head must each keep their own."""
+    z = zoo.get("pixart")
+    cfg = {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "num_inference_steps": 6, "enable_separate_cfg": True}
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(freezing=True):
+        reference = dittofx.optimize(z.build(), cfg)
+        model = dittofx.optimize(z.build(), cfg, split_at_decision={"backend": "eager"})
+        with torch.no_grad():
+            for s in range(6):
+                for scale in (1.0, 0.5):  # cond then uncond: different inputs, different schedules
+                    kw = z.inputs(s, 1 - s / 6)
+                    kw["hidden_states"] = kw["hidden_states"] * scale
+                    assert torch.equal(model(**kw)[0], reference(**kw)[0])
+    got = {s.branch: s.cached_steps for s in dittofx.summary(model)}
+    assert got == {s.branch: s.cached_steps for s in dittofx.summary(reference)} and any(got.values()), got
+
+
+def test_a_failing_head_leaves_the_model_as_it_was_and_the_host_count_in_step():
+    z = zoo.get("pixart")
+    cfg = {"residual_diff_threshold": 0.1, "max_warmup_steps": 0}  # no request length: every step is decided on the device
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("backend down")
+
+    model = dittofx.optimize(z.build(), cfg, split_at_decision={"backend": broken})
+    with pytest.raises(Exception, match="backend down"), torch.no_grad():
+        model(**z.inputs(0, 1.0))
+    assert "_dittofx" not in model.__dict__ and "forward" not in model.__dict__  # the first call failed: detached
+    cfg = {**cfg, "max_warmup_steps": 1, "num_inference_steps": 4}
+    compiles = []
+
+    def fails_once(gm, example_inputs):  # the head's first compile (step 1, the first decided step) fails
+        compiles.append(gm)
+        if len(compiles) == 1:
+            raise RuntimeError("backend down once")
+        return gm.forward
+
+    model, reference = dittofx.optimize(z.build(), cfg, split_at_decision={"backend": fails_once}), dittofx.optimize(z.build(), cfg)
+    with torch.no_grad():
+        for s in range(4):
+            if s == 1:
+                with pytest.raises(Exception, match="backend down once"):
+                    model(**z.inputs(s, 1 - s / 4))
+            assert torch.equal(model(**z.inputs(s, 1 - s / 4))[0], reference(**z.inputs(s, 1 - s / 4))[0])
+    assert len(compiles) == 2 and "_dittofx" in model.__dict__  # not the first call: still optimized
+    assert dittofx.summary(model)[0].cached_steps == dittofx.summary(reference)[0].cached_steps
+
+
+def test_a_pre_hook_that_drops_the_head_keyword_gets_a_clear_error():
+    z = zoo.get("pixart")
+    model = dittofx.optimize(z.build(), {"residual_diff_threshold": 0.1, "max_warmup_steps": 0}, split_at_decision=True)
+    model.register_forward_pre_hook(lambda m, args, kwargs: (args, {k: v for k, v in kwargs.items() if not k.startswith("_")}),
+                                    with_kwargs=True)  # fmt: skip
+    with pytest.raises(RuntimeError, match="'_dittofx_head' keyword .* is missing: a forward pre-hook registered after"), torch.no_grad():
+        model(**z.inputs(0, 1.0))
+        model(**z.inputs(1, 0.5))

@@ -8,9 +8,9 @@ the host anyway). Cut there, both halves are cond-free: the host reads the head'
 one sync the cond would have made), then runs the compute or the cache tail. Every node keeps its
 order, so each step does exactly what the device graph does, state updates included.
 
-Only tensors cross the cut. Sizes (and arithmetic on them) that the tail reads are computed again
-in the tail from its own inputs: passed as Python ints they would be constants to dynamo, and
-every new resolution would recompile the tails.
+Sizes (and arithmetic on them) that the tail reads are computed again in the tail from its own
+inputs, not passed: as Python ints they would be constants to dynamo, and every new resolution
+would recompile the tails.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 __all__ = ["SplitAtDecisionPass", "SIDES", "boundary"]
 
 SIDES = ("head", "compute", "cache")
-_SCALARS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+# what the tail may compute again instead of receiving: sizes and arithmetic on them (no reads of
+# tensor data, no randomness); any other value crosses the cut as it is
+_SIZE_OPS = {
+    torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
+    operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod, operator.neg,
+    torch.sym_max, torch.sym_min, torch.sym_sqrt, torch.sym_float, torch.sym_int, torch.sym_not,
+}  # fmt: skip
 
 
 def _cond_node(graph: fx.Graph) -> fx.Node:
@@ -46,7 +52,7 @@ def _plan(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
     def need(node: fx.Node) -> None:
         if node not in head or node in tensors or node in again:
             return
-        if node.op == "get_attr" or isinstance(node.meta.get("val"), _SCALARS):
+        if node.op == "get_attr" or node.target in _SIZE_OPS:
             for arg in node.all_input_nodes:
                 need(arg)
             again[node] = None
@@ -62,8 +68,8 @@ def _plan(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
 
 
 def boundary(gm: fx.GraphModule) -> list[fx.Node]:
-    """The head's outputs: the cond's predicate, then every tensor made before the cond that the
-    cond or what follows it reads."""
+    """The head's outputs: the cond's predicate, then every value made before the cond that the
+    cond or what follows it reads, sizes aside (the tail computes those again)."""
     return _plan(gm)[0]
 
 
@@ -121,10 +127,10 @@ class SplitAtDecisionPass(PassBase):
 
 def _copy(g: fx.Graph, node: fx.Node, env: dict, owner: torch.nn.Module, attrs: dict[str, Any]) -> fx.Node:
     """`node` copied into `g`; an attribute it reads (a higher-order op's subgraph, a constant) is
-    taken from `owner` into `attrs` under a name no other owner uses."""
+    taken from `owner` into `attrs` under a new name (the tail's attributes come from two graphs)."""
     new = g.node_copy(node, lambda n: env[n])
     if node.op == "get_attr":
-        new.target = f"{type(owner).__name__}_{node.target}".replace(".", "_")
+        new.target = f"dittofx_attr_{len(attrs)}"
         attrs[new.target] = functools.reduce(getattr, node.target.split("."), owner)
     return new
 

@@ -29,7 +29,7 @@ from ..patterns.chain import Chain, find_chain
 from ..patterns.modulation import find_modulated_input
 from ..teacache import coefficients_for
 from ..masks import steps_mask
-from .state import CacheState
+from .state import CacheState, mark_static
 
 __all__ = ["Engine", "Entry", "CaptureError", "context_parallel_group"]
 
@@ -128,6 +128,7 @@ class Engine:
         self._masks: dict[int | None, list[int] | None] = {}
         self.context_name: str | None = None
         self.calls = 0
+        self.ran = False  # a call got through the pre-hook (till then a failure detaches)
         self.capturing = False
         self.path = "torch.export graph"
         # instance attributes we replace, as they were (None: not set on the instance)
@@ -432,11 +433,20 @@ class Engine:
         # resolution's fresh state would recompile; list items get automatic dynamic shapes), and
         # walking entry.slots there cost ~6 guards per weight, evaluated on every call
         leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
+        host_before = self.host.get(branch)
         decision, head = self._host_decision(branch), None
         if decision == "device" and self.split is not None:
-            head = self._run_head(entry, leading, pytree.tree_leaves((args, kwargs)))
+            try:
+                head = self._run_head(entry, leading, pytree.tree_leaves((args, kwargs)))
+            except Exception:  # the step did not run: the host's count stays with the device's
+                if host_before is None:
+                    self.host.pop(branch, None)
+                else:
+                    self.host[branch] = host_before
+                raise
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
         self.current = (entry.graphs[decision], entry, leading)
+        self.ran = True
         return head
 
     def _run_head(self, entry: Entry, leading: list[torch.Tensor], leaves: list) -> tuple[torch.Tensor, ...]:
@@ -446,9 +456,9 @@ class Engine:
         if entry.head is None:
             graph = entry.graphs["split-head"]
             entry.head = graph if compile_args is None else torch.compile(graph, **{"fullgraph": True, **compile_args})
-        if compile_args is not None:  # the model's buffers and constants reach it as plain inputs: fixed addresses
-            for t in leading:
-                torch._dynamo.mark_static_address(t, guard=False)
+            if compile_args is not None:  # the model's buffers and constants reach it as plain inputs
+                for t in [*entry.live_state(), *entry.captured.constants]:
+                    mark_static(t)
         with torch.no_grad():
             return entry.head(*leading, *leaves)
 
@@ -459,7 +469,7 @@ class Engine:
         try:
             head = self.pre_call(args, kwargs)
         except Exception:
-            if not self.entries:  # the first capture failed: leave the model exactly as it was
+            if not self.ran:  # the first call failed: leave the model exactly as it was
                 self.detach()
             raise
         # the split head's tensors reach the forward as an input of the call, not through the
@@ -476,6 +486,11 @@ def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     engine: Engine = self._dittofx
     graph, entry, leading = engine.current
     head = kwargs.pop(HEAD_KWARG, ())
+    if not head and graph in (entry.graphs.get("split-compute"), entry.graphs.get("split-cache")):
+        raise RuntimeError(
+            f"{type(self).__name__}: the {HEAD_KWARG!r} keyword that dittofx's pre-hook adds to a split step's call "
+            f"(split_at_decision) is missing: a forward pre-hook registered after dittofx.optimize dropped it"
+        )
     with torch.no_grad():
         flat = graph(*leading, *pytree.tree_leaves((args, kwargs)), *head)
     return pytree.tree_unflatten(list(flat), entry.captured.out_spec)

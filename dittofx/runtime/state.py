@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["CacheState", "HISTORY", "SCALARS", "state_names"]
+__all__ = ["CacheState", "HISTORY", "SCALARS", "mark_static", "state_names"]
 
 HISTORY = 1024  # steps of per-request history kept for `summary()`
 
@@ -25,6 +25,12 @@ SCALARS = {
     "cont_count": torch.int64,  # current run of consecutive cached steps
     "acc": torch.float32,  # sum of the diffs of the cached steps since the last compute
 }
+
+
+def mark_static(t: torch.Tensor) -> None:
+    """A fixed address for CUDA graphs. Guarded as dynamo guards what it marks itself: with
+    inductor's freezing on, an unguarded static tensor is baked into the graph as a constant."""
+    torch._dynamo.mark_static_address(t, guard=torch._dynamo.utils.is_parameter_freezing())
 
 
 def state_names(num_residuals: int, norms: bool = False) -> list[str]:
@@ -78,7 +84,7 @@ class CacheState(torch.nn.Module):
             self.residual_names.append(name)
         self.shapes = (tuple(p_like.shape), tuple(tuple(c.shape) for c in carried_like), p_like.dtype, device)
         for t in self.buffers():  # fixed addresses for CUDA graphs, however a graph is handed them
-            torch._dynamo.mark_static_address(t, guard=False)
+            mark_static(t)
 
     def tensors(self) -> list[torch.Tensor]:
         """The flat list the rewritten graph takes, in its placeholder order."""
