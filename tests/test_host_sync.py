@@ -4,7 +4,6 @@ copy to the host; every other step reads exactly one predicate (its torch.cond).
 an instrument that sees every scalar read and host copy (`host_reads.HostReads`)."""
 
 import pytest
-import torch
 
 import dittofx
 import zoo
