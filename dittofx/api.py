@@ -160,23 +160,20 @@ def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any, params_
     cfg = parse_config({} if cache_config is None else cache_config)
     names = pipeline_transformers(pipe)
     configs = _component_configs(pipe, names, cfg, params_modifiers)
-    for name in names:  # every component's config, before any is touched
-        try:
-            _split_option(split_at_decision, configs[name])
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"pipeline {type(pipe).__name__}.{name}: {err}") from None
     for name in names:
         if "_dittofx" in getattr(pipe, name).__dict__:
             raise ValueError(f"pipeline {type(pipe).__name__}.{name}: already optimized; call dittofx.disable on it first")
     done = []
-    try:
-        for name in names:
+    for name in names:
+        try:
             optimize(getattr(pipe, name), configs[name], process_group=process_group, split_at_decision=split_at_decision)
-            done.append(name)
-    except Exception:  # never half-applied: the transformers optimized so far are restored
-        for name in done:
-            disable(getattr(pipe, name))
-        raise
+        except Exception as err:  # never half-applied: the transformers optimized so far are restored
+            for other in done:
+                disable(getattr(pipe, other))
+            if isinstance(err, (ValueError, TypeError)):
+                raise type(err)(f"pipeline {type(pipe).__name__}.{name}: {err}") from None
+            raise
+        done.append(name)
     attach_refresh(pipe, names, _refresh_component)
     return pipe
 

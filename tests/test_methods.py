@@ -234,7 +234,7 @@ def test_host_known_decisions_skip_the_device_decision_and_agree_with_it(policy)
         got = []
         for s in range(STEPS):
             got.append(host(**z.inputs(s, 1 - s / STEPS))[0])
-            graph, entry, _ = host._dittofx.current
+            graph, entry, *_ = host._dittofx.current
             used.append(next(d for d, g in entry.graphs.items() if g is graph))
     expected_used = ["compute" if s < 2 or mask[s] else ("cache" if policy == "static" else "device") for s in range(STEPS)]
     assert used == expected_used

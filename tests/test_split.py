@@ -35,7 +35,7 @@ class TailCounter:
 
     def record(self, *_):
         if not self.engine.capturing:
-            graph, entry, _leading = self.engine.current
+            graph, entry, *_ = self.engine.current
             self.graphs.append(next(k for k, g in entry.graphs.items() if g is graph))
 
 

@@ -40,6 +40,11 @@ def _cond_node(graph: fx.Graph) -> fx.Node:
     return cond
 
 
+def _is_branch(node: fx.Node, cond: fx.Node) -> bool:
+    """An attribute read only by the cond: one of its branches (inlined into a tail, not copied)."""
+    return node.op == "get_attr" and set(node.users) == {cond}
+
+
 def _plan(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
     """(tensors the head returns, the predicate first; head nodes the tail computes again: sizes,
     arithmetic on them, attributes), both in graph order."""
@@ -61,7 +66,7 @@ def _plan(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
 
     for user in nodes[cut:]:
         for node in user.all_input_nodes:
-            if node.op != "get_attr" or set(node.users) != {cond}:  # the branches themselves stay behind
+            if not _is_branch(node, cond):
                 need(node)
     order = {n: i for i, n in enumerate(nodes)}
     return [cond.args[0], *sorted(list(tensors)[1:], key=order.get)], sorted(again, key=order.get)
@@ -95,7 +100,7 @@ class SplitAtDecisionPass(PassBase):
         for node in gm.graph.nodes:
             if node is cond:
                 break
-            if node.op != "get_attr" or set(node.users) != {cond}:  # the branches stay behind
+            if not _is_branch(node, cond):
                 env[node] = g.node_copy(node, lambda n: env[n])
         g.output(tuple(env[n] for n in boundary(gm)))
         g.lint()

@@ -10,6 +10,7 @@ what dynamo traces: no Python value in it changes from step to step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import traceback
 import types
 from dataclasses import dataclass, field
@@ -122,8 +123,9 @@ class Engine:
         self.num_steps = cfg.num_inference_steps
         self.entries: list[Entry] = []
         self.states = torch.nn.ModuleDict()
-        # the graph for this call, its entry and its leading inputs (a plain list, see pre_call)
-        self.current: tuple[fx.GraphModule, Entry, list[torch.Tensor]] | None = None
+        # the graph for this call, its entry, its leading inputs (a plain list, see pre_call) and
+        # the number of the split head's tensors it takes last (0: not a split step)
+        self.current: tuple[fx.GraphModule, Entry, list[torch.Tensor], int] | None = None
         self.host: dict[str, tuple[int, bool]] = {}  # per branch: (host step count, residuals stored)
         self._masks: dict[int | None, list[int] | None] = {}
         self.context_name: str | None = None
@@ -189,8 +191,9 @@ class Engine:
             if sizes in entry.state_shapes:
                 return entry, sizes
         same_structure = [e for e in self.entries if input_key(args, kwargs, e.captured.dynamic_dims) == e.key]
+        original = functools.cache(lambda: pytree.tree_leaves(self._original_forward(args, kwargs)))
         for entry in same_structure:
-            if self._still_valid(entry, args, kwargs):
+            if self._still_valid(entry, leaves, original):
                 entry.state_shapes[sizes] = _state_shapes(entry, leaves)
                 return entry, sizes
         # A symbolic graph wrong at these sizes took a size-dependent branch without a guard, e.g.
@@ -203,19 +206,19 @@ class Engine:
         self.entries.append(entry)
         return entry, sizes
 
-    def _still_valid(self, entry: Entry, args: tuple, kwargs: dict) -> bool:
+    def _still_valid(self, entry: Entry, leaves: list, original: Callable[[], list]) -> bool:
         """A graph with symbolic dims runs at new sizes only if export traced no size-dependent
         Python as if it were size-independent (diffusers' PatchEmbed compares its sizes in Python
         and keeps a table for the first ones; export does not always guard that). So the first call
-        at new sizes checks the captured graph against the original forward, once."""
+        at new sizes checks the captured graph against the original forward's leaves (`original`,
+        run once however many graphs are checked), once."""
         graph = entry.captured
-        leaves = pytree.tree_leaves((args, kwargs))
         with torch.no_grad():
             try:
                 got = graph.gm(*entry.live_state(), *graph.constants, *leaves)
             except RuntimeError:
                 return False
-            want = pytree.tree_leaves(self._original_forward(args, kwargs))
+            want = original()
         return len(got) == len(want) and all(
             torch.allclose(g.float(), w.float(), rtol=1e-3, atol=1e-3 * (w.float().abs().max().item() + 1e-6))
             for g, w in zip(got, want)
@@ -367,15 +370,16 @@ class Engine:
             p_levels=len(entry.pruned_blocks) or 1, norms=self.prune,
         )  # fmt: skip
 
-    def _host_decision(self, branch: str) -> str:
+    def _host_decision(self, branch: str) -> tuple[str, tuple[int, bool] | None]:
         """Decide on the host what the host can know (SPEC §3 gates 1-3: warmup, nothing stored,
         a mask's 1, a static mask's 0), so those steps run a graph without torch.cond (CUDA graphs
         skip graphs that hold one) and never sync. The rest is left to the device ("device").
         The host counts steps only when the request length is known: otherwise a new request is
-        only visible in the timestep, on the device."""
+        only visible in the timestep, on the device. Returns the decision and the branch's count
+        once this step has run (None: not counted), for the caller to keep when it does run."""
         cfg, steps = self.cfg, self.num_steps
         if steps is None:
-            return "device"
+            return "device", None
         step, stored = self.host.get(branch, (0, False))
         if step >= steps:  # the device state resets itself at the same point
             step, stored = 0, False
@@ -390,8 +394,7 @@ class Engine:
             decision = "cache"
         else:
             decision = "device"
-        self.host[branch] = (step + 1, True)
-        return decision
+        return decision, (step + 1, True)
 
     def mask(self) -> list[int] | None:
         """The steps computation mask for the current request length (memoized per length)."""
@@ -433,21 +436,15 @@ class Engine:
         # resolution's fresh state would recompile; list items get automatic dynamic shapes), and
         # walking entry.slots there cost ~6 guards per weight, evaluated on every call
         leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
-        host_before = self.host.get(branch)
-        decision, head = self._host_decision(branch), None
+        (decision, counted), head = self._host_decision(branch), ()
         if decision == "device" and self.split is not None:
-            try:
-                head = self._run_head(entry, leading, pytree.tree_leaves((args, kwargs)))
-            except Exception:  # the step did not run: the host's count stays with the device's
-                if host_before is None:
-                    self.host.pop(branch, None)
-                else:
-                    self.host[branch] = host_before
-                raise
+            head = self._run_head(entry, leading, pytree.tree_leaves((args, kwargs)))
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
-        self.current = (entry.graphs[decision], entry, leading)
+        if counted is not None:  # the step runs (a head that raised did not): the host counts it
+            self.host[branch] = counted
+        self.current = (entry.graphs[decision], entry, leading, len(head))
         self.ran = True
-        return head
+        return head or None
 
     def _run_head(self, entry: Entry, leading: list[torch.Tensor], leaves: list) -> tuple[torch.Tensor, ...]:
         """The split head (prologue, Fn, gates, diff), run here, before the forward: the forward
@@ -484,9 +481,9 @@ def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The forward `optimize` installs: run the rewritten graph on live weights and state (and, for
     a split step, on the head's tensors: the tail's last inputs)."""
     engine: Engine = self._dittofx
-    graph, entry, leading = engine.current
+    graph, entry, leading, head_tensors = engine.current
     head = kwargs.pop(HEAD_KWARG, ())
-    if not head and graph in (entry.graphs.get("split-compute"), entry.graphs.get("split-cache")):
+    if len(head) != head_tensors:
         raise RuntimeError(
             f"{type(self).__name__}: the {HEAD_KWARG!r} keyword that dittofx's pre-hook adds to a split step's call "
             f"(split_at_decision) is missing: a forward pre-hook registered after dittofx.optimize dropped it"
