@@ -86,10 +86,11 @@ class NaiveDBCache:
     def _learn(self, kwargs: dict) -> None:
         """formats[j][k]: the argument of block j that its output k is the new value of (same
         shape; ties broken by the name under which block j+1 receives that output)."""
-        ins, outs = {}, {}
+        ins, outs, calls = {}, {}, []
 
         def record(j, module, args, kwargs, out):
             ins[j], outs[j] = _bind(module.forward, args, kwargs), out
+            calls.append(j)
 
         hooks = [
             b.register_forward_hook(lambda m, a, kw, o, j=j: record(j, m, a, kw, o), with_kwargs=True)
@@ -99,6 +100,9 @@ class NaiveDBCache:
             self.model(**kwargs)
         for h in hooks:
             h.remove()
+        order = list(dict.fromkeys(calls))  # run order: lists may interleave (Latte)
+        self.blocks = [self.blocks[j] for j in order]
+        ins, outs = {i: ins[j] for i, j in enumerate(order)}, {i: outs[j] for i, j in enumerate(order)}
         self.formats = []
         for j in range(self.n):
             names = []
@@ -158,8 +162,10 @@ class NaiveDBCache:
                 if j == 0:  # the hidden stream: the largest carried argument (image tokens > text tokens)
                     st.hidden = max((k for k in self.formats[0] if k), key=lambda k: named[k].numel())
                     st.h0 = named[st.hidden]
-                if j == cfg.Fn and not st.skeleton:  # the carried hidden after Fn, as block Fn reads it
-                    st.r = named[st.hidden] - st.h0
+                if j == cfg.Fn and not st.skeleton:  # the carried hidden after Fn, as block Fn-1 returns it
+                    last = self.formats[cfg.Fn - 1]  # (Latte reshapes it before block Fn reads it)
+                    h_fn = st.outs[cfg.Fn - 1][last.index(st.hidden)] if st.hidden in last else named[st.hidden]
+                    st.r = h_fn - st.h0
                     st.skip, st.diff = self._decide(self._signal(named, st))
                 if (st.skip or st.skeleton) and mid_lo <= j <= mid_hi:  # the block as identity
                     out = tuple(named[name] if name else None for name in self.formats[j])

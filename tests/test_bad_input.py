@@ -124,7 +124,7 @@ def test_model_without_block_chain_explains_what_was_searched():
     assert_untouched(model, before)
 
 
-@pytest.mark.parametrize("name", ["hidream", "lumina2"])
+@pytest.mark.parametrize("name", ["hidream", "lumina2", "bria_fibo2_mask", "omnigen", "qwenimage21", "hunyuanvideo15"])
 def test_uncapturable_model_names_the_blocking_construct(name):
     z = zoo.get(name)
     model = z.build()

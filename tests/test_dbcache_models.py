@@ -15,6 +15,14 @@ STEPS = 10
 MODELS = [
     "flux", "wan", "qwenimage", "hunyuanvideo", "pixart", "sd3", "cogvideox", "ltx", "sana",
     "skyreels_v2", "hunyuanimage", "mochi", "zimage", "wan_vace", "cosmos", "chroma", "flux2", "auraflow",
+    # from the survey of every diffusers transformer class (2026-11-22)
+    "dit", "lumina_next", "transformer_2d", "bria", "bria_fibo2", "cogview3plus", "cogview4", "flux3", "glm_image",
+    "ideogram4", "longcat_image", "ovis_image", "nucleusmoe_image", "prx", "stable_audio", "stable_audio3",
+    "allegro", "chronoedit", "cosmos3", "easyanimate", "joyimage", "joyimage_plus",
+    "ltx2", "motif_video", "motif_video_decoder", "sana_video", "sana_wm_refiner", "kandinsky5", "longcat_audio_dit",
+    # failed before the survey's fixes: no-op conversions, the middle's end, the main list, refiners
+    "hunyuandit", "ernie_image", "consisid", "anyflow", "anyflow_far", "helios", "kandinsky6", "bria_fibo", "krea2",
+    "minimax_h3", "wan_animate", "latte",
 ]  # fmt: skip
 
 

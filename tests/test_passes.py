@@ -28,7 +28,14 @@ def test_chain_detection_matches_the_models_main_lists(name):
     z, model, graph, weights = captured(name)
     chain = find_chain(graph.gm, model, weights)
     assert tuple(chain.lists) == z.block_lists
-    assert [b.path for b in chain.blocks] == [f"{lst}.{i}" for lst in z.block_lists for i in range(len(model.get_submodule(lst)))]
+    calls = []  # the blocks in the order an uncaptured copy calls them (lists may interleave: Latte)
+    eager = z.build()
+    for lst in z.block_lists:
+        for i, block in enumerate(eager.get_submodule(lst)):
+            block.register_forward_pre_hook(lambda m, a, path=f"{lst}.{i}": calls.append(path))
+    with torch.no_grad():
+        eager(**z.inputs(0, 1.0))
+    assert [b.path for b in chain.blocks] == list(dict.fromkeys(calls))
 
 
 def test_capture_keeps_dims_symbolic_and_runs_on_live_weights():
@@ -44,6 +51,67 @@ def test_capture_keeps_dims_symbolic_and_runs_on_live_weights():
         assert torch.equal(run_graph(), model(**kwargs)[0])
         model.proj_out.weight.mul_(2)  # the graph holds no copy: it sees the change
         assert torch.equal(run_graph(), model(**kwargs)[0])
+
+
+class _Block(torch.nn.Module):
+    """Reads a loop-invariant `t` through conversions: two that change nothing (as diffusers'
+    `temb.float()` on a float tensor), one that does, one forced copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, h, t):
+        s = t.float().mean() + t.type_as(h).sum() + t.to(torch.float64).sum().float() + t.to(h.dtype, copy=True).sum()
+        return h + self.lin(h) * s
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, glue_after: int | None = None):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(4))
+        self.glue = torch.nn.Linear(4, 4)
+        self.glue_after = glue_after
+
+    def forward(self, h, t):
+        for i, block in enumerate(self.blocks):
+            h = block(h, t)
+            if i == self.glue_after:  # code between blocks, outside any block (a face adapter)
+                h = h + torch.tanh(self.glue(h))
+        return h
+
+
+def _captured_toy(model):
+    graph = capture(model, (torch.randn(2, 3, 4), torch.randn(5)), {}, dynamic=False)
+    placeholders = graph.gm.graph.find_nodes(op="placeholder")
+    return graph, set(placeholders[: len(graph.state_fqns) + len(graph.constants)])
+
+
+def test_capture_drops_conversions_that_change_nothing():
+    """A no-op `t.float()` is recorded by export as a node that the next block's `t.float()` reads,
+    so `t` looked carried from block to block; capture replaces such nodes by their input."""
+    model = _Stack().eval()
+    graph, weights = _captured_toy(model)
+    convs = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target._overloadpacket in (torch.ops.aten.to, torch.ops.aten.type_as)]
+    assert len(convs) == 4 * 3  # per block: to float64, back to float32, and the forced copy
+    assert not any(n.target is torch.ops.aten.type_as.default for n in convs)
+    h, t = torch.randn(2, 3, 4), torch.randn(5)
+    live = dict(model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(graph.gm(*(live[f] for f in graph.state_fqns), *graph.constants, h, t)[0], model(h, t))
+    carried = partition(graph.gm, find_chain(graph.gm, model, weights), 1, 1, weights).carried_inputs
+    assert [tuple(c.meta["val"].shape) for c in carried] == [(2, 3, 4)]  # h only, not t
+
+
+@pytest.mark.parametrize("glue_after, region", [(0, "Fn"), (1, "middle"), (2, "Bn"), (3, "epilogue")])
+def test_code_after_the_middles_last_block_runs_with_bn(glue_after, region):
+    """The middle ends with its last block: code after it runs on cached steps too, on the carried
+    values plus the residual (as the uncached model would), not inside the skipped region."""
+    model = _Stack(glue_after).eval()
+    graph, weights = _captured_toy(model)
+    part = partition(graph.gm, find_chain(graph.gm, model, weights), 1, 1, weights)
+    glue = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.tanh.default]
+    assert [part.region[n] for n in glue] == [region]
 
 
 def test_optimize_keeps_state_dict_and_parameters():

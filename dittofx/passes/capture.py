@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
 
 __all__ = ["CapturedGraph", "InputKey", "capture", "input_key"]
@@ -120,6 +121,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = T
             if dims:
                 dynamic_dims[i] = dims
     _strip_asserts(gm)
+    _drop_noop_conversions(gm)
     return CapturedGraph(
         gm=gm,
         state_fqns=state_fqns,
@@ -138,3 +140,37 @@ def _strip_asserts(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
+
+
+_CONVERSIONS = {
+    torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device, torch.ops.aten.to.other,
+    torch.ops.aten.type_as.default,
+}  # fmt: skip
+
+
+def _drop_noop_conversions(gm: fx.GraphModule) -> None:
+    """Replace each conversion that changes nothing (`x.float()` on a float tensor) by its input.
+
+    Eager `x.float()` returns `x` itself, yet export records a `to` node and binds `x` to it, so the
+    next block's `x.float()` reads the previous block's node: a loop-invariant input (a timestep
+    projection, a rope table) would look carried from block to block."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _CONVERSIONS:
+            continue
+        names = [a.name for a in node.target._schema.arguments]
+        if dict(zip(names, node.args), **node.kwargs).get("copy"):
+            continue
+        src, out = node.args[0].meta.get("val"), node.meta.get("val")
+        if _same_tensor_layout(src, out):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _same_tensor_layout(a: Any, b: Any) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    if (a.dtype, a.device, a.layout, a.dim()) != (b.dtype, b.device, b.layout, b.dim()):
+        return False
+    return all(statically_known_true(x == y) for x, y in zip((*a.shape, *a.stride()), (*b.shape, *b.stride())))

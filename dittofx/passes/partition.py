@@ -147,7 +147,9 @@ def partition(
         )
     start = blocks[0].start
     mid_start = blocks[fn_blocks].start if fn_blocks < n else blocks[-1].end + 1
-    bn_start = blocks[n - bn_blocks].start if bn_blocks else blocks[-1].end + 1
+    # the middle ends with its last block: code after it (a face adapter, a cat of two streams) is
+    # Bn's, so on a cached step it runs on the carried values plus the residual, as it would eagerly
+    bn_start = blocks[n - bn_blocks - 1].end + 1 if fn_blocks < n - bn_blocks else mid_start
     chain_end = blocks[-1].end
 
     def positional(pos: int) -> str:
@@ -198,7 +200,8 @@ def partition(
     if signal is not None:
         h_fn, h0 = signal, max(chain_inputs, key=numel_hint)
     else:
-        h_fn, h0 = _fn_stream(nodes, region, dependent, chain_inputs, nodes[start : blocks[0].end + 1])
+        last_fn = blocks[fn_blocks - 1]
+        h_fn, h0 = _fn_stream(dependent, chain_inputs, nodes[start : blocks[0].end + 1], nodes[last_fn.start : last_fn.end + 1])
     return Partition(
         chain=chain, fn_blocks=fn_blocks, bn_blocks=bn_blocks, region=region,
         middle_inputs=middle_inputs, middle_outputs=middle_outputs, carried_inputs=carried_in, base=base, glue=glue, skip=skip,
@@ -216,10 +219,12 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _fn_stream(nodes, region, dependent, chain_inputs, block0_nodes) -> tuple[fx.Node, fx.Node]:
-    """The carried hidden stream after Fn (the largest carried Fn output) and before it."""
-    fn_set = {nd for nd in nodes if region[nd] == "Fn"}
-    fn_out = [nd for nd in nodes if nd in fn_set and nd in dependent and any(u not in fn_set for u in nd.users)]
+def _fn_stream(dependent, chain_inputs, block0_nodes, last_fn_nodes) -> tuple[fx.Node, fx.Node]:
+    """The carried hidden stream after Fn (the largest carried output of the last Fn block, as it
+    returns it: code after it may reshape it, as Latte does between its spatial and temporal
+    blocks, or add to it, as ConsisID's face adapter does) and before Fn."""
+    span = set(last_fn_nodes)
+    fn_out = [nd for nd in last_fn_nodes if nd in dependent and any(u not in span for u in nd.users)]
     fn_tensors = [nd for nd in fn_out if isinstance(nd.meta.get("val"), torch.Tensor)]
     if not fn_tensors:
         raise PartitionError("the first Fn blocks produce no carried tensor; cannot measure the residual")

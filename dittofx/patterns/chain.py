@@ -1,10 +1,13 @@
 """Find the chain of transformer blocks in a captured graph, with no per-model knowledge.
 
 Blocks are the children of an `nn.ModuleList` whose nodes (read from `nn_module_stack`) form
-contiguous runs in index order. The main chain is the list with the most blocks, extended by the
-lists run right before or after it whose first block's carried inputs all come from the chain and
-from no other list (FLUX: double then single blocks). Refiners (HunyuanVideo, ZImage), guidance
-approximators (Chroma) and hint blocks (WanVACE) fail that test and stay in the prologue.
+contiguous runs in index order. The main chain is the list whose blocks hold the most graph nodes
+(not the most blocks: a list of 48 caption projections is not the chain), extended by the lists run
+right before or after it whose first block's carried inputs all come from the chain and from no
+other list, and whose main carried input reads no model input that the previous list's output does
+not (FLUX: double then single blocks). Refiners (HunyuanVideo, ZImage, Krea2's text fusion, whose
+output joins the image tokens only after them), guidance approximators (Chroma) and hint blocks
+(WanVACE) fail that test and stay in the prologue.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 __all__ = ["Block", "Chain", "ChainNotFound", "carried_inputs", "find_chain"]
 
@@ -144,9 +148,14 @@ def find_chain(
                 f"children of an nn.ModuleList run one after another in index order (ModuleLists in the model: "
                 f"{sorted(lists) or 'none'}); pass blocks=[...] to name them"
             )
-        main = max(per_list, key=lambda n: (len(per_list[n]), per_list[n][0].start))
+        main = max(per_list, key=lambda n: (sum(b.end - b.start + 1 for b in per_list[n]), per_list[n][0].start))
+        woven = [n for n in per_list if n != main and _interleaved(per_list[main] + per_list[n])]
+        if woven:  # Latte: spatial block i, then temporal block i, ...
+            names = sorted([main, woven[0]], key=lambda n: per_list[n][0].start)
+            return Chain(blocks=_in_run_order(per_list, names), lists=names, candidates=candidates)
         names = [main]
         ancestry = _list_ancestry(nodes, per_list)
+        inputs = _input_ancestry(nodes, params), _input_ancestry(nodes, params, lists)
         others = sorted((n for n in per_list if n != main), key=lambda n: per_list[n][0].start)
         # extend backwards, then forwards, one adjacent list at a time
         while True:
@@ -154,7 +163,7 @@ def find_chain(
             if not before:
                 break
             prev = max(before, key=lambda n: per_list[n][-1].end)
-            if not _feeds(nodes, per_list, ancestry, params, prev, names[0]):
+            if not _feeds(nodes, per_list, ancestry, inputs, params, prev, names[0]):
                 break
             names.insert(0, prev)
         while True:
@@ -162,29 +171,66 @@ def find_chain(
             if not after:
                 break
             nxt = min(after, key=lambda n: per_list[n][0].start)
-            if not _feeds(nodes, per_list, ancestry, params, names[-1], nxt):
+            if not _feeds(nodes, per_list, ancestry, inputs, params, names[-1], nxt):
                 break
             names.append(nxt)
+    return Chain(blocks=_in_run_order(per_list, names), lists=names, candidates=candidates)
+
+
+def _interleaved(blocks: list[Block]) -> bool:
+    """Two lists of two blocks or more whose blocks alternate strictly by position."""
+    ordered = sorted(blocks, key=lambda b: b.start)
+    counts = [sum(b.list_name == name for b in blocks) for name in {b.list_name for b in blocks}]
+    return len(counts) == 2 and min(counts) >= 2 and all(a.list_name != b.list_name for a, b in zip(ordered, ordered[1:]))
+
+
+def _in_run_order(per_list: dict[str, list[Block]], names: list[str]) -> list[Block]:
+    """The lists' blocks by position: one list after another, or two interleaved."""
     blocks = [b for name in names for b in per_list[name]]
-    if any(a.end >= b.start for a, b in zip(blocks, blocks[1:])):
-        raise ChainNotFound(f"blocks={names!r}: these lists do not run one after another in the captured graph")
-    return Chain(blocks=blocks, lists=names, candidates=candidates)
+    ordered = sorted(blocks, key=lambda b: b.start)
+    if any(a.end >= b.start for a, b in zip(ordered, ordered[1:])) or (
+        ordered != blocks and not (len(names) == 2 and _interleaved(blocks))
+    ):
+        raise ChainNotFound(f"blocks={names!r}: these lists neither run one after another nor alternate in the captured graph")
+    return ordered
 
 
 def numel_hint(node: fx.Node) -> int:
-    """Element count of a node's example value (symbolic dims at their example sizes)."""
+    """Element count of a node's example value (symbolic dims at their example sizes; a
+    data-dependent one, as after a slice by a tensor's value, counts 1)."""
     total = 1
     for d in node.meta["val"].shape:
-        total *= d if isinstance(d, int) else d.node.hint
+        total *= optimization_hint(d, fallback=1)
     return total
 
 
-def _feeds(nodes, per_list, ancestry, params, src: str, dst: str) -> bool:
+def _input_ancestry(
+    nodes: list[fx.Node], params: set[fx.Node], lists: dict[str, int] | None = None
+) -> dict[fx.Node, frozenset[fx.Node]]:
+    """For each node, the model inputs (placeholders other than weights and constants) it depends
+    on; with `lists`, only along paths that pass through no block of those lists."""
+    deps: dict[fx.Node, frozenset[fx.Node]] = {}
+    for node in nodes:
+        if node.op == "placeholder":
+            deps[node] = frozenset() if node in params else frozenset([node])
+        elif lists is not None and _block_of(node, lists) is not None:
+            deps[node] = frozenset()
+        else:
+            deps[node] = frozenset().union(*(deps[a] for a in node.all_input_nodes))
+    return deps
+
+
+def _feeds(nodes, per_list, ancestry, inputs, params, src: str, dst: str) -> bool:
     """`src` directly precedes `dst` in the chain: dst's main carried input (the largest) depends on
-    src's last block, and no carried input depends on a list that src's last block does not."""
+    src's last block, no model input reaches it outside the block lists unless src's last block
+    reads that input too (else src refines one stream that joins a fresh one after it: Krea2's text
+    fusion meets the patchified image there; Bria FIBO's next text layer, projected by a list of its
+    own, is fine), and no carried input depends on a list that src's last block does not."""
     carried = carried_inputs(nodes, per_list[dst], params)
     if not carried:
         return False
-    upstream = ancestry[nodes[per_list[src][-1].end]]
+    last = nodes[per_list[src][-1].end]
+    upstream = ancestry[last]
     main = max(carried, key=numel_hint)
-    return src in ancestry[main] and all(ancestry[n] <= upstream for n in carried)
+    read, direct = inputs
+    return src in ancestry[main] and direct[main] <= read[last] and all(ancestry[n] <= upstream for n in carried)
