@@ -163,7 +163,7 @@ class NaiveDBCache:
                     st.hidden = max((k for k in self.formats[0] if k), key=lambda k: named[k].numel())
                     st.h0 = named[st.hidden]
                 if j == cfg.Fn and not st.skeleton:  # the carried hidden after Fn, as block Fn-1 returns it
-                    last = self.formats[cfg.Fn - 1]  # (Latte reshapes it before block Fn reads it)
+                    last = self.formats[cfg.Fn - 1] if cfg.Fn else []  # (Latte reshapes it before block Fn reads it)
                     h_fn = st.outs[cfg.Fn - 1][last.index(st.hidden)] if st.hidden in last else named[st.hidden]
                     st.r = h_fn - st.h0
                     st.skip, st.diff = self._decide(self._signal(named, st))

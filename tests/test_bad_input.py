@@ -135,6 +135,18 @@ def test_uncapturable_model_names_the_blocking_construct(name):
     assert_untouched(model, before)
 
 
+def test_data_dependent_stream_length_is_refused_and_restores():
+    """HunyuanVideo-Framepack (batch 1) slices its text by a tensor's value: every block's output has
+    a new data-dependent length, so no output can be paired with the input it updates."""
+    z = zoo.get("hunyuanvideo_framepack")
+    model = z.build()
+    before = snapshot(model)
+    dittofx.optimize(model, {})
+    with pytest.raises(ValueError, match=r"cannot cache the middle region: its output \w+ \(shape .*'u\d+'.*matches no carried input"):
+        _call(model, z)
+    assert_untouched(model, before)
+
+
 def test_already_optimized_and_refresh_errors(pixart):
     model = dittofx.optimize(pixart.build(), {})
     with pytest.raises(ValueError, match="already optimized"):

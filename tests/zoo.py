@@ -1217,8 +1217,7 @@ _register(
     ),
     _ace_step_inputs,
     ("layers",),
-    note="survey: FAIL threshold 0 not bitwise: the cond's compute branch returns the transposed-layout carried "
-    "stream as a contiguous copy, norm_out then reduces in another order (1 ulp)",
+    note="carries a transposed stream (Conv1d then .transpose(1, 2)): the cond returns it in that memory order",
 )
 
 
@@ -1599,8 +1598,8 @@ _register(
     ),
     _framepack_inputs,
     ("transformer_blocks", "single_transformer_blocks"),
-    note="survey: FAIL text cut by a data-dependent slice: unbacked dims break numel_hint (chain.py:178), "
-    "then pair_carried (partition.py:102)",
+    note="refused: the text is cut to a data-dependent length, so block outputs have lengths (unbacked) that "
+    "match no block input; optimize's first call raises PartitionError and restores the model",
 )
 
 
@@ -1754,8 +1753,7 @@ _register(
     ),
     _sana_wm_inputs,
     ("blocks",),
-    note="survey: FAIL a SymFloat (key scale from the token count, made in block 0) is a torch.cond operand "
-    "of the middle (rewrite.py:208)",
+    note="the attention scale, a float of the token count made in block 0, is read in the middle blocks",
 )
 
 

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..runtime import gates
 from ..runtime.state import SCALARS, state_names
-from .partition import Partition
+from .partition import Partition, PartitionError
+from .sizes import float_recipes
 
 __all__ = ["CacheRewritePass", "DECISIONS", "RewriteOptions", "begin_graph"]
 
@@ -202,20 +204,28 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
     cache = g.call_function(operator.getitem, (decision, 1))
     # views as operands (e.g. the chunks of one modulation linear that TeaCache's middle reads)
     # alias each other, which torch.cond refuses under compile: hand the branches copies
+    # floats are no cond operands: the branch computes them again from the sizes they come from
+    floats = [i for i in part.middle_inputs if isinstance(i.meta.get("val"), (torch.SymFloat, float))]
+    try:
+        recipe, roots = float_recipes(floats)
+    except ValueError as err:
+        raise PartitionError(f"cannot cache the middle region: it reads {err}") from None
     to_parent = {
-        i: g.call_function(torch.ops.aten.clone.default, (env[i],)) if _is_view(i) else env[i] for i in part.middle_inputs
+        i: g.call_function(torch.ops.aten.clone.default, (env[i],)) if _is_view(i) else env[i]
+        for i in dict.fromkeys([*(i for i in part.middle_inputs if i not in floats), *roots])
     }
     operands = list(dict.fromkeys([*to_parent.values(), *bases, *residuals, *at]))
 
     def compute_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
         local: dict[fx.Node, fx.Node] = {}
-        for node in nodes:
-            if region[node] == "middle":
-                local[node] = _copy_meta(graph.node_copy(node, lambda n: local[n] if n in local else benv[to_parent[n]]), node)
+        for node in [*recipe, *(nd for nd in nodes if region[nd] == "middle")]:
+            local[node] = _copy_meta(graph.node_copy(node, lambda n: local[n] if n in local else benv[to_parent[n]]), node)
         # both branches must return fresh tensors of one layout: views (e.g. FLUX's slice of its
-        # text+image stream) and strided values are copied to contiguous ones
+        # text+image stream) and strided values are copied to dense ones, in the eager value's
+        # memory order (ACE-Step carries a transposed stream: what reads it after the middle
+        # reduces in that order)
         return [
-            _flat(graph, graph.call_function(torch.ops.aten.clone.default, (local[o],), {"memory_format": torch.contiguous_format}))
+            _flat(graph, _dense(graph, local[o], orders[o]))
             if _is_view(o) or not o.meta["val"].is_contiguous()
             else _flat(graph, local[o])
             for o in outs
@@ -223,7 +233,10 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
 
     def cache_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
         args = tuple(benv[a] for a in at)
-        return [_flat(graph, graph.call_function(gates.forecast, (benv[r], benv[b], *args))) for r, b in zip(residuals, bases)]
+        forecasts = [graph.call_function(gates.forecast, (benv[r], benv[b], *args)) for r, b in zip(residuals, bases)]
+        return [_flat(graph, _dense(graph, f, orders[o]) if orders[o] else f) for f, o in zip(forecasts, outs)]
+
+    orders = {o: _memory_order(o) for o in outs}
 
     cache_gm = _branch(gm, operands, cache_body, "CacheBranch")
     compute_gm = _branch(gm, operands, compute_body, "ComputeBranch")
@@ -234,8 +247,29 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
         (cache, g.get_attr("dittofx_cache_branch"), g.get_attr("dittofx_compute_branch"), tuple(operands)),
     )
     for j, (out, base) in enumerate(zip(outs, bases)):  # the base has the output's shape
-        env[out] = _copy_meta(g.call_method("view_as", (g.call_function(operator.getitem, (cond, j)), base)), out)
+        item, order = g.call_function(operator.getitem, (cond, j)), orders[out]
+        if order:  # back from memory order to the eager value's dims
+            shaped = g.call_method("view_as", (item, g.call_function(torch.ops.aten.permute.default, (base, order))))
+            inverse = sorted(range(len(order)), key=order.__getitem__)
+            env[out] = _copy_meta(g.call_function(torch.ops.aten.permute.default, (shaped, inverse)), out)
+        else:
+            env[out] = _copy_meta(g.call_method("view_as", (item, base)), out)
     return diff, cache
+
+
+def _memory_order(node: fx.Node) -> list[int] | None:
+    """The dims of a value outermost-first in memory, or None when that is their own order."""
+    val = node.meta["val"]
+    strides = [optimization_hint(st, fallback=1) for st in val.stride()]
+    order = sorted(range(val.dim()), key=lambda d: -strides[d])  # stable: ties keep dim order
+    return None if order == sorted(order) else order
+
+
+def _dense(graph: fx.Graph, node: fx.Node, order: list[int] | None) -> fx.Node:
+    """A fresh dense copy of `node` with its dims permuted into `order` (memory order)."""
+    if order:
+        node = graph.call_function(torch.ops.aten.permute.default, (node, order))
+    return graph.call_function(torch.ops.aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
 
 
 def _flat(graph: fx.Graph, node: fx.Node) -> fx.Node:

@@ -23,16 +23,11 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .sizes import SIZE_OPS
+
 __all__ = ["SplitAtDecisionPass", "SIDES", "boundary"]
 
 SIDES = ("head", "compute", "cache")
-# what the tail may compute again instead of receiving: sizes and arithmetic on them (no reads of
-# tensor data, no randomness); any other value crosses the cut as it is
-_SIZE_OPS = {
-    torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
-    operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod, operator.neg,
-    torch.sym_max, torch.sym_min, torch.sym_sqrt, torch.sym_float, torch.sym_int, torch.sym_not,
-}  # fmt: skip
 
 
 def _cond_node(graph: fx.Graph) -> fx.Node:
@@ -57,7 +52,7 @@ def _plan(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
     def need(node: fx.Node) -> None:
         if node not in head or node in tensors or node in again:
             return
-        if node.op == "get_attr" or node.target in _SIZE_OPS:
+        if node.op == "get_attr" or node.target in SIZE_OPS:
             for arg in node.all_input_nodes:
                 need(arg)
             again[node] = None

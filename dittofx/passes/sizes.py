@@ -1,0 +1,46 @@
+"""Size arithmetic that a pass may compute again instead of handing a value across a boundary."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+__all__ = ["SIZE_OPS", "float_recipes"]
+
+# sizes and arithmetic on them: no reads of tensor data, no randomness
+SIZE_OPS = {
+    torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
+    operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod, operator.neg,
+    operator.pow, torch.sym_max, torch.sym_min, torch.sym_sqrt, torch.sym_float, torch.sym_int, torch.sym_not,
+}  # fmt: skip
+
+
+def _is_float(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymFloat, float))
+
+
+def float_recipes(values: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+    """For float-valued nodes (SymFloats: torch.cond takes no float operand), the float arithmetic
+    that makes them, in graph order, and the values it starts from (ints, SymInts: operands a cond
+    takes). Sana-WM's attention scale `0.25 * (h * w) ** -0.5` is made in block 0, read in block 2."""
+    recipe: dict[fx.Node, None] = {}
+    roots: dict[fx.Node, None] = {}
+
+    def walk(node: fx.Node) -> None:
+        if node in recipe or node in roots:
+            return
+        if _is_float(node) and node.op == "call_function" and node.target in SIZE_OPS:
+            for arg in node.all_input_nodes:
+                walk(arg)
+            recipe[node] = None
+        elif _is_float(node):
+            raise ValueError(f"{node.name} = {node.format_node()}: a float made by an op that is no size arithmetic")
+        else:
+            roots[node] = None
+
+    for value in values:
+        walk(value)
+    order = {n: i for i, n in enumerate(next(iter(recipe)).graph.nodes)} if recipe else {}
+    return sorted(recipe, key=order.get), list(roots)
