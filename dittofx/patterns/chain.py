@@ -2,12 +2,14 @@
 
 Blocks are the children of an `nn.ModuleList` whose nodes (read from `nn_module_stack`) form
 contiguous runs in index order. The main chain is the list whose blocks hold the most graph nodes
-(not the most blocks: a list of 48 caption projections is not the chain), extended by the lists run
-right before or after it whose first block's carried inputs all come from the chain and from no
-other list, and whose main carried input reads no model input that the previous list's output does
-not (FLUX: double then single blocks). Refiners (HunyuanVideo, ZImage, Krea2's text fusion, whose
-output joins the image tokens only after them), guidance approximators (Chroma) and hint blocks
-(WanVACE) fail that test and stay in the prologue.
+(not the most blocks: a list of 48 caption projections is not the chain). A list whose blocks
+alternate with the main list's joins it in run order (Latte's spatial and temporal blocks).
+Otherwise the chain is extended by the lists run right before or after it whose first block's
+carried inputs all come from the chain and from no other list, and whose main carried input takes
+no model input by a path outside the block lists that the previous list does not read (FLUX:
+double then single blocks). Refiners (HunyuanVideo, ZImage, Krea2's text fusion, whose output meets
+the patchified image only after them), guidance approximators (Chroma) and hint blocks (WanVACE)
+fail that test and stay in the prologue.
 """
 
 from __future__ import annotations
