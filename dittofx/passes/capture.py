@@ -122,6 +122,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = T
                 dynamic_dims[i] = dims
     _strip_asserts(gm)
     _drop_noop_conversions(gm)
+    gm.graph.lint()
+    gm.recompile()
     return CapturedGraph(
         gm=gm,
         state_fqns=state_fqns,
@@ -138,8 +140,6 @@ def _strip_asserts(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
             gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
 
 
 _CONVERSIONS = {
@@ -164,8 +164,6 @@ def _drop_noop_conversions(gm: fx.GraphModule) -> None:
         if _same_tensor_layout(src, out):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
 
 
 def _same_tensor_layout(a: Any, b: Any) -> bool:

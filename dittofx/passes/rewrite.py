@@ -23,7 +23,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..runtime import gates
 from ..runtime.state import SCALARS, state_names
 from .partition import Partition, PartitionError
-from .sizes import float_recipes
+from .sizes import cond_operands
 
 __all__ = ["CacheRewritePass", "DECISIONS", "RewriteOptions", "begin_graph"]
 
@@ -205,15 +205,11 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
     # views as operands (e.g. the chunks of one modulation linear that TeaCache's middle reads)
     # alias each other, which torch.cond refuses under compile: hand the branches copies
     # floats are no cond operands: the branch computes them again from the sizes they come from
-    floats = [i for i in part.middle_inputs if isinstance(i.meta.get("val"), (torch.SymFloat, float))]
     try:
-        recipe, roots = float_recipes(floats)
+        recipe, passed = cond_operands(part.middle_inputs)
     except ValueError as err:
         raise PartitionError(f"cannot cache the middle region: it reads {err}") from None
-    to_parent = {
-        i: g.call_function(torch.ops.aten.clone.default, (env[i],)) if _is_view(i) else env[i]
-        for i in dict.fromkeys([*(i for i in part.middle_inputs if i not in floats), *roots])
-    }
+    to_parent = {i: g.call_function(torch.ops.aten.clone.default, (env[i],)) if _is_view(i) else env[i] for i in passed}
     operands = list(dict.fromkeys([*to_parent.values(), *bases, *residuals, *at]))
 
     def compute_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:

@@ -7,7 +7,7 @@ import operator
 import torch
 import torch.fx as fx
 
-__all__ = ["SIZE_OPS", "float_recipes"]
+__all__ = ["SIZE_OPS", "cond_operands"]
 
 # sizes and arithmetic on them: no reads of tensor data, no randomness
 SIZE_OPS = {
@@ -21,15 +21,16 @@ def _is_float(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), (torch.SymFloat, float))
 
 
-def float_recipes(values: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
-    """For float-valued nodes (SymFloats: torch.cond takes no float operand), the float arithmetic
-    that makes them, in graph order, and the values it starts from (ints, SymInts: operands a cond
-    takes). Sana-WM's attention scale `0.25 * (h * w) ** -0.5` is made in block 0, read in block 2."""
+def cond_operands(values: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+    """What a torch.cond branch that reads `values` is handed, and what it computes again: a float
+    (SymFloat: torch.cond takes no float operand) is made again from the ints and SymInts its size
+    arithmetic starts from. Sana-WM's attention scale `0.25 * (h * w) ** -0.5` is made in block 0,
+    read in block 2. Returns (the float arithmetic, inputs before users; the operands)."""
     recipe: dict[fx.Node, None] = {}
-    roots: dict[fx.Node, None] = {}
+    operands: dict[fx.Node, None] = {}
 
-    def walk(node: fx.Node) -> None:
-        if node in recipe or node in roots:
+    def walk(node: fx.Node) -> None:  # post-order: a recipe node follows what it reads
+        if node in recipe or node in operands:
             return
         if _is_float(node) and node.op == "call_function" and node.target in SIZE_OPS:
             for arg in node.all_input_nodes:
@@ -38,9 +39,8 @@ def float_recipes(values: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
         elif _is_float(node):
             raise ValueError(f"{node.name} = {node.format_node()}: a float made by an op that is no size arithmetic")
         else:
-            roots[node] = None
+            operands[node] = None
 
     for value in values:
         walk(value)
-    order = {n: i for i, n in enumerate(next(iter(recipe)).graph.nodes)} if recipe else {}
-    return sorted(recipe, key=order.get), list(roots)
+    return list(recipe), list(operands)
