@@ -94,7 +94,13 @@ def export_program(
     if engine.group is not None:
         raise ValueError(f"process_group={engine.group!r}: export supports one process only (optimize without process_group)")
     args, kwargs = example_inputs
-    entry, sizes, device = engine.prepare(args, kwargs)
+    prepared = engine.prepare(args, kwargs)
+    if prepared is None:
+        raise ValueError(
+            f"model={type(engine.model).__name__}: its forward cannot be captured as one graph (dittofx caches it "
+            f"block by block in eager Python), so there is no program to export"
+        )
+    entry, sizes, device = prepared
     program = _Program(entry, engine.new_state(entry, sizes, device))
     with torch.no_grad():
         ep = torch.export.export(program, args, kwargs, strict=False)

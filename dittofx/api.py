@@ -299,7 +299,8 @@ def summary(model: torch.nn.Module, log_table: bool = True) -> list[CacheStats]:
 
 
 def _stats(engine: Engine, prefix: str) -> list[CacheStats]:
-    name = prefix + ("+".join(engine.entries[-1].chain.lists) if engine.entries else "chain")
+    lists = engine.blockwise.chain.lists if engine.blockwise else engine.entries[-1].chain.lists if engine.entries else ["chain"]
+    name = prefix + "+".join(lists)
     stats = []
     for branch, state in engine.states.items():
         flags = state.hist_cached.tolist()
@@ -346,7 +347,9 @@ def _explain(engine: Engine, component: str) -> str:
     cfg = engine.cfg
     where = f" ({component})" if component else ""
     lines = [f"dittofx: {type(engine.model).__name__}{where}, {cfg.short_name()}, path: {engine.path}"]
-    if not engine.entries:
+    if engine.blockwise is not None:
+        lines += _explain_blockwise(engine.blockwise)
+    elif not engine.entries:
         lines.append("  not captured yet: the graph is captured on the first call")
     for i, entry in enumerate(engine.entries):
         part, chain = entry.partition, entry.chain
@@ -384,6 +387,20 @@ def _explain(engine: Engine, component: str) -> str:
     for branch, state in engine.states.items():
         lines.append(f"state [{branch}]: {state.bytes() / 2**20:.2f} MiB")
     return "\n".join(lines)
+
+
+def _explain_blockwise(blockwise) -> list[str]:
+    chain, lo, hi = blockwise.chain, blockwise.lo, blockwise.hi
+    middle = f"{chain.paths[lo]}..{chain.paths[hi]}" if lo <= hi else "-"
+    return [
+        f"  block lists seen: {chain.candidates}; chain: {' -> '.join(chain.lists)} ({len(chain)} blocks)",
+        f"  Fn = {lo} blocks ({chain.paths[0]}..{chain.paths[lo - 1]}), middle = {hi - lo + 1} blocks ({middle}), "
+        f"Bn = {len(chain) - hi - 1} blocks",
+        f"  residual diff on: the {chain.hidden!r} stream entering {chain.paths[lo]} minus the one entering {chain.paths[0]}",
+        f"  carried through the middle (cached as what enters it + residual): {blockwise.carried}",
+        "  block outputs -> the arguments they update: "
+        + "; ".join(f"{p}: {list(s)}" for p, s in zip(chain.paths, chain.streams)),
+    ]
 
 
 def _shape(node) -> str:

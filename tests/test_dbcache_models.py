@@ -23,6 +23,8 @@ MODELS = [
     # failed before the survey's fixes: no-op conversions, the middle's end, the main list, refiners
     "hunyuandit", "ernie_image", "consisid", "anyflow", "anyflow_far", "helios", "kandinsky6", "bria_fibo", "krea2",
     "minimax_h3", "wan_animate", "latte", "ace_step", "sana_wm",
+    # forward not capturable (data-dependent Python): cached block by block in eager Python
+    *zoo.BLOCKWISE,
 ]  # fmt: skip
 
 

@@ -43,6 +43,9 @@ class ZooModel:
 
 
 ZOO: dict[str, ZooModel] = {}
+# no graph dittofx can rewrite (not capturable; Framepack: outputs of data-dependent lengths), yet each
+# block hands its streams straight to the next: dittofx caches them block by block
+BLOCKWISE = ("lumina2", "bria_fibo2_mask", "omnigen", "qwenimage21", "hunyuanvideo15", "hunyuanvideo_framepack")
 
 
 def get(name: str) -> ZooModel:
@@ -1598,8 +1601,8 @@ _register(
     ),
     _framepack_inputs,
     ("transformer_blocks", "single_transformer_blocks"),
-    note="refused: the text is cut to a data-dependent length, so block outputs have lengths (unbacked) that "
-    "match no block input; optimize's first call raises PartitionError and restores the model",
+    note="the text is cut to a data-dependent length, so in the graph block outputs have lengths (unbacked) "
+    "that match no block input: cached block by block in eager Python",
 )
 
 

@@ -36,6 +36,10 @@ class PartitionError(ValueError):
     pass
 
 
+class UnpairedOutputError(PartitionError):
+    """A middle output is no updated version of any carried input (e.g. a data-dependent length)."""
+
+
 @dataclass
 class Partition:
     chain: Chain
@@ -99,7 +103,7 @@ def pair_carried(outputs: list[fx.Node], inputs: list[fx.Node]) -> dict[fx.Node,
             reach = _residual_sources(out, set(same))
             same = [i for i in same if i in reach] or same
         if not same:
-            raise PartitionError(
+            raise UnpairedOutputError(
                 f"cannot cache the middle region: its output {out.name} (shape {key}) matches no carried "
                 f"input; carried inputs: {[(i.name, _shape_key(i)) for i in inputs]}"
             )

@@ -47,6 +47,18 @@ class RewriteOptions:
     gap_in_timesteps: bool = False  # TaylorSeer's gap in the timestep input's units, not in steps
     newton: bool = False  # TaylorSeer as a Newton polynomial through the stored computes
 
+    def gate_options(self) -> dict:
+        """The keyword arguments of `gates.step_gate`."""
+        return dict(
+            max_warmup_steps=self.max_warmup_steps,
+            warmup_interval=self.warmup_interval,
+            max_cached_steps=self.max_cached_steps,
+            max_continuous_cached_steps=self.max_continuous_cached_steps,
+            has_mask=self.has_mask,
+            static_mask=self.static_mask,
+            last_step_computes=self.last_step_computes,
+        )
+
 
 def _copy_meta(dst: fx.Node, src: fx.Node) -> fx.Node:
     dst.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
@@ -178,15 +190,7 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
     gate = g.call_function(
         gates.step_gate,
         (step, valid, cached_count, cont_count, st["mask"], st["num_steps"]),
-        dict(
-            max_warmup_steps=opt.max_warmup_steps,
-            warmup_interval=opt.warmup_interval,
-            max_cached_steps=opt.max_cached_steps,
-            max_continuous_cached_steps=opt.max_continuous_cached_steps,
-            has_mask=opt.has_mask,
-            static_mask=opt.static_mask,
-            last_step_computes=opt.last_step_computes,
-        ),
+        opt.gate_options(),
     )
     if opt.teacache_coefficients is not None:
         decision = g.call_function(

@@ -4,13 +4,17 @@ A forward pre-hook does the Python-side work before every call, outside dynamo (
 runs module hooks eagerly and traces only `forward`): recapture when the input structure changes,
 pick the CFG branch, (re)allocate state when shapes change. The replaced `forward` then only
 feeds the live parameters, the state tensors and the inputs to the rewritten graph, which is
-what dynamo traces: no Python value in it changes from step to step.
+what dynamo traces: no Python value in it changes from step to step. Where the first call finds no
+graph to rewrite (the forward cannot be captured, or its middle cannot be paired), the same step
+logic runs around the model's own blocks instead (`blockwise.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import logging
 import traceback
 import types
 from dataclasses import dataclass, field
@@ -22,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from ..config import CacheConfig, DBPruneConfig, TeaCacheConfig
 from ..passes.capture import CapturedGraph, capture, input_key
-from ..passes.partition import Partition, PartitionPass
+from ..passes.partition import Partition, PartitionPass, UnpairedOutputError
 from ..passes.prune import PruneRewritePass, prunable_blocks
 from ..passes.rewrite import DECISIONS, CacheRewritePass, RewriteOptions
 from ..passes.split import SIDES, SplitAtDecisionPass
@@ -30,9 +34,12 @@ from ..patterns.chain import Chain, find_chain
 from ..patterns.modulation import find_modulated_input
 from ..teacache import coefficients_for
 from ..masks import steps_mask
+from .blockwise import Blockwise, BlockwiseError, bind_arguments, learn_chain
 from .state import CacheState, mark_static
 
 __all__ = ["Engine", "Entry", "CaptureError", "context_parallel_group"]
+
+log = logging.getLogger("dittofx")
 
 
 class CaptureError(RuntimeError):
@@ -133,6 +140,8 @@ class Engine:
         self.ran = False  # a call got through the pre-hook (till then a failure detaches)
         self.capturing = False
         self.path = "torch.export graph"
+        self.blockwise: Blockwise | None = None  # set when the forward cannot be captured
+        self.options: RewriteOptions | None = None
         # instance attributes we replace, as they were (None: not set on the instance)
         self._saved = {attr: model.__dict__.get(attr) for attr in ("forward", "cache_context")}
         self._hook = None
@@ -148,6 +157,8 @@ class Engine:
 
     def detach(self) -> None:
         model = self.model
+        if self.blockwise is not None:
+            self.blockwise.remove()
         self._hook.remove()
         for attr, value in self._saved.items():
             if value is None:
@@ -283,29 +294,7 @@ class Engine:
         part_pass = PartitionPass(chain, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, params, signal)
         part_pass(gm)
         part = part_pass.partition
-        user_names = [n.name for n in placeholders[n_state:]]
-        acc_limit = cfg.max_accumulated_residual_diff_threshold
-        opts = RewriteOptions(
-            threshold=float(cfg.rel_l1_thresh if self.teacache else cfg.residual_diff_threshold),
-            acc_limit=float("inf") if acc_limit is None else float(acc_limit),
-            max_warmup_steps=cfg.max_warmup_steps,
-            warmup_interval=cfg.warmup_interval,
-            max_cached_steps=cfg.max_cached_steps,
-            max_continuous_cached_steps=cfg.max_continuous_cached_steps,
-            timestep_input="timestep" if "timestep" in user_names else None,
-            has_mask=cfg.has_mask,
-            static_mask=cfg.steps_computation_policy == "static",
-            group=self.group,
-            teacache_coefficients=self.coefficients,
-            last_step_computes=cfg.last_step_computes,
-            gap_in_timesteps=cfg.taylorseer_gap == "timestep",
-            newton=cfg.enable_taylorseer and cfg.taylorseer_interpolation == "newton",
-        )
-        if opts.gap_in_timesteps and opts.timestep_input is None:
-            raise ValueError(
-                f"taylorseer_gap='timestep': {type(self.model).__name__}.forward has no `timestep` input "
-                f"(inputs: {user_names}); allowed here: 'steps'"
-            )
+        opts = self._options([n.name for n in placeholders[n_state:]])
         counts = {r: len(part.nodes_in(r)) for r in ("prologue", "Fn", "middle", "Bn", "epilogue")}
         if self.prune:
             outside = [i for i in cfg.non_prune_block_ids if i >= len(chain)]
@@ -344,6 +333,33 @@ class Engine:
             pruned_blocks=[b.index for b in blocks],
         )
 
+    def _options(self, input_names: list[str]) -> RewriteOptions:
+        """What the step logic needs from the config, for a forward taking `input_names`."""
+        cfg = self.cfg
+        acc_limit = cfg.max_accumulated_residual_diff_threshold
+        opts = RewriteOptions(
+            threshold=float(cfg.rel_l1_thresh if self.teacache else cfg.residual_diff_threshold),
+            acc_limit=float("inf") if acc_limit is None else float(acc_limit),
+            max_warmup_steps=cfg.max_warmup_steps,
+            warmup_interval=cfg.warmup_interval,
+            max_cached_steps=cfg.max_cached_steps,
+            max_continuous_cached_steps=cfg.max_continuous_cached_steps,
+            timestep_input="timestep" if "timestep" in input_names else None,
+            has_mask=cfg.has_mask,
+            static_mask=cfg.steps_computation_policy == "static",
+            group=self.group,
+            teacache_coefficients=self.coefficients,
+            last_step_computes=cfg.last_step_computes,
+            gap_in_timesteps=cfg.taylorseer_gap == "timestep",
+            newton=cfg.enable_taylorseer and cfg.taylorseer_interpolation == "newton",
+        )
+        if opts.gap_in_timesteps and opts.timestep_input is None:
+            raise ValueError(
+                f"taylorseer_gap='timestep': {type(self.model).__name__}.forward has no `timestep` input "
+                f"(inputs: {input_names}); allowed here: 'steps'"
+            )
+        return opts
+
     def _state_for(self, branch: str, entry: Entry, sizes: tuple, device: torch.device) -> CacheState:
         shapes = entry.state_shapes[sizes]
         want = (shapes[0], tuple(shapes[1:]), entry.state_nodes[0].meta["val"].dtype, device)
@@ -363,12 +379,25 @@ class Engine:
 
         p_like = like(entry.state_nodes[0], shapes[0])
         carried = [like(o, shape) for o, shape in zip(entry.state_nodes[1:], shapes[1:])]
+        return self._state_like(p_like, carried, p_levels=len(entry.pruned_blocks) or 1)
+
+    def _state_like(self, p_like: torch.Tensor, carried: list[torch.Tensor], p_levels: int = 1) -> CacheState:
         # Taylor derivatives are differences of differences: kept in fp32
         residual_dtype = torch.float32 if self.cfg.enable_taylorseer else None
         return CacheState(
-            p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype,
-            p_levels=len(entry.pruned_blocks) or 1, norms=self.prune,
-        )  # fmt: skip
+            p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype, p_levels=p_levels, norms=self.prune
+        )
+
+    def blockwise_state(self, branch: str, h_fn: torch.Tensor, carried: list[torch.Tensor]) -> tuple[CacheState, bool]:
+        """The branch's state for the block-by-block path, fresh (True) when the sizes changed."""
+        want = (tuple(h_fn.shape), tuple(tuple(c.shape) for c in carried), h_fn.dtype, h_fn.device)
+        state = self.states[branch] if branch in self.states else None
+        if state is not None and state.shapes == want:
+            return state, False
+        self.states[branch] = self._state_like(h_fn, carried)
+        if self.num_steps is not None:  # the host counts this step as a new request's first
+            self.host[branch] = (1, True)
+        return self.states[branch], True
 
     def _host_decision(self, branch: str) -> tuple[str, tuple[int, bool] | None]:
         """Decide on the host what the host can know (SPEC §3 gates 1-3: warmup, nothing stored,
@@ -415,20 +444,71 @@ class Engine:
             )
         return steps_mask(cfg.steps_mask_policy, self.num_steps)
 
-    def prepare(self, args: tuple, kwargs: dict) -> tuple[Entry, tuple, torch.device]:
-        """The graph for these inputs (captured if needed); no step is counted."""
+    def prepare(self, args: tuple, kwargs: dict) -> tuple[Entry, tuple, torch.device] | None:
+        """The graph for these inputs (captured if needed); no step is counted. None: the forward
+        cannot be captured and runs block by block (decided on the first call)."""
+        if self.blockwise is not None:
+            return None
         leaves = pytree.tree_leaves((args, kwargs))
-        entry, sizes = self._entry_for(args, kwargs, leaves)
+        try:
+            entry, sizes = self._entry_for(args, kwargs, leaves)
+        except (CaptureError, UnpairedOutputError) as err:  # no graph to rewrite
+            if self.entries:
+                raise
+            self._fall_back_to_blocks(args, kwargs, err)
+            return None
         device = next(x.device for x in leaves if isinstance(x, torch.Tensor))
         captured = entry.captured
         if captured.constants and captured.constants[0].device != device:
             captured.constants[:] = [c.to(device) for c in captured.constants]
         return entry, sizes, device
 
+    def _fall_back_to_blocks(self, args: tuple, kwargs: dict, err: CaptureError | UnpairedOutputError) -> None:
+        """Cache block by block in eager Python (`blockwise.py`), or raise `err` saying why not."""
+        if self.teacache or self.prune:
+            raise type(err)(f"{err} The block-by-block fallback serves method='dbcache' only.") from err.__cause__
+        run = lambda: self._original_forward(args, kwargs)  # noqa: E731
+        try:
+            chain = learn_chain(self.model, run, self.cfg.blocks)
+            blockwise = Blockwise(self, chain, self.cfg.Fn_compute_blocks, self.cfg.Bn_compute_blocks)
+            self.options = self._options(list(inspect.signature(self._forward_of_model()).parameters))
+            blockwise.install()
+            try:
+                blockwise.replay_check(run)
+            except BaseException:
+                blockwise.remove()
+                raise
+        except BlockwiseError as why:
+            raise type(err)(f"{err} Caching block by block in eager Python instead is not possible either: {why}.") from err.__cause__
+        self.blockwise = blockwise
+        captured = isinstance(err, UnpairedOutputError)
+        self.path = "eager, block by block " + ("(the graph's middle cannot be paired)" if captured else "(the forward cannot be captured)")
+        reason = f"{type(self.model).__name__}'s graph: {err}." if captured else str(err).split(" Data-dependent Python")[0]
+        log.warning(
+            "dittofx: %s Caching block by block in eager Python instead (%s, %d blocks): each decided step syncs "
+            "the host, and torch.compile meets the model's own graph breaks.",
+            reason, " -> ".join(chain.lists), len(chain),
+        )  # fmt: skip
+
+    def _forward_of_model(self) -> Callable:
+        return self._saved["forward"] or types.MethodType(type(self.model).forward, self.model)
+
+    def _blockwise_call(self, args: tuple, kwargs: dict) -> None:
+        decision, counted = self._host_decision(branch := self._branch())
+        if counted is not None:
+            self.host[branch] = counted
+        named = bind_arguments(self._forward_of_model(), args, kwargs)
+        timestep = named.get("timestep") if self.options.timestep_input else None
+        self.blockwise.start(branch, decision, timestep if isinstance(timestep, torch.Tensor) else None)
+        self.ran = True
+
     def pre_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
         """Pick this call's graph and gather its leading inputs; for a step split at its decision,
         run the head and return its tensors."""
-        entry, sizes, device = self.prepare(args, kwargs)
+        prepared = self.prepare(args, kwargs)
+        if prepared is None:
+            return self._blockwise_call(args, kwargs)
+        entry, sizes, device = prepared
         branch = self._branch()
         state = self._state_for(branch, entry, sizes, device)
         # state, weights and constants go to the graph as one plain list, gathered here rather than
@@ -481,6 +561,8 @@ def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The forward `optimize` installs: run the rewritten graph on live weights and state (and, for
     a split step, on the head's tensors: the tail's last inputs)."""
     engine: Engine = self._dittofx
+    if engine.blockwise is not None:
+        return engine._forward_of_model()(*args, **kwargs)
     graph, entry, leading, head_tensors = engine.current
     head = kwargs.pop(HEAD_KWARG, ())
     if len(head) != head_tensors:

@@ -1,0 +1,177 @@
+"""Models whose forward torch.export cannot capture, cached block by block in eager Python
+(`runtime/blockwise.py`). Their DBCache, TaylorSeer and mask schedules are checked against the
+naive reference with the other models (test_dbcache_models.py, test_methods.py); here: what only
+this path does (the warning, explain, CFG branches, new sizes, torch.compile, what it refuses)."""
+
+import logging
+
+import pytest
+import torch
+
+import dittofx
+import zoo
+from test_bad_input import assert_untouched, snapshot
+
+STEPS = 6
+CFG = {"residual_diff_threshold": 0.6, "max_warmup_steps": 1, "num_inference_steps": STEPS}
+
+
+def run(model, z, make_inputs=lambda kw: kw, steps=STEPS):
+    with torch.no_grad():
+        return [model(**make_inputs(z.inputs(s, 1 - s / steps)), return_dict=False)[0] for s in range(steps)]
+
+
+def uncond(kwargs):
+    return dict(kwargs, encoder_hidden_states=torch.zeros_like(kwargs["encoder_hidden_states"]))
+
+
+def test_the_fallback_warns_with_the_blocking_line_and_explain_says_how_it_caches(caplog):
+    z = zoo.get("lumina2")
+    model = dittofx.optimize(z.build(), CFG)
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        run(model, z)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "dittofx"]
+    assert "transformer_lumina2.py:" in warning and "block by block in eager Python instead (layers, 4 blocks)" in warning
+    text = dittofx.explain(model)
+    assert "path: eager, block by block" in text and "chain: layers (4 blocks)" in text
+    assert "middle = 3 blocks (layers.1..layers.3)" in text
+    stats = dittofx.summary(model)[0]
+    assert stats.name == "layers" and stats.cached_steps and stats.computed_steps[0] == 0
+    with pytest.raises(ValueError, match="block by block in eager Python.*no program to export"):
+        dittofx.export(model, ((), z.inputs(0, 1.0)))
+
+
+def test_cfg_branches_keep_separate_states():
+    z = zoo.get("hunyuanvideo15")
+    expected = {}
+    for branch, make in (("cond", lambda kw: kw), ("uncond", uncond)):
+        alone = dittofx.optimize(z.build(), CFG)
+        expected[branch] = (run(alone, z, make), dittofx.summary(alone)[0].cached_steps)
+    assert expected["cond"][1], "test needs caching"
+    model = dittofx.optimize(z.build(), CFG)
+    got = {"cond": [], "uncond": []}
+    with torch.no_grad():
+        for s in range(STEPS):
+            for branch, make in (("cond", lambda kw: kw), ("uncond", uncond)):
+                with model.cache_context(branch):
+                    got[branch].append(model(**make(z.inputs(s, 1 - s / STEPS)), return_dict=False)[0])
+    stats = {st.branch: st for st in dittofx.summary(model)}
+    for branch in ("cond", "uncond"):
+        assert stats[branch].cached_steps == expected[branch][1]
+        assert all(torch.equal(a, b) for a, b in zip(got[branch], expected[branch][0]))
+
+
+def test_new_sizes_get_a_fresh_state_and_their_first_step_computes():
+    z = zoo.get("lumina2")
+    original = z.build()
+    model = dittofx.optimize(z.build(), dict(CFG, num_inference_steps=None))
+    run(model, z, steps=3)
+    assert dittofx.summary(model)[0].cached_steps == [1, 2]
+    big = dict(z.inputs(3, 0.5), hidden_states=torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        outs = [model(**dict(big, timestep=torch.tensor([t])), return_dict=False)[0] for t in (0.5, 0.45)]
+        want = original(**dict(big, timestep=torch.tensor([0.5])), return_dict=False)[0]
+    assert outs[0].shape == (1, 4, 12, 12) and torch.equal(outs[0], want)  # computed, not the old residual
+    assert dittofx.summary(model)[0].cached_steps == [1]  # the new sizes' state: step 0 computed, step 1 cached
+
+
+def test_compiled_blockwise_model_makes_the_eager_decisions():
+    z = zoo.get("lumina2")
+    eager = dittofx.optimize(z.build(), CFG)
+    want = run(eager, z)
+    model = dittofx.optimize(z.build(), CFG)
+    got = run(torch.compile(model), z)
+    assert dittofx.summary(model)[0].cached_steps == dittofx.summary(eager)[0].cached_steps
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+
+
+def test_disable_unwraps_the_blocks():
+    z = zoo.get("omnigen")
+    model = z.build()
+    ref = run(model, z, steps=2)
+    dittofx.optimize(model, CFG)
+    run(model, z, steps=2)
+    assert all("forward" in b.__dict__ for b in model.layers)
+    dittofx.disable(model)
+    assert not any("forward" in b.__dict__ for b in model.layers)
+    assert all(torch.equal(a, b) for a, b in zip(run(model, z, steps=2), ref))
+
+
+@pytest.mark.parametrize(
+    "cfg, words",
+    [
+        ({"method": "teacache"}, "serves method='dbcache' only"),
+        ({"method": "dbprune"}, "serves method='dbcache' only"),
+        ({"Fn_compute_blocks": 3, "Bn_compute_blocks": 2}, "Fn_compute_blocks + Bn_compute_blocks = 3 + 2 = 5: must be <= the number of blocks in the chain (4"),
+        ({"blocks": ["nope"]}, "blocks=['nope']: ['nope'] not found as block lists of Lumina2Transformer2DModel"),
+    ],
+)  # fmt: skip
+def test_what_the_fallback_refuses_leaves_the_model_untouched(cfg, words):
+    z = zoo.get("lumina2")
+    model = z.build()
+    before = snapshot(model)
+    dittofx.optimize(model, cfg)
+    with pytest.raises(RuntimeError) as info, torch.no_grad():
+        model(**z.inputs(0, 1.0), return_dict=False)
+    assert "transformer_lumina2.py:" in str(info.value) and words in str(info.value)
+    assert_untouched(model, before)
+    assert not any("forward" in b.__dict__ for b in model.layers)
+
+
+def test_a_named_block_list_is_taken():
+    z = zoo.get("lumina2")
+    model = dittofx.optimize(z.build(), dict(CFG, blocks=["layers"], Fn_compute_blocks=2))
+    run(model, z)
+    assert "Fn = 2 blocks (layers.0..layers.1)" in dittofx.explain(model)
+
+
+class FeatureDiT(torch.nn.Module):
+    """A forward export cannot capture (`.item()` drives Python) whose blocks hand the stream
+    straight on. `collect`: the output also reads every block's output (features gathered for the
+    end), which a cached step cannot give: the middle blocks pass their input through."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, hidden_states, temb):
+            return hidden_states + torch.tanh(self.proj(hidden_states) + temb)
+
+    def __init__(self, collect: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([self.Block() for _ in range(4)])
+        self.collect = collect
+
+    def forward(self, hidden_states, timestep):
+        temb = timestep[:, None, None] / 1000
+        if timestep.max().item() > 2000:  # data-dependent Python: no graph
+            temb = temb * 0
+        features = []
+        for block in self.blocks:
+            hidden_states = block(hidden_states, temb)
+            features.append(hidden_states)
+        return hidden_states + 0.5 * torch.stack(features).mean(0) if self.collect else hidden_states
+
+
+@pytest.mark.parametrize("collect", [False, True])
+def test_a_forward_reading_middle_outputs_elsewhere_is_refused(collect):
+    model = FeatureDiT(collect)
+    before = snapshot(model)
+    dittofx.optimize(model, CFG)
+    x = torch.randn(1, 5, 8)
+    with torch.no_grad():
+        if not collect:  # the control: the same model without the features caches
+            out = model(x, torch.tensor([900.0]))
+            assert torch.equal(out, FeatureDiT(collect).forward(x, torch.tensor([900.0])))
+            assert "block by block" in dittofx.explain(model)
+            return
+        with pytest.raises(
+            RuntimeError,
+            match=r"not possible either: a cached step replaying a computed one changes output 0.*reads a middle block's output outside",
+        ):
+            model(x, torch.tensor([900.0]))
+    assert_untouched(model, before)
+    assert not any("forward" in b.__dict__ for b in model.blocks)
