@@ -22,7 +22,7 @@ MODELS = [
     "ltx2", "motif_video", "motif_video_decoder", "sana_video", "sana_wm_refiner", "kandinsky5", "longcat_audio_dit",
     # failed before the survey's fixes: no-op conversions, the middle's end, the main list, refiners
     "hunyuandit", "ernie_image", "consisid", "anyflow", "anyflow_far", "helios", "kandinsky6", "bria_fibo", "krea2",
-    "minimax_h3", "wan_animate", "latte", "ace_step", "sana_wm",
+    "minimax_h3", "wan_animate", "latte", "ace_step", "sana_wm", "joyimage_mrope",
     # forward not capturable (data-dependent Python): cached block by block in eager Python
     *zoo.BLOCKWISE,
 ]  # fmt: skip

@@ -1536,6 +1536,19 @@ _register(
 )
 
 
+_register(
+    "joyimage_mrope",
+    "JoyImageEditTransformer3DModel",
+    dict(
+        patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2, text_dim=16,
+        mlp_width_ratio=2.0, num_layers=4, rope_dim_list=[4, 6, 6], rope_type="mrope",
+    ),
+    _joyimage_inputs,
+    ("double_blocks",),
+    note="mrope: the text positions start after `grid.max().item()`, which export traces (a value, not a shape)",
+)
+
+
 # JoyImage-Edit-Plus: 4 double-stream blocks over pre-patchified padded input (1, 16, C, 1, 2, 2): target
 # (1, 2, 4) = 8 patches, one reference (1, 2, 2) = 4 patches, 4 padding patches; text mask with 2 padding
 # tokens. Timestep [0, 1000].
