@@ -397,7 +397,8 @@ def _explain_blockwise(blockwise) -> list[str]:
         f"  Fn = {lo} blocks ({chain.paths[0]}..{chain.paths[lo - 1]}), middle = {hi - lo + 1} blocks ({middle}), "
         f"Bn = {len(chain) - hi - 1} blocks",
         f"  residual diff on: the {chain.hidden!r} stream entering {chain.paths[lo]} minus the one entering {chain.paths[0]}",
-        f"  carried through the middle (cached as what enters it + residual): {blockwise.carried}",
+        f"  carried through the middle (cached as what reaches its last block + residual): {blockwise.carried}",
+        *(["  code between middle blocks changes the streams: kept on cached steps (skeleton pass on computed ones)"] if blockwise.glue else []),
         "  block outputs -> the arguments they update: "
         + "; ".join(f"{p}: {list(s)}" for p, s in zip(chain.paths, chain.streams)),
     ]

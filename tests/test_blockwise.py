@@ -10,7 +10,9 @@ import torch
 
 import dittofx
 import zoo
+from reference import NaiveConfig, NaiveDBCache
 from test_bad_input import assert_untouched, snapshot
+from test_dbcache_models import WeightReads
 
 STEPS = 6
 CFG = {"residual_diff_threshold": 0.6, "max_warmup_steps": 1, "num_inference_steps": STEPS}
@@ -175,3 +177,36 @@ def test_a_forward_reading_middle_outputs_elsewhere_is_refused(collect):
             model(x, torch.tensor([900.0]))
     assert_untouched(model, before)
     assert not any("forward" in b.__dict__ for b in model.blocks)
+
+
+@pytest.mark.parametrize("blocks", [None, ["double_stream_blocks", "single_stream_blocks"]])
+def test_code_between_middle_blocks_is_kept_on_cached_steps(blocks):
+    """HiDream: between its double blocks the text stream is cut back and joined with the next
+    llama layer's, between the lists the two streams are joined. The stored residual is taken
+    against the skeleton (the middle as identities, that code kept), as the naive reference and
+    the graph path do. Its main list alone (the default) passes its image stream on unchanged;
+    both lists are joined when named."""
+    z = zoo.get("hidream")
+    lists = tuple(blocks or ["double_stream_blocks"])
+    naive = NaiveConfig(Fn=1, Bn=1 if blocks else 0, threshold=0.3, max_warmup_steps=2, max_continuous_cached_steps=3)
+    reference = NaiveDBCache(z.build(), lists, naive)
+    expected = run(reference, z, steps=10)
+    assert 0 < len(reference.cached_steps) < 8, reference.cached_steps
+    cfg = {"Fn_compute_blocks": 1, "Bn_compute_blocks": naive.Bn, "residual_diff_threshold": 0.3, "max_warmup_steps": 2,
+           "max_continuous_cached_steps": 3, "num_inference_steps": 10, **({"blocks": blocks} if blocks else {})}  # fmt: skip
+    model = dittofx.optimize(z.build(), cfg, example_inputs=((), z.inputs(0, 1.0)))  # set up outside WeightReads
+    middle = [b for name in lists for b in model.get_submodule(name)][1 : len(reference.blocks) - naive.Bn]
+    reads = []
+    outs = []
+    with torch.no_grad():
+        for s in range(10):
+            with WeightReads([p for b in middle for p in b.parameters()]) as watch:
+                outs.append(model(**z.inputs(s, 1 - s / 10), return_dict=False)[0])
+            reads.append(watch.hits)
+    stats = dittofx.summary(model)[0]
+    assert stats.name == "+".join(lists) and stats.cached_steps == reference.cached_steps
+    assert [s for s in range(10) if reads[s] == 0] == stats.cached_steps
+    for got, want in zip(outs, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    for got, want in zip(stats.diffs, reference.diffs):
+        assert (got != got and want != want) or abs(got - want) <= 1e-5 * max(1.0, abs(want))

@@ -1,14 +1,14 @@
-"""DBCache around the blocks, in eager Python: for a forward torch.export cannot capture.
+"""DBCache around the blocks, in eager Python: for a forward with no graph to rewrite.
 
 Some models branch in Python on tensor values (`mask.sum(1).tolist()`, `if tensor.all():`), so
-their forward is no graph. Their blocks still hand the carried streams straight from one to the
-next, so SPEC §3 applies around the blocks instead: each block's `forward` is wrapped, the first
-middle block makes the decision with the same gate functions the rewritten graph calls, and on a
-cached step the middle blocks hand their streams through while the last one returns the carried
-value plus the stored residual (or the Taylor forecast). Which argument each block output updates
-is learned from one recorded call, by identity: block j+1 receives block j's output as that argument.
-Costs against the graph path: every decided step syncs the host, and torch.compile gets the same
-graph breaks the model has on its own.
+their forward is no graph; in others the graph's middle outputs pair with no input (lengths that
+depend on data). SPEC §3 applies around the blocks instead: each block's `forward` is wrapped, the
+first middle block makes the decision with the same gate functions the rewritten graph calls, and
+on a cached step the middle blocks hand their streams through while the last one returns what
+reaches it plus the stored residual (or the Taylor forecast). Which argument each block output is
+a new value of is learned from one recorded call, with no per-model code. Costs against the graph
+path: every step decided on the device syncs the host, and torch.compile gets the same graph
+breaks the model has on its own.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class BlockChain:
     streams: list[tuple[str | None, ...]]  # per block, per output: the argument it updates (None: returns None)
     returns_tuple: list[bool]
     hidden: str  # the stream the residual diff measures: the largest one entering the chain
+    glue: list[bool]  # per pair of neighbouring blocks: code between them changes the streams
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -107,20 +108,31 @@ def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: 
     return calls
 
 
-def _hands_on(prev: _Call, nxt: _Call) -> tuple[str | None, ...] | str:
-    """The argument of `nxt` each output of `prev` is passed as, or why they do not chain."""
+def _passes_on(prev: _Call, nxt: _Call) -> bool:
+    """Whether `nxt` receives every output of `prev` unchanged (the same tensor objects)."""
+    return all(any(v is out for v in nxt.inputs.values()) for out in prev.outputs if out is not None)
+
+
+def _updates(call: _Call, nxt: _Call | None, before: tuple[str | None, ...] | None) -> tuple[str | None, ...]:
+    """The argument of `call`'s block each of its outputs is a new value of: its one input of that
+    shape and dtype; ties go to the name the next block receives the output under, then to the
+    choice of the block before (same class)."""
     names: list[str | None] = []
-    for k, out in enumerate(prev.outputs):
-        if out is None:
+    for k, out in enumerate(call.outputs):
+        if out is None:  # e.g. SD3's last block returns no text stream
             names.append(None)
             continue
-        name = next((n for n, v in nxt.inputs.items() if v is out), None)
-        if name is None:
-            return f"output {k} of {prev.list_path}.{prev.index} does not reach {nxt.list_path}.{nxt.index} unchanged"
-        mine = prev.inputs.get(name)
-        if not isinstance(mine, torch.Tensor) or mine.shape != out.shape or mine.dtype != out.dtype:
-            return f"output {k} of {prev.list_path}.{prev.index} is no new value of its own argument {name!r}"
-        names.append(name)
+        same = [n for n, v in call.inputs.items() if isinstance(v, torch.Tensor) and v.shape == out.shape and v.dtype == out.dtype]
+        if len(same) > 1 and nxt is not None:
+            same = [n for n in same if nxt.inputs.get(n) is out] or same
+        if len(same) > 1 and before is not None and k < len(before):
+            same = [n for n in same if n == before[k]] or same
+        if len(same) != 1:
+            raise BlockwiseError(
+                f"{call.list_path}.{call.index}: cannot tell which argument its output {k} is a new value of "
+                f"(inputs of its shape and dtype: {same})"
+            )
+        names.append(same[0])
     return tuple(names)
 
 
@@ -158,13 +170,10 @@ def learn_chain(model: torch.nn.Module, run: Callable[[], Any], block_lists: tup
     chain_lists = list(dict.fromkeys(c.list_path for c in chain))
     if (block_lists is not None and chain_lists != list(block_lists)) or len(chain) != sum(len(lists[p]) for p in chain_lists):
         raise BlockwiseError(f"blocks={chosen!r}: they do not run one after another, each block once, in {model_name} (ran: {chain_lists})")
-    streams = []
-    for prev, nxt in zip(chain, chain[1:]):
-        names = _hands_on(prev, nxt)
-        if isinstance(names, str):
-            raise BlockwiseError(f"{names}: each block must hand its streams straight to the next (code between blocks changes them)")
-        streams.append(names)
-    streams.append(_last_streams(chain, streams))
+    streams: list[tuple[str | None, ...]] = []
+    for j, call in enumerate(chain):
+        same_class = j > 0 and type(call.module) is type(chain[j - 1].module)
+        streams.append(_updates(call, chain[j + 1] if j + 1 < len(chain) else None, streams[-1] if same_class else None))
     hidden = max((s for s in streams[0] if s), key=lambda s: chain[0].inputs[s].numel())
     return BlockChain(
         lists=chain_lists,
@@ -174,16 +183,18 @@ def learn_chain(model: torch.nn.Module, run: Callable[[], Any], block_lists: tup
         streams=streams,
         returns_tuple=[c.tuple_out for c in chain],
         hidden=hidden,
+        glue=[not _passes_on(prev, nxt) for prev, nxt in zip(chain, chain[1:])],
     )
 
 
 def _grow(seq: list[_Call], first: int, last: int, lists: dict) -> tuple[int, int]:
-    while first > 0 and not isinstance(_hands_on(seq[first - 1], seq[first]), str):
+    """Join whole neighbouring lists while the streams pass between them unchanged."""
+    while first > 0 and _passes_on(seq[first - 1], seq[first]):
         size = len(lists[seq[first - 1].list_path])
         if first - size < 0 or any(c.list_path != seq[first - 1].list_path for c in seq[first - size : first]):
             break
         first -= size
-    while last + 1 < len(seq) and not isinstance(_hands_on(seq[last], seq[last + 1]), str):
+    while last + 1 < len(seq) and _passes_on(seq[last], seq[last + 1]):
         size = len(lists[seq[last + 1].list_path])
         if any(c.list_path != seq[last + 1].list_path for c in seq[last + 1 : last + 1 + size]) or last + size >= len(seq):
             break
@@ -191,22 +202,9 @@ def _grow(seq: list[_Call], first: int, last: int, lists: dict) -> tuple[int, in
     return first, last
 
 
-def _last_streams(chain: list[_Call], streams: list[tuple]) -> tuple[str | None, ...]:
-    """The last block hands its outputs to no block: as the block before it of the same class, or
-    the one input of each output's shape."""
-    last = chain[-1]
-    if len(chain) > 1 and type(last.module) is type(chain[-2].module) and len(streams[-1]) == len(last.outputs):
-        return tuple(name if out is not None else None for name, out in zip(streams[-1], last.outputs))
-    names: list[str | None] = []
-    for k, out in enumerate(last.outputs):
-        if out is None:
-            names.append(None)
-            continue
-        same = [n for n, v in last.inputs.items() if isinstance(v, torch.Tensor) and v.shape == out.shape and v.dtype == out.dtype]
-        if len(same) != 1:
-            raise BlockwiseError(f"{last.list_path}.{last.index}: cannot tell which argument its output {k} updates ({same})")
-        names.append(same[0])
-    return tuple(names)
+def _pack(j: int, outs: list, chain: BlockChain) -> Any:
+    """Block j's outputs in the form the block returns them."""
+    return tuple(outs) if chain.returns_tuple[j] else outs[0]
 
 
 @dataclass
@@ -216,15 +214,29 @@ class _Step:
     branch: str
     decision: str  # the host's: "compute", "cache" or "device" (measure the diff)
     timestep: torch.Tensor | None
-    h0: torch.Tensor | None = None
+    h0: torch.Tensor | None = None  # the hidden stream entering the chain
+    h_fn: torch.Tensor | None = None  # ... and leaving Fn (code between blocks may change it before the middle)
+    entering: list[torch.Tensor] = field(default_factory=list)  # all streams entering the middle
+    state: Any = None  # the branch's CacheState; None: new sizes (this step computes, the stores allocate)
+    decided: tuple = ()  # (diff, cache flag, elapsed, position) from the gates
     skip: bool = False
-    bases: list[torch.Tensor] = field(default_factory=list)  # the carried streams entering the middle
-    forecasts: list[torch.Tensor] = field(default_factory=list)  # a cached step's middle outputs
-    finish: Callable[[list[torch.Tensor]], None] | None = None
+    fn_outputs: list[Any] = field(default_factory=list)  # blocks 0..Fn-1 as they returned (for the skeleton)
+    bases: list[torch.Tensor] | None = None  # the carried streams reaching the middle's last block, middle skipped
+    outs: list[torch.Tensor] | None = None  # the carried streams leaving the middle
+
+
+class _SkeletonDone(Exception):
+    """Stops the skeleton pass at the middle's last block."""
 
 
 class Blockwise:
-    """The step logic of the rewritten graph (`passes/rewrite.py`), run from wrapped block forwards."""
+    """The step logic of the rewritten graph (`passes/rewrite.py`), run from wrapped block forwards.
+
+    The residual is taken against the middle run as identities with the code between blocks kept
+    (the graph's skeleton: SPEC §3's carried values after Fn): on a cached step that is what reaches
+    the middle's last block; on a computed step it is the middle's input where no code sits between
+    middle blocks, else a second, short pass of the forward that replays Fn's outputs, hands the
+    streams through the middle and stops at its last block."""
 
     def __init__(self, engine: Any, chain: BlockChain, fn_blocks: int, bn_blocks: int):
         n = len(chain)
@@ -236,7 +248,9 @@ class Blockwise:
         self.engine, self.chain = engine, chain
         self.lo, self.hi = fn_blocks, n - bn_blocks - 1  # the middle, inclusive
         self.carried = [s for s in chain.streams[self.hi] if s] if self.lo <= self.hi else []
+        self.glue = any(chain.glue[self.lo : self.hi])  # code between middle blocks changes the streams
         self.step: _Step | None = None
+        self.skeleton = False
         self._saved: list[Any] = []
 
     def install(self) -> None:
@@ -254,7 +268,31 @@ class Blockwise:
     def start(self, branch: str, decision: str, timestep: torch.Tensor | None) -> None:
         self.step = _Step(branch, decision, timestep)
 
-    def replay_check(self, run: Callable[[], Any]) -> None:
+    def call(self, forward: Callable[[], Any]) -> Any:
+        """One step: the forward, the skeleton pass where the stores need it, the stores."""
+        out = forward()
+        st, self.step = self.step, None
+        if st is not None and st.outs is not None:
+            if st.bases is None:
+                self._skeleton(st, forward)
+            self._store(st)
+        return out
+
+    @torch._dynamo.disable
+    def _skeleton(self, st: _Step, forward: Callable[[], Any]) -> None:
+        self.step, self.skeleton = st, True
+        try:
+            forward()
+        except _SkeletonDone:
+            pass
+        finally:
+            self.step, self.skeleton = None, False
+        if st.bases is None:
+            raise RuntimeError(
+                f"dittofx: the skeleton pass of {type(self.engine.model).__name__} did not reach {self.chain.paths[self.hi]}"
+            )
+
+    def replay_check(self, forward: Callable[[], Any]) -> None:
         """Raise if cached steps would be wrong for this model. A computed step, then the same
         inputs replayed as a cached step, must agree: a forward that reads a middle block's output
         outside the chain (features collected for the end) gets the middle's input there on a
@@ -265,10 +303,11 @@ class Blockwise:
         try:
             for decision in ("compute", "cache"):  # the first is computed anyway: a fresh state
                 self.start(_REPLAY, decision, None)
-                outs.append(pytree.tree_leaves(run()))
+                outs.append(pytree.tree_leaves(self.call(forward)))
         finally:
             self.step = None
-            del self.engine.states[_REPLAY]
+            if _REPLAY in self.engine.states:
+                del self.engine.states[_REPLAY]
             self.engine.host.pop(_REPLAY, None)
         for k, (a, b) in enumerate(zip(*outs)):
             if not isinstance(a, torch.Tensor):
@@ -285,27 +324,39 @@ class Blockwise:
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             st = self.step
-            if st is None or not (j == 0 or lo <= j <= hi):
+            if st is None or j > hi:
                 return original(*args, **kwargs)
-            named = bind_arguments(original, args, kwargs)
-            if j == 0:
-                st.h0 = named[chain.hidden]
-            if j == lo:
-                self._decide(st, named)
-            if st.skip:  # the block hands its streams through; the middle's last adds the residual
-                outs = [named[s] if s else None for s in chain.streams[j]]
+            if self.skeleton:  # Fn as it ran, the middle as identities, stop at its last block
+                if j < lo:
+                    return st.fn_outputs[j]
+                named = bind_arguments(original, args, kwargs)
                 if j == hi:
-                    forecasts = iter(st.forecasts)
-                    outs = [next(forecasts) if s else None for s in chain.streams[j]]
-            else:
+                    st.bases = [named[s] for s in self.carried]
+                    raise _SkeletonDone
+                return _pack(j, [named[s] if s else None for s in chain.streams[j]], chain)
+            if j < lo:
+                if j == 0:
+                    st.h0 = bind_arguments(original, args, kwargs)[chain.hidden]
                 out = original(*args, **kwargs)
-                if j != hi:
-                    return out
-                outs = list(_outputs(out))
+                if self.glue:
+                    st.fn_outputs.append(out)
+                if j == lo - 1 and chain.hidden in chain.streams[j]:  # the hidden stream as Fn's last block returns it
+                    st.h_fn = _outputs(out)[chain.streams[j].index(chain.hidden)]
+                return out
+            if j == lo:
+                self._decide(st, bind_arguments(original, args, kwargs))
+            if st.skip:  # the block hands its streams through; the middle's last adds the residual
+                named = bind_arguments(original, args, kwargs)
+                if j < hi:
+                    return _pack(j, [named[s] if s else None for s in chain.streams[j]], chain)
+                st.bases = [named[s] for s in self.carried]
+                st.outs = self._forecast(st)
+                forecasts = iter(st.outs)
+                return _pack(j, [next(forecasts) if s else None for s in chain.streams[j]], chain)
+            out = original(*args, **kwargs)
             if j == hi:
-                st.finish([o for o, s in zip(outs, chain.streams[j]) if s])
-                self.step = None
-            return tuple(outs) if chain.returns_tuple[j] else outs[0]
+                st.outs = [o for o, s in zip(_outputs(out), chain.streams[j]) if s]
+            return out
 
         return forward
 
@@ -313,34 +364,63 @@ class Blockwise:
     @torch.no_grad()
     def _decide(self, st: _Step, named: dict[str, Any]) -> None:
         """At the middle's first block: begin_step, the gates and the diff, as the graph does."""
-        engine, opt = self.engine, self.engine.options
-        h_fn, st.bases = named[self.chain.hidden], [named[s] for s in self.carried]
-        s, fresh = engine.blockwise_state(st.branch, h_fn, st.bases)  # s: the branch's CacheState
-        if fresh:  # new sizes: nothing stored for them
+        if st.h_fn is None:  # Fn's last block does not return it: as the middle receives it
+            st.h_fn = named[self.chain.hidden]
+        st.entering = [named[n] for n in self.chain.streams[self.lo] if n]
+        if not self.glue:  # what a skipped middle hands its last block
+            st.bases = [named[s] for s in self.carried]
+        st.state = self.engine.blockwise_state(st.branch, st.h_fn, st.entering)
+        if st.state is None:
             st.decision = "compute"
+            return
+        st.decided = self._gates(st.state, st)
+        if st.decision == "device":
+            st.skip = bool(st.decided[1])  # the host sync: Python picks the blocks to run
+        else:  # known on the host (warmup, a mask): no sync
+            st.skip = st.decision == "cache"
+
+    @torch._dynamo.disable
+    @torch.no_grad()
+    def _forecast(self, st: _Step) -> list[torch.Tensor]:
+        """The carried streams after a skipped middle: what reaches its last block + the residual."""
+        s, (_diff, _cache, elapsed, now) = st.state, st.decided
+        at = (s.valid, elapsed, s.taylor_times, now) if self.engine.options.newton else (s.valid, elapsed)
+        residuals = [getattr(s, name) for name in s.residual_names]
+        for name, r, b in zip(self.carried, residuals, st.bases):
+            if r.shape[1:] != b.shape:
+                raise RuntimeError(
+                    f"dittofx: the {name!r} stream reaching {self.chain.paths[self.hi]} has shape {tuple(b.shape)}, its "
+                    f"stored residual {tuple(r.shape[1:])}, while the streams entering {self.chain.paths[self.lo]} kept "
+                    f"their sizes; call dittofx.reset(model) between such requests"
+                )
+        return [gates.forecast(r, b, *at) for r, b in zip(residuals, st.bases)]
+
+    @torch._dynamo.disable
+    @torch.no_grad()
+    def _store(self, st: _Step) -> None:
+        """After the step: store what a computed middle produced, advance the counters."""
+        s = st.state
+        if s is None:  # new sizes: a fresh state, and this step (computed) is its first
+            s = self.engine.new_blockwise_state(st.branch, st.h_fn, st.entering, st.outs)
+            st.decided = self._gates(s, st)
+        diff, cache, elapsed, now = st.decided
+        gates.finish_step(
+            cache, diff, s.step, elapsed, s.valid, s.cached_count, s.cont_count, s.acc, s.hist_diff, s.hist_cached,
+            s.p, st.h_fn, st.h0, [getattr(s, name) for name in s.residual_names], st.outs, st.bases, s.taylor_times, now,
+            newton=self.engine.options.newton,
+        )  # fmt: skip
+
+    def _gates(self, s: Any, st: _Step) -> tuple:
+        """begin_step, the step's position, and the decision on state `s`: (diff, cache, elapsed, position)."""
+        opt = self.engine.options
         gates.begin_step(
             s.step, s.num_steps, s.last_ts, s.valid, s.cached_count, s.cont_count, s.acc, s.hist_diff, s.hist_cached, st.timestep
         )
         now = gates.position(s.step, s.last_ts, in_timesteps=opt.gap_in_timesteps)
         elapsed = gates.since_last_compute(now, s.taylor_times)
-        at = (s.valid, elapsed, s.taylor_times, now) if opt.newton else (s.valid, elapsed)
         if st.decision == "device":
             gate = gates.step_gate(s.step, s.valid, s.cached_count, s.cont_count, s.mask, s.num_steps, **opt.gate_options())
-            diff, cache = gates.decide(h_fn, st.h0, s.p, gate, s.acc, threshold=opt.threshold, acc_limit=opt.acc_limit, group=opt.group)
-            st.skip = bool(cache)  # the host sync: Python picks the blocks to run
-        else:  # known on the host (warmup, a mask): no sync
+            diff, cache = gates.decide(st.h_fn, st.h0, s.p, gate, s.acc, threshold=opt.threshold, acc_limit=opt.acc_limit, group=opt.group)
+        else:
             diff, cache = gates.fixed_decision(s.step, cache=st.decision == "cache")
-            st.skip = st.decision == "cache"
-        residuals = [getattr(s, name) for name in s.residual_names]
-        if st.skip:
-            st.forecasts = [gates.forecast(r, b, *at) for r, b in zip(residuals, st.bases)]
-
-        @torch._dynamo.disable
-        @torch.no_grad()
-        def finish(outs: list[torch.Tensor]) -> None:
-            gates.finish_step(
-                cache, diff, s.step, elapsed, s.valid, s.cached_count, s.cont_count, s.acc, s.hist_diff, s.hist_cached,
-                s.p, h_fn, st.h0, residuals, outs, st.bases, s.taylor_times, now, newton=opt.newton,
-            )  # fmt: skip
-
-        st.finish = finish
+        return diff, cache, elapsed, now

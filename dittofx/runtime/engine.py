@@ -388,16 +388,21 @@ class Engine:
             p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype, p_levels=p_levels, norms=self.prune
         )
 
-    def blockwise_state(self, branch: str, h_fn: torch.Tensor, carried: list[torch.Tensor]) -> tuple[CacheState, bool]:
-        """The branch's state for the block-by-block path, fresh (True) when the sizes changed."""
-        want = (tuple(h_fn.shape), tuple(tuple(c.shape) for c in carried), h_fn.dtype, h_fn.device)
+    def blockwise_state(self, branch: str, h_fn: torch.Tensor, entering: list[torch.Tensor]) -> CacheState | None:
+        """The branch's state for the block-by-block path; None when there is none for these sizes
+        (of the streams entering the middle), which the step's stores then allocate."""
         state = self.states[branch] if branch in self.states else None
-        if state is not None and state.shapes == want:
-            return state, False
-        self.states[branch] = self._state_like(h_fn, carried)
+        key = (tuple(h_fn.shape), h_fn.dtype, h_fn.device, tuple(tuple(t.shape) for t in entering))
+        return state if state is not None and getattr(state, "blockwise_key", None) == key else None
+
+    def new_blockwise_state(self, branch: str, h_fn: torch.Tensor, entering: list[torch.Tensor], outs: list[torch.Tensor]) -> CacheState:
+        """A fresh state for the block-by-block path: p like `h_fn`, residuals like the middle's outputs."""
+        state = self._state_like(h_fn, outs)
+        state.blockwise_key = (tuple(h_fn.shape), h_fn.dtype, h_fn.device, tuple(tuple(t.shape) for t in entering))
+        self.states[branch] = state
         if self.num_steps is not None:  # the host counts this step as a new request's first
             self.host[branch] = (1, True)
-        return self.states[branch], True
+        return state
 
     def _host_decision(self, branch: str) -> tuple[str, tuple[int, bool] | None]:
         """Decide on the host what the host can know (SPEC §3 gates 1-3: warmup, nothing stored,
@@ -562,7 +567,7 @@ def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     a split step, on the head's tensors: the tail's last inputs)."""
     engine: Engine = self._dittofx
     if engine.blockwise is not None:
-        return engine._forward_of_model()(*args, **kwargs)
+        return engine.blockwise.call(lambda: engine._forward_of_model()(*args, **kwargs))
     graph, entry, leading, head_tensors = engine.current
     head = kwargs.pop(HEAD_KWARG, ())
     if len(head) != head_tensors:
