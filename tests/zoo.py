@@ -45,7 +45,7 @@ class ZooModel:
 ZOO: dict[str, ZooModel] = {}
 # no graph dittofx can rewrite (not capturable; Framepack: outputs of data-dependent lengths), yet each
 # block hands its streams straight to the next: dittofx caches them block by block
-BLOCKWISE = ("lumina2", "bria_fibo2_mask", "omnigen", "qwenimage21", "hunyuanvideo15", "hunyuanvideo_framepack")
+BLOCKWISE = ("hidream", "lumina2", "bria_fibo2_mask", "omnigen", "qwenimage21", "hunyuanvideo15", "hunyuanvideo_framepack")
 
 
 def get(name: str) -> ZooModel:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from . import gates
@@ -86,21 +87,71 @@ class _Call:
     inputs: dict[str, Any]
     outputs: tuple
     tuple_out: bool
+    sources: dict[str, frozenset]  # per tensor input: the block calls (their numbers) and model inputs (-k-1) it comes from
+
+
+class _Provenance(TorchFunctionMode):
+    """Tags each tensor made outside the blocks with the block calls (and model inputs) it comes
+    from, through the code between blocks: which list continues which."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth = 0  # > 0: inside a block
+        self.tags: dict[int, frozenset] = {}
+        self.alive: list[torch.Tensor] = []  # keeps ids unique while tags refer to them
+
+    def tag(self, value: Any, tags: frozenset) -> None:
+        for t in pytree.tree_leaves(value):
+            if isinstance(t, torch.Tensor):
+                self.tags[id(t)] = tags
+                self.alive.append(t)
+
+    def of(self, value: Any) -> frozenset:
+        return frozenset().union(*(self.tags.get(id(t), frozenset()) for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if self.depth == 0 and name not in _SHAPE_ONLY:
+            tags = self.of((args, kwargs))
+            if tags:
+                self.tag(out, tags)
+                if name == "__setitem__" or name.endswith("_"):  # in place: the destination too
+                    self.tag(args[0], tags | self.of(args[0]))
+        return out
+
+
+# read only their argument's size, dtype and device: a buffer they make carries no stream
+_SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like"}
 
 
 def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: Callable[[], Any]) -> list[_Call]:
     calls: list[_Call] = []
+    prov = _Provenance()
 
-    def hook(path: str, i: int):
+    def enter(module, args, kwargs):
+        prov.depth += 1
+
+    def leave(path: str, i: int):
         def record(module, args, kwargs, out):
+            prov.depth -= 1
             named = bind_arguments(module.forward, args, kwargs)
-            calls.append(_Call(path, i, module, named, _outputs(out), isinstance(out, tuple)))
+            sources = {n: prov.of(v) for n, v in named.items() if isinstance(v, torch.Tensor)}
+            calls.append(_Call(path, i, module, named, _outputs(out), isinstance(out, tuple), sources))
+            prov.tag(out, frozenset([len(calls) - 1]))
 
         return record
 
-    handles = [b.register_forward_hook(hook(path, i), with_kwargs=True) for path, lst in lists.items() for i, b in enumerate(lst)]
+    blocks = [(path, i, b) for path, lst in lists.items() for i, b in enumerate(lst)]
+    def inputs(module, args, kwargs):  # model input k is tagged -(k+1)
+        for k, leaf in enumerate(pytree.tree_leaves((args, kwargs))):
+            prov.tag(leaf, frozenset([-(k + 1)]))
+
+    handles = [model.register_forward_pre_hook(inputs, with_kwargs=True)]
+    handles += [b.register_forward_pre_hook(enter, with_kwargs=True) for _, _, b in blocks]
+    handles += [b.register_forward_hook(leave(path, i), with_kwargs=True) for path, i, b in blocks]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), prov:
             run()
     finally:
         for h in handles:
@@ -111,6 +162,21 @@ def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: 
 def _passes_on(prev: _Call, nxt: _Call) -> bool:
     """Whether `nxt` receives every output of `prev` unchanged (the same tensor objects)."""
     return all(any(v is out for v in nxt.inputs.values()) for out in prev.outputs if out is not None)
+
+
+def _continues(prev: _Call, nxt: _Call, calls: list[_Call], before: bool) -> bool:
+    """Whether `nxt`'s list continues `prev`'s: the streams `nxt` updates come from `prev`'s outputs
+    (through whatever code sits between them). A list before the chain must be all they come from,
+    besides model inputs `prev`'s own list reads (text refiners: the image stream is a fresh input)."""
+    try:
+        sources = frozenset().union(*(nxt.sources[n] for n in _updates(nxt, None, None) if n))
+    except BlockwiseError:
+        return False
+    number = calls.index(prev)
+    if not before:
+        return number in sources
+    read = frozenset().union(*(c.sources[n] for c in calls if c.list_path == prev.list_path for n in c.sources))
+    return number in sources and sources <= {number} | {k for k in read if k < 0}
 
 
 def _updates(call: _Call, nxt: _Call | None, before: tuple[str | None, ...] | None) -> tuple[str | None, ...]:
@@ -138,8 +204,10 @@ def _updates(call: _Call, nxt: _Call | None, before: tuple[str | None, ...] | No
 
 def learn_chain(model: torch.nn.Module, run: Callable[[], Any], block_lists: tuple[str, ...] | None) -> BlockChain:
     """The block chain of `model` and its streams, from one call (`run`). The main list is the one
-    with the most weights among those whose blocks each ran once; neighbouring lists join when the
-    streams pass between them unchanged. `block_lists` (the config's `blocks`) names them instead."""
+    with the most weights among those whose blocks each ran once; a list right after the chain
+    joins when the streams its first block updates come from the chain's last block (double then
+    single blocks); a list right before, when they come from its last block alone, besides model
+    inputs it reads too (not text refiners). `block_lists` (the config's `blocks`) names the lists."""
     lists = _block_lists(model)
     model_name = type(model).__name__
     if block_lists is not None:
@@ -164,8 +232,8 @@ def learn_chain(model: torch.nn.Module, run: Callable[[], Any], block_lists: tup
     seq = [c for c in calls if c.list_path in ran_once]
     first = min(i for i, c in enumerate(seq) if c.list_path in chosen)
     last = max(i for i, c in enumerate(seq) if c.list_path in chosen)
-    if block_lists is None:  # grow over whole neighbouring lists while the streams chain
-        first, last = _grow(seq, first, last, lists)
+    if block_lists is None:  # grow over whole neighbouring lists that continue the streams
+        first, last = _grow(seq, first, last, lists, calls)
     chain = seq[first : last + 1]
     chain_lists = list(dict.fromkeys(c.list_path for c in chain))
     if (block_lists is not None and chain_lists != list(block_lists)) or len(chain) != sum(len(lists[p]) for p in chain_lists):
@@ -187,14 +255,14 @@ def learn_chain(model: torch.nn.Module, run: Callable[[], Any], block_lists: tup
     )
 
 
-def _grow(seq: list[_Call], first: int, last: int, lists: dict) -> tuple[int, int]:
-    """Join whole neighbouring lists while the streams pass between them unchanged."""
-    while first > 0 and _passes_on(seq[first - 1], seq[first]):
+def _grow(seq: list[_Call], first: int, last: int, lists: dict, calls: list[_Call]) -> tuple[int, int]:
+    """Join whole neighbouring lists while each continues the streams of the one before it."""
+    while first > 0 and _continues(seq[first - 1], seq[first], calls, before=True):
         size = len(lists[seq[first - 1].list_path])
         if first - size < 0 or any(c.list_path != seq[first - 1].list_path for c in seq[first - size : first]):
             break
         first -= size
-    while last + 1 < len(seq) and _passes_on(seq[last], seq[last + 1]):
+    while last + 1 < len(seq) and _continues(seq[last], seq[last + 1], calls, before=False):
         size = len(lists[seq[last + 1].list_path])
         if any(c.list_path != seq[last + 1].list_path for c in seq[last + 1 : last + 1 + size]) or last + size >= len(seq):
             break
@@ -214,6 +282,7 @@ class _Step:
     branch: str
     decision: str  # the host's: "compute", "cache" or "device" (measure the diff)
     timestep: torch.Tensor | None
+    counted: tuple[int, bool] | None = None  # the host's count once this step has run (None: not counted)
     h0: torch.Tensor | None = None  # the hidden stream entering the chain
     h_fn: torch.Tensor | None = None  # ... and leaving Fn (code between blocks may change it before the middle)
     entering: list[torch.Tensor] = field(default_factory=list)  # all streams entering the middle
@@ -265,17 +334,24 @@ class Blockwise:
                 block.forward = saved
         self._saved = []
 
-    def start(self, branch: str, decision: str, timestep: torch.Tensor | None) -> None:
-        self.step = _Step(branch, decision, timestep)
+    def start(self, branch: str, decision: str, timestep: torch.Tensor | None, counted: tuple[int, bool] | None = None) -> None:
+        self.step = _Step(branch, decision, timestep, counted)
 
     def call(self, forward: Callable[[], Any]) -> Any:
         """One step: the forward, the skeleton pass where the stores need it, the stores."""
         out = forward()
         st, self.step = self.step, None
-        if st is not None and st.outs is not None:
+        if st is None:
+            return out
+        if self.lo > self.hi and st.h_fn is not None:  # an empty middle: every step computes, nothing carried
+            st.decision, st.outs, st.bases = "compute", [], []
+            st.state = self.engine.blockwise_state(st.branch, st.h_fn, [])
+        if st.outs is not None:
             if st.bases is None:
                 self._skeleton(st, forward)
             self._store(st)
+        if st.counted is not None:  # the step ran: the host counts it
+            self.engine.host[st.branch] = st.counted
         return out
 
     @torch._dynamo.disable
@@ -304,6 +380,7 @@ class Blockwise:
             for decision in ("compute", "cache"):  # the first is computed anyway: a fresh state
                 self.start(_REPLAY, decision, None)
                 outs.append(pytree.tree_leaves(self.call(forward)))
+                self.engine.states[_REPLAY].num_steps.zero_()  # a request of length 1 would end here
         finally:
             self.step = None
             if _REPLAY in self.engine.states:
@@ -400,8 +477,10 @@ class Blockwise:
     def _store(self, st: _Step) -> None:
         """After the step: store what a computed middle produced, advance the counters."""
         s = st.state
-        if s is None:  # new sizes: a fresh state, and this step (computed) is its first
+        if s is None:  # new sizes: a fresh state (this step computes)
+            st.decision = "compute"
             s = self.engine.new_blockwise_state(st.branch, st.h_fn, st.entering, st.outs)
+        if not st.decided:  # a fresh state, or an empty middle: the gates run now
             st.decided = self._gates(s, st)
         diff, cache, elapsed, now = st.decided
         gates.finish_step(

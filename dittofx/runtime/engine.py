@@ -35,7 +35,7 @@ from ..patterns.modulation import find_modulated_input
 from ..teacache import coefficients_for
 from ..masks import steps_mask
 from .blockwise import Blockwise, BlockwiseError, bind_arguments, learn_chain
-from .state import CacheState, mark_static
+from .state import SCALARS, CacheState, mark_static
 
 __all__ = ["Engine", "Entry", "CaptureError", "context_parallel_group"]
 
@@ -396,12 +396,18 @@ class Engine:
         return state if state is not None and getattr(state, "blockwise_key", None) == key else None
 
     def new_blockwise_state(self, branch: str, h_fn: torch.Tensor, entering: list[torch.Tensor], outs: list[torch.Tensor]) -> CacheState:
-        """A fresh state for the block-by-block path: p like `h_fn`, residuals like the middle's outputs."""
+        """A fresh state for the block-by-block path: p like `h_fn`, residuals like the middle's
+        outputs. Sizes that change within a request (Qwen-Image 2.1's first step runs over text and
+        image, the next ones over the image, the text's keys and values cached) keep the request's
+        counters and history: only what was stored goes (the step computes; gate 2 after it)."""
+        old = self.states[branch] if branch in self.states else None
         state = self._state_like(h_fn, outs)
+        if old is not None:
+            for name in (*SCALARS, "hist_diff", "hist_cached", "taylor_times"):
+                if name != "valid":
+                    getattr(state, name).copy_(getattr(old, name))
         state.blockwise_key = (tuple(h_fn.shape), h_fn.dtype, h_fn.device, tuple(tuple(t.shape) for t in entering))
         self.states[branch] = state
-        if self.num_steps is not None:  # the host counts this step as a new request's first
-            self.host[branch] = (1, True)
         return state
 
     def _host_decision(self, branch: str) -> tuple[str, tuple[int, bool] | None]:
@@ -490,8 +496,8 @@ class Engine:
         self.path = "eager, block by block " + ("(the graph's middle cannot be paired)" if captured else "(the forward cannot be captured)")
         reason = f"{type(self.model).__name__}'s graph: {err}." if captured else str(err).split(" Data-dependent Python")[0]
         log.warning(
-            "dittofx: %s Caching block by block in eager Python instead (%s, %d blocks): each decided step syncs "
-            "the host, and torch.compile meets the model's own graph breaks.",
+            "dittofx: %s Caching block by block in eager Python instead (%s, %d blocks): each step decided on the "
+            "device syncs the host, and under torch.compile the decision is a graph break (fullgraph=True cannot hold it).",
             reason, " -> ".join(chain.lists), len(chain),
         )  # fmt: skip
 
@@ -500,11 +506,9 @@ class Engine:
 
     def _blockwise_call(self, args: tuple, kwargs: dict) -> None:
         decision, counted = self._host_decision(branch := self._branch())
-        if counted is not None:
-            self.host[branch] = counted
         named = bind_arguments(self._forward_of_model(), args, kwargs)
         timestep = named.get("timestep") if self.options.timestep_input else None
-        self.blockwise.start(branch, decision, timestep if isinstance(timestep, torch.Tensor) else None)
+        self.blockwise.start(branch, decision, timestep if isinstance(timestep, torch.Tensor) else None, counted)
         self.ran = True
 
     def pre_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
