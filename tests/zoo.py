@@ -1052,6 +1052,8 @@ _register(
     _nucleusmoe_inputs,
     ("transformer_blocks",),
     init=_redraw(".experts."),  # torch.empty experts (filled by checkpoint loading)
+    warmup=True,
+    note="its rope table is built on the first eager call (export of a fresh model fails in view_as_complex)",
 )
 
 
