@@ -396,7 +396,8 @@ def _explain_blockwise(blockwise) -> list[str]:
         f"  block lists seen: {chain.candidates}; chain: {' -> '.join(chain.lists)} ({len(chain)} blocks)",
         f"  Fn = {lo} blocks ({chain.paths[0]}..{chain.paths[lo - 1]}), middle = {max(hi - lo + 1, 0)} blocks ({middle}), "
         f"Bn = {len(chain) - max(hi, lo - 1) - 1} blocks",
-        f"  residual diff on: the {chain.hidden!r} stream leaving {chain.paths[lo - 1]} minus the one entering {chain.paths[0]}",
+        f"  residual diff on: the largest stream entering {chain.paths[0]} (first call: {chain.hidden!r}) as {chain.paths[lo - 1]} "
+        "returns it, minus as it entered",
         f"  carried through the middle (cached as what reaches its last block + residual): {blockwise.carried}",
         *(["  code between middle blocks changes the streams: kept on cached steps (skeleton pass on computed ones)"] if blockwise.glue else []),
         "  block outputs -> the arguments they update: "

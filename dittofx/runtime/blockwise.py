@@ -30,6 +30,10 @@ class BlockwiseError(ValueError):
     pass
 
 
+class BlockwiseConfigError(BlockwiseError):
+    """The config does not fit the model's chain (reported as is, as the graph path does)."""
+
+
 _REPLAY = "dittofx-replay-check"  # the state branch of `Blockwise.replay_check`
 
 
@@ -61,6 +65,7 @@ class BlockChain:
     returns_tuple: list[bool]
     hidden: str  # the stream the residual diff measures: the largest one entering the chain
     glue: list[bool]  # per pair of neighbouring blocks: code between them changes the streams
+    fn_max: int  # the largest Fn whose last block returns the hidden stream at its entering shape
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -88,6 +93,8 @@ class _Call:
     outputs: tuple
     tuple_out: bool
     sources: dict[str, frozenset]  # per tensor input: the block calls (their numbers) and model inputs (-k-1) it comes from
+    versions: dict[str, int]  # per tensor input: its in-place version counter on entry
+    out_versions: tuple  # per output: its version counter on return
 
 
 class _Provenance(TorchFunctionMode):
@@ -116,7 +123,7 @@ class _Provenance(TorchFunctionMode):
             tags = self.of((args, kwargs))
             if tags:
                 self.tag(out, tags)
-                if name == "__setitem__" or name.endswith("_"):  # in place: the destination too
+                if name == "__setitem__" or (name.endswith("_") and not name.startswith("_")):  # in place: the destination too
                     self.tag(args[0], tags | self.of(args[0]))
         return out
 
@@ -129,15 +136,20 @@ def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: 
     calls: list[_Call] = []
     prov = _Provenance()
 
+    entered: list[dict[str, int]] = []
+
     def enter(module, args, kwargs):
         prov.depth += 1
+        named = bind_arguments(module.forward, args, kwargs)
+        entered.append({n: v._version for n, v in named.items() if isinstance(v, torch.Tensor)})
 
     def leave(path: str, i: int):
         def record(module, args, kwargs, out):
             prov.depth -= 1
             named = bind_arguments(module.forward, args, kwargs)
             sources = {n: prov.of(v) for n, v in named.items() if isinstance(v, torch.Tensor)}
-            calls.append(_Call(path, i, module, named, _outputs(out), isinstance(out, tuple), sources))
+            versions = tuple(o._version if isinstance(o, torch.Tensor) else None for o in _outputs(out))
+            calls.append(_Call(path, i, module, named, _outputs(out), isinstance(out, tuple), sources, entered.pop(), versions))
             prov.tag(out, frozenset([len(calls) - 1]))
 
         return record
@@ -160,8 +172,13 @@ def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: 
 
 
 def _passes_on(prev: _Call, nxt: _Call) -> bool:
-    """Whether `nxt` receives every output of `prev` unchanged (the same tensor objects)."""
-    return all(any(v is out for v in nxt.inputs.values()) for out in prev.outputs if out is not None)
+    """Whether `nxt` receives every output of `prev` unchanged: the same tensor objects, not
+    changed in place in between."""
+    return all(
+        any(v is out and nxt.versions[n] == version for n, v in nxt.inputs.items())
+        for out, version in zip(prev.outputs, prev.out_versions)
+        if out is not None
+    )
 
 
 def _continues(prev: _Call, nxt: _Call, calls: list[_Call], before: bool) -> bool:
@@ -213,7 +230,7 @@ def learn_chain(model: torch.nn.Module, run: Callable[[], Any], block_lists: tup
     if block_lists is not None:
         missing = [name for name in block_lists if name not in lists]
         if missing:
-            raise BlockwiseError(
+            raise BlockwiseConfigError(
                 f"blocks={list(block_lists)!r}: {missing} not found as block lists of {model_name}; found: {sorted(lists)}"
             )
     calls = _record(model, lists, run)
@@ -221,7 +238,7 @@ def learn_chain(model: torch.nn.Module, run: Callable[[], Any], block_lists: tup
     if block_lists is not None:
         not_run = [name for name in block_lists if name not in ran_once]
         if not_run:
-            raise BlockwiseError(f"blocks={list(block_lists)!r}: {not_run} did not run each block once per call of {model_name}")
+            raise BlockwiseConfigError(f"blocks={list(block_lists)!r}: {not_run} did not run each block once per call of {model_name}")
         chosen = list(block_lists)
     elif ran_once:
         chosen = [max(ran_once, key=lambda p: sum(w.numel() for w in lists[p].parameters()))]
@@ -237,12 +254,16 @@ def learn_chain(model: torch.nn.Module, run: Callable[[], Any], block_lists: tup
     chain = seq[first : last + 1]
     chain_lists = list(dict.fromkeys(c.list_path for c in chain))
     if (block_lists is not None and chain_lists != list(block_lists)) or len(chain) != sum(len(lists[p]) for p in chain_lists):
-        raise BlockwiseError(f"blocks={chosen!r}: they do not run one after another, each block once, in {model_name} (ran: {chain_lists})")
+        error = BlockwiseConfigError if block_lists is not None else BlockwiseError
+        raise error(f"blocks={chosen!r}: they do not run one after another, each block once, in {model_name} (ran: {chain_lists})")
     streams: list[tuple[str | None, ...]] = []
     for j, call in enumerate(chain):
         same_class = j > 0 and type(call.module) is type(chain[j - 1].module)
         streams.append(_updates(call, chain[j + 1] if j + 1 < len(chain) else None, streams[-1] if same_class else None))
     hidden = max((s for s in streams[0] if s), key=lambda s: chain[0].inputs[s].numel())
+    fn_max = 0  # blocks from the start that return the hidden stream at the shape it enters with
+    while fn_max < len(chain) and _returns(chain[fn_max], streams[fn_max], hidden, chain[0].inputs[hidden].shape):
+        fn_max += 1
     return BlockChain(
         lists=chain_lists,
         candidates=sorted(lists),
@@ -251,8 +272,13 @@ def learn_chain(model: torch.nn.Module, run: Callable[[], Any], block_lists: tup
         streams=streams,
         returns_tuple=[c.tuple_out for c in chain],
         hidden=hidden,
+        fn_max=fn_max,
         glue=[not _passes_on(prev, nxt) for prev, nxt in zip(chain, chain[1:])],
     )
+
+
+def _returns(call: _Call, names: tuple[str | None, ...], stream: str, shape: torch.Size) -> bool:
+    return stream in names and call.outputs[names.index(stream)].shape == shape
 
 
 def _grow(seq: list[_Call], first: int, last: int, lists: dict, calls: list[_Call]) -> tuple[int, int]:
@@ -270,6 +296,11 @@ def _grow(seq: list[_Call], first: int, last: int, lists: dict, calls: list[_Cal
     return first, last
 
 
+def _kept(t: torch.Tensor, may_change: bool) -> torch.Tensor:
+    """`t` as it is now, where code may change it in place before it is read."""
+    return t.clone() if may_change and isinstance(t, torch.Tensor) else t
+
+
 def _pack(j: int, outs: list, chain: BlockChain) -> Any:
     """Block j's outputs in the form the block returns them."""
     return tuple(outs) if chain.returns_tuple[j] else outs[0]
@@ -283,6 +314,7 @@ class _Step:
     decision: str  # the host's: "compute", "cache" or "device" (measure the diff)
     timestep: torch.Tensor | None
     counted: tuple[int, bool] | None = None  # the host's count once this step has run (None: not counted)
+    hidden: str = ""  # the hidden stream this call: the largest one entering the chain
     h0: torch.Tensor | None = None  # the hidden stream entering the chain
     h_fn: torch.Tensor | None = None  # ... and leaving Fn (code between blocks may change it before the middle)
     entering: list[torch.Tensor] = field(default_factory=list)  # all streams entering the middle
@@ -294,7 +326,7 @@ class _Step:
     outs: list[torch.Tensor] | None = None  # the carried streams leaving the middle
 
 
-class _SkeletonDone(Exception):
+class _SkeletonDone(BaseException):
     """Stops the skeleton pass at the middle's last block."""
 
 
@@ -310,14 +342,24 @@ class Blockwise:
     def __init__(self, engine: Any, chain: BlockChain, fn_blocks: int, bn_blocks: int):
         n = len(chain)
         if fn_blocks + bn_blocks > n:
-            raise BlockwiseError(
+            raise BlockwiseConfigError(
                 f"Fn_compute_blocks + Bn_compute_blocks = {fn_blocks} + {bn_blocks} = {fn_blocks + bn_blocks}: "
                 f"must be <= the number of blocks in the chain ({n}: {chain.lists})"
             )
         self.engine, self.chain = engine, chain
         self.lo, self.hi = fn_blocks, n - bn_blocks - 1  # the middle, inclusive
         self.carried = [s for s in chain.streams[self.hi] if s] if self.lo <= self.hi else []
-        self.glue = any(chain.glue[self.lo : self.hi])  # code between middle blocks changes the streams
+        # code between middle blocks changes the streams, or the lists name them differently: the
+        # bases come from the skeleton pass (the middle's input is no base by name)
+        self.glue = any(chain.glue[self.lo : self.hi]) or (self.lo <= self.hi and chain.streams[self.lo] != chain.streams[self.hi])
+        # a block's outputs the code after it may change in place are copied where kept (the last
+        # block's by the model's own code after the chain, which no hook sees)
+        self.changed_after = [*chain.glue, True]
+        if fn_blocks > chain.fn_max:
+            raise BlockwiseConfigError(
+                f"Fn_compute_blocks={fn_blocks}: {chain.paths[fn_blocks - 1]} returns no {chain.hidden!r} stream of the shape "
+                f"entering the chain for the residual diff to compare; allowed here: Fn_compute_blocks <= {chain.fn_max}"
+            )
         self.step: _Step | None = None
         self.skeleton = False
         self._saved: list[Any] = []
@@ -345,7 +387,7 @@ class Blockwise:
             return out
         if self.lo > self.hi and st.h_fn is not None:  # an empty middle: every step computes, nothing carried
             st.decision, st.outs, st.bases = "compute", [], []
-            st.state = self.engine.blockwise_state(st.branch, st.h_fn, [])
+            st.state = self.engine.blockwise_state(st.branch, st.hidden, st.h_fn, [])
         if st.outs is not None:
             if st.bases is None:
                 self._skeleton(st, forward)
@@ -412,13 +454,15 @@ class Blockwise:
                     raise _SkeletonDone
                 return _pack(j, [named[s] if s else None for s in chain.streams[j]], chain)
             if j < lo:
-                if j == 0:
-                    st.h0 = bind_arguments(original, args, kwargs)[chain.hidden]
+                if j == 0:  # the hidden stream: the largest entering the chain (image tokens > text tokens)
+                    named = bind_arguments(original, args, kwargs)
+                    st.hidden = max((s for s in chain.streams[0] if s), key=lambda s: named[s].numel())
+                    st.h0 = named[st.hidden]
                 out = original(*args, **kwargs)
-                if self.glue:
-                    st.fn_outputs.append(out)
-                if j == lo - 1 and chain.hidden in chain.streams[j]:  # the hidden stream as Fn's last block returns it
-                    st.h_fn = _outputs(out)[chain.streams[j].index(chain.hidden)]
+                if self.glue:  # kept for the skeleton pass, before code between blocks may change it in place
+                    st.fn_outputs.append(pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out))
+                if j == lo - 1:  # the hidden stream as Fn's last block returns it
+                    st.h_fn = self._hidden_after_fn(st, out)
                 return out
             if j == lo:
                 self._decide(st, bind_arguments(original, args, kwargs))
@@ -432,7 +476,7 @@ class Blockwise:
                 return _pack(j, [next(forecasts) if s else None for s in chain.streams[j]], chain)
             out = original(*args, **kwargs)
             if j == hi:
-                st.outs = [o for o, s in zip(_outputs(out), chain.streams[j]) if s]
+                st.outs = [_kept(o, self.changed_after[j]) for o, s in zip(_outputs(out), chain.streams[j]) if s]
             return out
 
         return forward
@@ -441,12 +485,10 @@ class Blockwise:
     @torch.no_grad()
     def _decide(self, st: _Step, named: dict[str, Any]) -> None:
         """At the middle's first block: begin_step, the gates and the diff, as the graph does."""
-        if st.h_fn is None:  # Fn's last block does not return it: as the middle receives it
-            st.h_fn = named[self.chain.hidden]
         st.entering = [named[n] for n in self.chain.streams[self.lo] if n]
         if not self.glue:  # what a skipped middle hands its last block
             st.bases = [named[s] for s in self.carried]
-        st.state = self.engine.blockwise_state(st.branch, st.h_fn, st.entering)
+        st.state = self.engine.blockwise_state(st.branch, st.hidden, st.h_fn, st.entering)
         if st.state is None:
             st.decision = "compute"
             return
@@ -479,7 +521,7 @@ class Blockwise:
         s = st.state
         if s is None:  # new sizes: a fresh state (this step computes)
             st.decision = "compute"
-            s = self.engine.new_blockwise_state(st.branch, st.h_fn, st.entering, st.outs)
+            s = self.engine.new_blockwise_state(st.branch, st.hidden, st.h_fn, st.entering, st.outs)
         if not st.decided:  # a fresh state, or an empty middle: the gates run now
             st.decided = self._gates(s, st)
         diff, cache, elapsed, now = st.decided
@@ -488,6 +530,18 @@ class Blockwise:
             s.p, st.h_fn, st.h0, [getattr(s, name) for name in s.residual_names], st.outs, st.bases, s.taylor_times, now,
             newton=self.engine.options.newton,
         )  # fmt: skip
+
+    def _hidden_after_fn(self, st: _Step, out: Any) -> torch.Tensor:
+        """The hidden stream leaving Fn, checked against the one entering the chain: the decision
+        compares the two (HiDream's single blocks return the image and text streams joined)."""
+        names, path = self.chain.streams[self.lo - 1], self.chain.paths[self.lo - 1]
+        h_fn = _kept(_outputs(out)[names.index(st.hidden)], self.changed_after[self.lo - 1]) if st.hidden in names else None
+        if h_fn is None or h_fn.shape != st.h0.shape:
+            raise BlockwiseConfigError(
+                f"Fn_compute_blocks={self.lo}: {path} returns no {st.hidden!r} stream of the shape entering the chain "
+                f"({tuple(st.h0.shape)}) for the residual diff to compare; allowed here: Fn_compute_blocks <= {self.chain.fn_max}"
+            )
+        return h_fn
 
     def _gates(self, s: Any, st: _Step) -> tuple:
         """begin_step, the step's position, and the decision on state `s`: (diff, cache, elapsed, position)."""

@@ -34,7 +34,7 @@ from ..patterns.chain import Chain, find_chain
 from ..patterns.modulation import find_modulated_input
 from ..teacache import coefficients_for
 from ..masks import steps_mask
-from .blockwise import Blockwise, BlockwiseError, bind_arguments, learn_chain
+from .blockwise import Blockwise, BlockwiseConfigError, BlockwiseError, bind_arguments, learn_chain
 from .state import SCALARS, CacheState, mark_static
 
 __all__ = ["Engine", "Entry", "CaptureError", "context_parallel_group"]
@@ -105,6 +105,10 @@ def context_parallel_group(model: torch.nn.Module) -> Any:
     (`model.enable_parallelism(config=ContextParallelConfig(...))`), or None."""
     cp = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
     return None if cp is None else cp._flattened_mesh.get_group()
+
+
+def _blockwise_key(hidden: str, h_fn: torch.Tensor, entering: list[torch.Tensor]) -> tuple:
+    return hidden, tuple(h_fn.shape), h_fn.dtype, h_fn.device, tuple(tuple(t.shape) for t in entering)
 
 
 def _model_frame(err: BaseException) -> str:
@@ -388,14 +392,15 @@ class Engine:
             p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype, p_levels=p_levels, norms=self.prune
         )
 
-    def blockwise_state(self, branch: str, h_fn: torch.Tensor, entering: list[torch.Tensor]) -> CacheState | None:
-        """The branch's state for the block-by-block path; None when there is none for these sizes
-        (of the streams entering the middle), which the step's stores then allocate."""
+    def blockwise_state(self, branch: str, hidden: str, h_fn: torch.Tensor, entering: list[torch.Tensor]) -> CacheState | None:
+        """The branch's state for the block-by-block path; None when there is none for this hidden
+        stream and these sizes (of the streams entering the middle): the step's stores allocate it."""
         state = self.states[branch] if branch in self.states else None
-        key = (tuple(h_fn.shape), h_fn.dtype, h_fn.device, tuple(tuple(t.shape) for t in entering))
-        return state if state is not None and getattr(state, "blockwise_key", None) == key else None
+        return state if state is not None and getattr(state, "blockwise_key", None) == _blockwise_key(hidden, h_fn, entering) else None
 
-    def new_blockwise_state(self, branch: str, h_fn: torch.Tensor, entering: list[torch.Tensor], outs: list[torch.Tensor]) -> CacheState:
+    def new_blockwise_state(
+        self, branch: str, hidden: str, h_fn: torch.Tensor, entering: list[torch.Tensor], outs: list[torch.Tensor]
+    ) -> CacheState:
         """A fresh state for the block-by-block path: p like `h_fn`, residuals like the middle's
         outputs. Sizes that change within a request (Qwen-Image 2.1's first step runs over text and
         image, the next ones over the image, the text's keys and values cached) keep the request's
@@ -406,7 +411,7 @@ class Engine:
             for name in (*SCALARS, "hist_diff", "hist_cached", "taylor_times"):
                 if name != "valid":
                     getattr(state, name).copy_(getattr(old, name))
-        state.blockwise_key = (tuple(h_fn.shape), h_fn.dtype, h_fn.device, tuple(tuple(t.shape) for t in entering))
+        state.blockwise_key = _blockwise_key(hidden, h_fn, entering)
         self.states[branch] = state
         return state
 
@@ -489,6 +494,8 @@ class Engine:
             except BaseException:
                 blockwise.remove()
                 raise
+        except BlockwiseConfigError:  # the config does not fit this chain: a ValueError naming the field
+            raise
         except BlockwiseError as why:
             raise type(err)(f"{err} Caching block by block in eager Python instead is not possible either: {why}.") from err.__cause__
         self.blockwise = blockwise
