@@ -242,6 +242,14 @@ def tiny_inputs(step, steps=8, seed=0, d=8):
     return dict(hidden_states=x, timestep=torch.full((1,), 1000.0 * (1 - step / steps)))
 
 
+def tiny_request(model, cfg, steps=8):
+    """One request of `steps` on `model` optimized with `cfg`: its outputs and cached steps."""
+    dittofx.optimize(model, cfg)
+    with torch.no_grad():
+        outs = [model(**tiny_inputs(s, steps)) for s in range(steps)]
+    return outs, dittofx.summary(model, log_table=False)[0].cached_steps
+
+
 def test_a_one_step_request_caches_nothing_and_is_not_refused():
     """The replay check must not start a new request between its two calls."""
     model = dittofx.optimize(TinyDiT(), {"residual_diff_threshold": 0.6, "num_inference_steps": 1})
@@ -328,13 +336,8 @@ class GlueDiT(TinyDiT):
 
 def test_code_between_blocks_that_changes_streams_in_place_caches_like_new_tensors():
     cfg = {"residual_diff_threshold": 0.15, "max_warmup_steps": 1, "num_inference_steps": 8, "Fn_compute_blocks": 1, "Bn_compute_blocks": 1}
-    results = []
-    for in_place in (False, True):
-        model = dittofx.optimize(GlueDiT(in_place), cfg)
-        with torch.no_grad():
-            outs = [model(**tiny_inputs(s)) for s in range(8)]
-        results.append((outs, dittofx.summary(model)[0].cached_steps))
-    (want, want_cached), (got, got_cached) = results
+    want, want_cached = tiny_request(GlueDiT(in_place=False), cfg)
+    got, got_cached = tiny_request(GlueDiT(in_place=True), cfg)
     assert 0 < len(want_cached) < 7 and got_cached == want_cached
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
@@ -401,14 +404,9 @@ class TwoLists(TinyDiT):
 
 def test_a_middle_spanning_lists_that_name_the_stream_differently_caches_as_the_graph_path():
     cfg = {"residual_diff_threshold": 0.3, "num_inference_steps": 8, "max_warmup_steps": 1}
-    results = []
-    for capturable in (True, False):
-        model = dittofx.optimize(TwoLists(capturable), cfg)
-        with torch.no_grad():
-            outs = [model(**tiny_inputs(s)) for s in range(8)]
-        results.append((outs, dittofx.summary(model, log_table=False)[0].cached_steps))
+    want, want_cached = tiny_request(TwoLists(capturable=True), cfg)
+    got, got_cached = tiny_request(model := TwoLists(capturable=False), cfg)
     assert "chain: pre -> blocks (5 blocks)" in dittofx.explain(model)
-    (want, want_cached), (got, got_cached) = results
     assert want_cached and got_cached == want_cached
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

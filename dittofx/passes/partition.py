@@ -134,6 +134,14 @@ class PartitionPass(PassBase):
         return PassResult(gm, False)
 
 
+def fn_bn_too_large(fn_blocks: int, bn_blocks: int, n: int, lists: list[str]) -> str:
+    """The error for an Fn + Bn the chain cannot hold (both the graph and the block-by-block path)."""
+    return (
+        f"Fn_compute_blocks + Bn_compute_blocks = {fn_blocks} + {bn_blocks} = {fn_blocks + bn_blocks}: "
+        f"must be <= the number of blocks in the chain ({n}: {lists})"
+    )
+
+
 def partition(
     gm: fx.GraphModule, chain: Chain, fn_blocks: int, bn_blocks: int, params: set[fx.Node], signal: fx.Node | None = None
 ) -> Partition:
@@ -145,10 +153,7 @@ def partition(
     blocks = chain.blocks
     n = len(blocks)
     if fn_blocks + bn_blocks > n:
-        raise PartitionError(
-            f"Fn_compute_blocks + Bn_compute_blocks = {fn_blocks} + {bn_blocks} = {fn_blocks + bn_blocks}: "
-            f"must be <= the number of blocks in the chain ({n}: {chain.lists})"
-        )
+        raise PartitionError(fn_bn_too_large(fn_blocks, bn_blocks, n, chain.lists))
     start = blocks[0].start
     mid_start = blocks[fn_blocks].start if fn_blocks < n else blocks[-1].end + 1
     # the middle ends with its last block: code after it (a face adapter, a cat of two streams) is

@@ -21,6 +21,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from ..passes.partition import fn_bn_too_large
 from . import gates
 
 __all__ = ["BlockChain", "Blockwise", "BlockwiseError", "bind_arguments", "learn_chain"]
@@ -37,9 +38,9 @@ class BlockwiseConfigError(BlockwiseError):
 _REPLAY = "dittofx-replay-check"  # the state branch of `Blockwise.replay_check`
 
 
-def bind_arguments(fn: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """`fn`'s arguments by name (a `**kwargs` parameter's items at top level)."""
-    sig = inspect.signature(fn)
+def bind_arguments(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a call to a function of signature `sig`, by name (a `**kwargs`
+    parameter's items at top level). The signature is worked out once by the caller."""
     named = {}
     for name, value in sig.bind(*args, **kwargs).arguments.items():
         if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
@@ -95,6 +96,7 @@ class _Call:
     sources: dict[str, frozenset]  # per tensor input: the block calls (their numbers) and model inputs (-k-1) it comes from
     versions: dict[str, int]  # per tensor input: its in-place version counter on entry
     out_versions: tuple  # per output: its version counter on return
+    number: int  # its place in the recorded calls (the tag of its outputs)
 
 
 class _Provenance(TorchFunctionMode):
@@ -140,17 +142,18 @@ def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: 
 
     def enter(module, args, kwargs):
         prov.depth += 1
-        named = bind_arguments(module.forward, args, kwargs)
+        named = bind_arguments(inspect.signature(module.forward), args, kwargs)
         entered.append({n: v._version for n, v in named.items() if isinstance(v, torch.Tensor)})
 
     def leave(path: str, i: int):
         def record(module, args, kwargs, out):
             prov.depth -= 1
-            named = bind_arguments(module.forward, args, kwargs)
+            named = bind_arguments(inspect.signature(module.forward), args, kwargs)
             sources = {n: prov.of(v) for n, v in named.items() if isinstance(v, torch.Tensor)}
             versions = tuple(o._version if isinstance(o, torch.Tensor) else None for o in _outputs(out))
-            calls.append(_Call(path, i, module, named, _outputs(out), isinstance(out, tuple), sources, entered.pop(), versions))
-            prov.tag(out, frozenset([len(calls) - 1]))
+            number = len(calls)
+            calls.append(_Call(path, i, module, named, _outputs(out), isinstance(out, tuple), sources, entered.pop(), versions, number))
+            prov.tag(out, frozenset([number]))
 
         return record
 
@@ -189,11 +192,10 @@ def _continues(prev: _Call, nxt: _Call, calls: list[_Call], before: bool) -> boo
         sources = frozenset().union(*(nxt.sources[n] for n in _updates(nxt, None, None) if n))
     except BlockwiseError:
         return False
-    number = calls.index(prev)
     if not before:
-        return number in sources
+        return prev.number in sources
     read = frozenset().union(*(c.sources[n] for c in calls if c.list_path == prev.list_path for n in c.sources))
-    return number in sources and sources <= {number} | {k for k in read if k < 0}
+    return prev.number in sources and sources <= {prev.number} | {k for k in read if k < 0}
 
 
 def _updates(call: _Call, nxt: _Call | None, before: tuple[str | None, ...] | None) -> tuple[str | None, ...]:
@@ -342,10 +344,7 @@ class Blockwise:
     def __init__(self, engine: Any, chain: BlockChain, fn_blocks: int, bn_blocks: int):
         n = len(chain)
         if fn_blocks + bn_blocks > n:
-            raise BlockwiseConfigError(
-                f"Fn_compute_blocks + Bn_compute_blocks = {fn_blocks} + {bn_blocks} = {fn_blocks + bn_blocks}: "
-                f"must be <= the number of blocks in the chain ({n}: {chain.lists})"
-            )
+            raise BlockwiseConfigError(fn_bn_too_large(fn_blocks, bn_blocks, n, chain.lists))
         self.engine, self.chain = engine, chain
         self.lo, self.hi = fn_blocks, n - bn_blocks - 1  # the middle, inclusive
         self.carried = [s for s in chain.streams[self.hi] if s] if self.lo <= self.hi else []
@@ -356,10 +355,7 @@ class Blockwise:
         # block's by the model's own code after the chain, which no hook sees)
         self.changed_after = [*chain.glue, True]
         if fn_blocks > chain.fn_max:
-            raise BlockwiseConfigError(
-                f"Fn_compute_blocks={fn_blocks}: {chain.paths[fn_blocks - 1]} returns no {chain.hidden!r} stream of the shape "
-                f"entering the chain for the residual diff to compare; allowed here: Fn_compute_blocks <= {chain.fn_max}"
-            )
+            raise self._fn_too_large(chain.hidden)
         self.step: _Step | None = None
         self.skeleton = False
         self._saved: list[Any] = []
@@ -440,6 +436,7 @@ class Blockwise:
 
     def _wrap(self, j: int, original: Callable) -> Callable:
         chain, lo, hi = self.chain, self.lo, self.hi
+        sig = inspect.signature(original)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             st = self.step
@@ -448,14 +445,14 @@ class Blockwise:
             if self.skeleton:  # Fn as it ran, the middle as identities, stop at its last block
                 if j < lo:
                     return st.fn_outputs[j]
-                named = bind_arguments(original, args, kwargs)
+                named = bind_arguments(sig, args, kwargs)
                 if j == hi:
                     st.bases = [named[s] for s in self.carried]
                     raise _SkeletonDone
                 return _pack(j, [named[s] if s else None for s in chain.streams[j]], chain)
             if j < lo:
                 if j == 0:  # the hidden stream: the largest entering the chain (image tokens > text tokens)
-                    named = bind_arguments(original, args, kwargs)
+                    named = bind_arguments(sig, args, kwargs)
                     st.hidden = max((s for s in chain.streams[0] if s), key=lambda s: named[s].numel())
                     st.h0 = named[st.hidden]
                 out = original(*args, **kwargs)
@@ -464,10 +461,10 @@ class Blockwise:
                 if j == lo - 1:  # the hidden stream as Fn's last block returns it
                     st.h_fn = self._hidden_after_fn(st, out)
                 return out
+            named = bind_arguments(sig, args, kwargs) if j == lo or st.skip else {}
             if j == lo:
-                self._decide(st, bind_arguments(original, args, kwargs))
+                self._decide(st, named)
             if st.skip:  # the block hands its streams through; the middle's last adds the residual
-                named = bind_arguments(original, args, kwargs)
                 if j < hi:
                     return _pack(j, [named[s] if s else None for s in chain.streams[j]], chain)
                 st.bases = [named[s] for s in self.carried]
@@ -534,14 +531,18 @@ class Blockwise:
     def _hidden_after_fn(self, st: _Step, out: Any) -> torch.Tensor:
         """The hidden stream leaving Fn, checked against the one entering the chain: the decision
         compares the two (HiDream's single blocks return the image and text streams joined)."""
-        names, path = self.chain.streams[self.lo - 1], self.chain.paths[self.lo - 1]
+        names = self.chain.streams[self.lo - 1]
         h_fn = _kept(_outputs(out)[names.index(st.hidden)], self.changed_after[self.lo - 1]) if st.hidden in names else None
         if h_fn is None or h_fn.shape != st.h0.shape:
-            raise BlockwiseConfigError(
-                f"Fn_compute_blocks={self.lo}: {path} returns no {st.hidden!r} stream of the shape entering the chain "
-                f"({tuple(st.h0.shape)}) for the residual diff to compare; allowed here: Fn_compute_blocks <= {self.chain.fn_max}"
-            )
+            raise self._fn_too_large(st.hidden, st.h0.shape)
         return h_fn
+
+    def _fn_too_large(self, hidden: str, shape: torch.Size | None = None) -> BlockwiseConfigError:
+        at = f" ({tuple(shape)})" if shape is not None else ""
+        return BlockwiseConfigError(
+            f"Fn_compute_blocks={self.lo}: {self.chain.paths[self.lo - 1]} returns no {hidden!r} stream of the shape entering "
+            f"the chain{at} for the residual diff to compare; allowed here: Fn_compute_blocks <= {self.chain.fn_max}"
+        )
 
     def _gates(self, s: Any, st: _Step) -> tuple:
         """begin_step, the step's position, and the decision on state `s`: (diff, cache, elapsed, position)."""

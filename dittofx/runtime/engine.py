@@ -145,6 +145,7 @@ class Engine:
         self.capturing = False
         self.path = "torch.export graph"
         self.blockwise: Blockwise | None = None  # set when the forward cannot be captured
+        self._forward_signature: inspect.Signature | None = None  # the model forward's, for the block-by-block path
         self.options: RewriteOptions | None = None
         # instance attributes we replace, as they were (None: not set on the instance)
         self._saved = {attr: model.__dict__.get(attr) for attr in ("forward", "cache_context")}
@@ -487,7 +488,8 @@ class Engine:
         try:
             chain = learn_chain(self.model, run, self.cfg.blocks)
             blockwise = Blockwise(self, chain, self.cfg.Fn_compute_blocks, self.cfg.Bn_compute_blocks)
-            self.options = self._options(list(inspect.signature(self._forward_of_model()).parameters))
+            self._forward_signature = inspect.signature(self._forward_of_model())
+            self.options = self._options(list(self._forward_signature.parameters))
             blockwise.install()
             try:
                 blockwise.replay_check(run)
@@ -513,8 +515,7 @@ class Engine:
 
     def _blockwise_call(self, args: tuple, kwargs: dict) -> None:
         decision, counted = self._host_decision(branch := self._branch())
-        named = bind_arguments(self._forward_of_model(), args, kwargs)
-        timestep = named.get("timestep") if self.options.timestep_input else None
+        timestep = bind_arguments(self._forward_signature, args, kwargs).get("timestep") if self.options.timestep_input else None
         self.blockwise.start(branch, decision, timestep if isinstance(timestep, torch.Tensor) else None, counted)
         self.ran = True
 
