@@ -1,5 +1,6 @@
 """CFG branches (SPEC §3), refresh/reset, summary and explain."""
 
+import copy
 import logging
 
 import pytest
@@ -13,7 +14,8 @@ CFG = {"residual_diff_threshold": 0.08, "max_warmup_steps": 1, "num_inference_st
 
 
 def uncond(kwargs):
-    return dict(kwargs, encoder_hidden_states=torch.zeros_like(kwargs["encoder_hidden_states"]))
+    """The text inputs zeroed (HiDream takes two: `encoder_hidden_states_t5`, `..._llama3`)."""
+    return {k: torch.zeros_like(v) if k.startswith("encoder_hidden_states") else v for k, v in kwargs.items()}
 
 
 def single_branch_run(z, make_inputs):
@@ -34,10 +36,10 @@ def expected(pixart):
     return {"cond": single_branch_run(pixart, lambda k: k), "uncond": single_branch_run(pixart, uncond)}
 
 
-def cfg_loop(model, z, use_context: bool):
+def cfg_loop(model, z, use_context: bool, steps=range(STEPS)):
     outs = {"cond": [], "uncond": []}
     with torch.no_grad():
-        for s in range(STEPS):
+        for s in steps:
             kwargs = z.inputs(s, 1 - s / STEPS)
             for branch, inputs in (("cond", kwargs), ("uncond", uncond(kwargs))):
                 if use_context:
@@ -100,6 +102,39 @@ def test_two_models_keep_separate_state(pixart):
             b(**pixart.inputs(s, 1 - s / STEPS))
     assert dittofx.summary(a)[0].cached_steps == [1, 2]
     assert dittofx.summary(b)[0].cached_steps == []
+
+
+@pytest.mark.parametrize("name", ["pixart", "hidream"])
+def test_a_deep_copy_mid_request_goes_on_with_its_own_weights_and_state(name):
+    """copy.deepcopy of an optimized model goes on with the request as the original would, on its
+    own weights, state and CFG branch names (the graph path captures its graphs again; block by
+    block, the copy's blocks ran the original's blocks and state before)."""
+    z = zoo.get(name)
+    cfg = dict(CFG, residual_diff_threshold=0.6)
+    reference = dittofx.optimize(z.build(), cfg)
+    want = cfg_loop(reference, z, use_context=True)
+    cached = [(s.branch, s.cached_steps) for s in dittofx.summary(reference)]
+    assert all(any(step >= 3 for step in steps) for _, steps in cached), "test needs caching after the copy"
+    model = dittofx.optimize(z.build(), cfg)
+    cfg_loop(model, z, True, steps=range(3))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)  # exact, undone below: the copy must not read these
+    got_twin = cfg_loop(twin, z, True, steps=range(3, STEPS))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.div_(2)
+    got = cfg_loop(model, z, True, steps=range(3, STEPS))  # the original's state was not advanced by the copy
+    for outs in (got_twin, got):
+        for branch in ("cond", "uncond"):
+            assert all(torch.equal(a, b) for a, b in zip(outs[branch], want[branch][3:], strict=True))
+    for m in (twin, model):
+        assert [(s.branch, s.cached_steps) for s in dittofx.summary(m)] == cached
+    dittofx.disable(twin)  # the copy's hook and wrappers are its own to remove
+    with torch.no_grad():
+        assert torch.equal(twin(**z.inputs(0, 1.0))[0], z.build()(**z.inputs(0, 1.0))[0])
+    assert dittofx.summary(model)  # the original still optimized
 
 
 def test_disable_restores_an_instance_level_forward(pixart):

@@ -332,6 +332,18 @@ class _SkeletonDone(BaseException):
     """Stops the skeleton pass at the middle's last block."""
 
 
+class _BlockForward:
+    """A chain block's `forward` while the model is optimized. An object, not a closure: a deep copy
+    of the model gets one bound to its own block and its own step logic."""
+
+    def __init__(self, blockwise: "Blockwise", j: int, original: Callable):
+        self.blockwise, self.j, self.original = blockwise, j, original
+        self.signature = inspect.signature(original)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.blockwise.run_block(self.j, self.original, self.signature, args, kwargs)
+
+
 class Blockwise:
     """The step logic of the rewritten graph (`passes/rewrite.py`), run from wrapped block forwards.
 
@@ -363,7 +375,7 @@ class Blockwise:
     def install(self) -> None:
         for j, block in enumerate(self.chain.modules):
             self._saved.append(block.__dict__.get("forward"))
-            block.forward = self._wrap(j, block.forward)
+            block.forward = _BlockForward(self, j, block.forward)
 
     def remove(self) -> None:
         for block, saved in zip(self.chain.modules, self._saved):
@@ -434,49 +446,45 @@ class Blockwise:
                     f"the forward reads a middle block's output outside the block chain"
                 )
 
-    def _wrap(self, j: int, original: Callable) -> Callable:
+    def run_block(self, j: int, original: Callable, sig: inspect.Signature, args: tuple, kwargs: dict) -> Any:
+        """Block `j` of the chain within the current step: run, handed through, or replayed."""
         chain, lo, hi = self.chain, self.lo, self.hi
-        sig = inspect.signature(original)
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            st = self.step
-            if st is None or j > hi:
-                return original(*args, **kwargs)
-            if self.skeleton:  # Fn as it ran, the middle as identities, stop at its last block
-                if j < lo:
-                    return st.fn_outputs[j]
-                named = bind_arguments(sig, args, kwargs)
-                if j == hi:
-                    st.bases = [named[s] for s in self.carried]
-                    raise _SkeletonDone
-                return _pack(j, [named[s] if s else None for s in chain.streams[j]], chain)
+        st = self.step
+        if st is None or j > hi:
+            return original(*args, **kwargs)
+        if self.skeleton:  # Fn as it ran, the middle as identities, stop at its last block
             if j < lo:
-                if j == 0:  # the hidden stream: the largest entering the chain (image tokens > text tokens)
-                    named = bind_arguments(sig, args, kwargs)
-                    st.hidden = max((s for s in chain.streams[0] if s), key=lambda s: named[s].numel())
-                    st.h0 = named[st.hidden]
-                out = original(*args, **kwargs)
-                if self.glue:  # kept for the skeleton pass, before code between blocks may change it in place
-                    st.fn_outputs.append(pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out))
-                if j == lo - 1:  # the hidden stream as Fn's last block returns it
-                    st.h_fn = self._hidden_after_fn(st, out)
-                return out
-            named = bind_arguments(sig, args, kwargs) if j == lo or st.skip else {}
-            if j == lo:
-                self._decide(st, named)
-            if st.skip:  # the block hands its streams through; the middle's last adds the residual
-                if j < hi:
-                    return _pack(j, [named[s] if s else None for s in chain.streams[j]], chain)
-                st.bases = [named[s] for s in self.carried]
-                st.outs = self._forecast(st)
-                forecasts = iter(st.outs)
-                return _pack(j, [next(forecasts) if s else None for s in chain.streams[j]], chain)
-            out = original(*args, **kwargs)
+                return st.fn_outputs[j]
+            named = bind_arguments(sig, args, kwargs)
             if j == hi:
-                st.outs = [_kept(o, self.changed_after[j]) for o, s in zip(_outputs(out), chain.streams[j]) if s]
+                st.bases = [named[s] for s in self.carried]
+                raise _SkeletonDone
+            return _pack(j, [named[s] if s else None for s in chain.streams[j]], chain)
+        if j < lo:
+            if j == 0:  # the hidden stream: the largest entering the chain (image tokens > text tokens)
+                named = bind_arguments(sig, args, kwargs)
+                st.hidden = max((s for s in chain.streams[0] if s), key=lambda s: named[s].numel())
+                st.h0 = named[st.hidden]
+            out = original(*args, **kwargs)
+            if self.glue:  # kept for the skeleton pass, before code between blocks may change it in place
+                st.fn_outputs.append(pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out))
+            if j == lo - 1:  # the hidden stream as Fn's last block returns it
+                st.h_fn = self._hidden_after_fn(st, out)
             return out
-
-        return forward
+        named = bind_arguments(sig, args, kwargs) if j == lo or st.skip else {}
+        if j == lo:
+            self._decide(st, named)
+        if st.skip:  # the block hands its streams through; the middle's last adds the residual
+            if j < hi:
+                return _pack(j, [named[s] if s else None for s in chain.streams[j]], chain)
+            st.bases = [named[s] for s in self.carried]
+            st.outs = self._forecast(st)
+            forecasts = iter(st.outs)
+            return _pack(j, [next(forecasts) if s else None for s in chain.streams[j]], chain)
+        out = original(*args, **kwargs)
+        if j == hi:
+            st.outs = [_kept(o, self.changed_after[j]) for o, s in zip(_outputs(out), chain.streams[j]) if s]
+        return out
 
     @torch._dynamo.disable  # under torch.compile: the decision runs eagerly, the blocks compiled
     @torch.no_grad()

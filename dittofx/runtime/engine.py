@@ -12,6 +12,7 @@ logic runs around the model's own blocks instead (`blockwise.py`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import logging
@@ -120,6 +121,24 @@ def _model_frame(err: BaseException) -> str:
     return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}: {f.line}"
 
 
+class _CacheContext:
+    """The model's `cache_context` (diffusers pipelines name the CFG branch with it), telling the
+    engine the branch. An object, not a closure: a deep copy of the model tells its own engine."""
+
+    def __init__(self, engine: "Engine", original: Callable | None):
+        self.engine, self.original = engine, original
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, **kwargs: Any):
+        engine = self.engine
+        prev, engine.context_name = engine.context_name, name
+        try:
+            with self.original(name, **kwargs) if self.original is not None else contextlib.nullcontext():
+                yield
+        finally:
+            engine.context_name = prev
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, cfg: CacheConfig, group: str | None = None, split: dict | None = None):
         self.model = model
@@ -157,8 +176,17 @@ class Engine:
         model.add_module("_dittofx_states", self.states)
         self._hook = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         model.forward = types.MethodType(_cached_forward, model)
-        model.cache_context = self._cache_context_factory(getattr(model, "cache_context", None))
+        model.cache_context = _CacheContext(self, getattr(model, "cache_context", None))
         model._dittofx = self
+
+    def __deepcopy__(self, memo: dict) -> "Engine":
+        """The engine of a deep copy of the model: the copy's own state, graphs captured again on
+        its first call (a captured graph holds fake tensors, which do not copy)."""
+        new = memo[id(self)] = object.__new__(type(self))
+        fresh = {"entries": [], "current": None}
+        for name, value in self.__dict__.items():
+            setattr(new, name, fresh[name] if name in fresh else copy.deepcopy(value, memo))
+        return new
 
     def detach(self) -> None:
         model = self.model
@@ -172,20 +200,6 @@ class Engine:
                 model.__dict__[attr] = value
         del model._modules["_dittofx_states"]
         del model.__dict__["_dittofx"]
-
-    def _cache_context_factory(self, original: Callable | None) -> Callable:
-        engine = self
-
-        @contextlib.contextmanager
-        def cache_context(name: str, **kwargs: Any):
-            prev, engine.context_name = engine.context_name, name
-            try:
-                with original(name, **kwargs) if original is not None else contextlib.nullcontext():
-                    yield
-            finally:
-                engine.context_name = prev
-
-        return cache_context
 
     # ---- per call (eager, outside dynamo) -------------------------------------------------
     def _branch(self) -> str:
