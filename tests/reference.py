@@ -66,11 +66,12 @@ def _as_tuple(out):
 
 
 class NaiveDBCache:
-    def __init__(self, model: torch.nn.Module, block_lists: tuple[str, ...], cfg: NaiveConfig):
+    def __init__(self, model: torch.nn.Module, block_lists: tuple[str, ...], cfg: NaiveConfig, formats: list[list[str]] | None = None):
         self.model, self.cfg = model, cfg
         self.blocks = [b for name in block_lists for b in model.get_submodule(name)]
         self.n = len(self.blocks)
         self.formats: list[list[str]] | None = None
+        self.given_formats = formats  # per block in run order, read from the model's source: no learning
         self.step = 0
         self.p = None
         self.D: list[list[torch.Tensor]] | None = None  # per stream: the residual, or its Taylor derivatives
@@ -104,6 +105,9 @@ class NaiveDBCache:
         self.blocks = [self.blocks[j] for j in order]
         ins, outs = {i: ins[j] for i, j in enumerate(order)}, {i: outs[j] for i, j in enumerate(order)}
         self.formats = []
+        if self.given_formats is not None:
+            self.formats = [list(f) for f in self.given_formats]
+            return
         for j in range(self.n):
             names = []
             for pos, o in enumerate(_as_tuple(outs[j])):

@@ -377,6 +377,31 @@ def test_the_measured_stream_is_picked_per_call():
     assert reference.cached_steps and dittofx.summary(model, log_table=False)[0].cached_steps == reference.cached_steps
 
 
+def test_hidream_with_as_many_text_as_image_tokens_caches_as_the_reference():
+    """2 T5 + 2 x 7 llama tokens = 16 text tokens, as many as image tokens: both double-block outputs
+    have the shape of both inputs, the image stream passes on as is, the text is cut and joined
+    again (no identity). Which output is which follows from the image's identity; the reference is
+    told the streams (HiDream's source: double blocks return (image, text), single blocks the joined
+    stream)."""
+    z = zoo.get("hidream")
+
+    def inputs(s):
+        return dict(z.inputs(s, 1 - s / 6), encoder_hidden_states_t5=torch.randn(1, 2, 8, generator=torch.Generator().manual_seed(5)))
+
+    streams = [["hidden_states", "encoder_hidden_states"]] * 2 + [["hidden_states"]] * 2
+    naive = NaiveConfig(Fn=1, Bn=0, threshold=0.34, max_warmup_steps=1)
+    reference = NaiveDBCache(z.build(), z.block_lists, naive, formats=streams)
+    cfg = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.34, "num_inference_steps": 6, "max_warmup_steps": 1}
+    model = dittofx.optimize(z.build(), cfg)
+    with torch.no_grad():
+        got = [model(**inputs(s), return_dict=False)[0] for s in range(6)]
+        want = [reference(**inputs(s), return_dict=False)[0] for s in range(6)]
+    assert model._dittofx.blockwise.chain.streams == [tuple(f) for f in streams]
+    assert reference.cached_steps and dittofx.summary(model, log_table=False)[0].cached_steps == reference.cached_steps
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
 class TwoLists(TinyDiT):
     """Two lists whose blocks name the stream differently (`x`, then `hidden_states`), handed on
     unchanged: a middle spanning both takes its residual base by position, not by name."""

@@ -201,17 +201,24 @@ def _continues(prev: _Call, nxt: _Call, calls: list[_Call], before: bool) -> boo
 def _updates(call: _Call, nxt: _Call | None, before: tuple[str | None, ...] | None) -> tuple[str | None, ...]:
     """The argument of `call`'s block each of its outputs is a new value of: its one input of that
     shape and dtype; ties go to the name the next block receives the output under, then to the
-    choice of the block before (same class)."""
-    names: list[str | None] = []
+    choice of the block before (same class), then to the one no other output takes (HiDream with
+    as many text tokens as image tokens: the text is cut and joined again between blocks)."""
+    candidates: list[list[str | None]] = []
     for k, out in enumerate(call.outputs):
         if out is None:  # e.g. SD3's last block returns no text stream
-            names.append(None)
+            candidates.append([None])
             continue
         same = [n for n, v in call.inputs.items() if isinstance(v, torch.Tensor) and v.shape == out.shape and v.dtype == out.dtype]
         if len(same) > 1 and nxt is not None:
             same = [n for n in same if nxt.inputs.get(n) is out] or same
         if len(same) > 1 and before is not None and k < len(before):
             same = [n for n in same if n == before[k]] or same
+        candidates.append(same)
+    taken = {same[0] for same in candidates if len(same) == 1}
+    names: list[str | None] = []
+    for k, same in enumerate(candidates):
+        if len(same) > 1:
+            same = [n for n in same if n not in taken] or same
         if len(same) != 1:
             raise BlockwiseError(
                 f"{call.list_path}.{call.index}: cannot tell which argument its output {k} is a new value of "
