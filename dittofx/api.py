@@ -392,12 +392,19 @@ def _explain(engine: Engine, component: str) -> str:
 def _explain_blockwise(blockwise) -> list[str]:
     chain, lo, hi = blockwise.chain, blockwise.lo, blockwise.hi
     middle = f"{chain.paths[lo]}..{chain.paths[hi]}" if lo <= hi else "-"
+    fn = f" ({chain.paths[0]}..{chain.paths[lo - 1]})" if lo else ""
+    if blockwise.engine.teacache:
+        found = "; ".join(f"torch call {i} ({name!r})" for i, name in blockwise.signal_calls.values()) or "not found yet (no call)"
+        signal = f"  TeaCache signal: {chain.paths[0]}'s modulated input of the largest stream entering it, per input sizes: {found}"
+    else:
+        signal = (
+            f"  residual diff on: the largest stream entering {chain.paths[0]} (first call: {chain.hidden!r}) as {chain.paths[lo - 1]} "
+            "returns it, minus as it entered"
+        )
     return [
         f"  block lists seen: {chain.candidates}; chain: {' -> '.join(chain.lists)} ({len(chain)} blocks)",
-        f"  Fn = {lo} blocks ({chain.paths[0]}..{chain.paths[lo - 1]}), middle = {max(hi - lo + 1, 0)} blocks ({middle}), "
-        f"Bn = {len(chain) - max(hi, lo - 1) - 1} blocks",
-        f"  residual diff on: the largest stream entering {chain.paths[0]} (first call: {chain.hidden!r}) as {chain.paths[lo - 1]} "
-        "returns it, minus as it entered",
+        f"  Fn = {lo} blocks{fn}, middle = {max(hi - lo + 1, 0)} blocks ({middle}), Bn = {len(chain) - max(hi, lo - 1) - 1} blocks",
+        signal,
         f"  carried through the middle (cached as what reaches its last block + residual): {blockwise.carried}",
         *(["  code between middle blocks changes the streams: kept on cached steps (skeleton pass on computed ones)"] if blockwise.glue else []),
         "  block outputs -> the arguments they update: "

@@ -77,15 +77,30 @@ def test_new_sizes_get_a_fresh_state_and_their_first_step_computes():
     assert dittofx.summary(model)[0].cached_steps == [1]  # the new sizes' state: step 0 computed, step 1 cached
 
 
-def test_compiled_blockwise_model_makes_the_eager_decisions():
+TEACACHE = {"method": "teacache", "rel_l1_thresh": 0.05, "coefficients": [2.0, 0.5, 0.0], "num_inference_steps": STEPS}
+
+
+@pytest.mark.parametrize("cfg", [CFG, TEACACHE], ids=["dbcache", "teacache"])
+def test_compiled_blockwise_model_makes_the_eager_decisions(cfg):
     z = zoo.get("lumina2")
-    eager = dittofx.optimize(z.build(), CFG)
+    eager = dittofx.optimize(z.build(), cfg)
     want = run(eager, z)
-    model = dittofx.optimize(z.build(), CFG)
+    model = dittofx.optimize(z.build(), cfg)
     got = run(torch.compile(model), z)
+    assert dittofx.summary(eager)[0].cached_steps, "test needs caching"
     assert dittofx.summary(model)[0].cached_steps == dittofx.summary(eager)[0].cached_steps
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+
+
+def test_teacache_explain_names_the_signal_call():
+    z = zoo.get("lumina2")
+    model = dittofx.optimize(z.build(), TEACACHE)
+    run(model, z, steps=2)
+    text = dittofx.explain(model)
+    assert "Fn = 0 blocks, middle = 4 blocks (layers.0..layers.3), Bn = 0 blocks" in text
+    (index,) = [i for i, _ in model._dittofx.blockwise.signal_calls.values()]
+    assert f"TeaCache signal: layers.0's modulated input of the largest stream entering it, per input sizes: torch call {index} ('mul')" in text
 
 
 def test_disable_unwraps_the_blocks():
@@ -103,8 +118,7 @@ def test_disable_unwraps_the_blocks():
 @pytest.mark.parametrize(
     "cfg, error, words",
     [
-        ({"method": "teacache"}, RuntimeError, "use_mask = len(set(seq_lengths)) > 1. Data-dependent Python"),
-        ({"method": "dbprune"}, RuntimeError, "The block-by-block fallback serves method='dbcache' only"),
+        ({"method": "dbprune"}, RuntimeError, "The block-by-block fallback serves method='dbcache' and 'teacache' only"),
         # the config does not fit the chain: a ValueError naming the field, as on the graph path
         ({"Fn_compute_blocks": 3, "Bn_compute_blocks": 2}, ValueError, "Fn_compute_blocks + Bn_compute_blocks = 3 + 2 = 5: must be <= the number of blocks in the chain (4"),
         ({"blocks": ["nope"]}, ValueError, "blocks=['nope']: ['nope'] not found as block lists of Lumina2Transformer2DModel"),

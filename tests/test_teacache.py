@@ -1,7 +1,9 @@
 """TeaCache (SPEC §6) on real diffusers classes: the modulated input found in the graph equals the
 first block's adaptive norm computed by hand, and the decisions, distances and outputs equal the
-naive reference (`reference.NaiveTeaCache`) over 12 steps."""
+naive reference (`reference.NaiveTeaCache`) over 12 steps, also for models cached block by block
+(Lumina2, HiDream: the signal found among block 0's torch calls)."""
 
+import dataclasses
 import inspect
 import math
 
@@ -12,6 +14,7 @@ from torch.utils._pytree import tree_leaves
 
 import dittofx
 import zoo
+from dittofx.patterns.modulation import TorchCallLog, find_modulated_call
 from reference import NaiveTeaCache
 
 STEPS = 12
@@ -35,6 +38,12 @@ def _pixart(block, a):
     return block.norm1(h) * (1 + scale) + shift
 
 
+def _hidream(block, a):
+    inner, h = block.block, a["hidden_states"]  # HiDreamBlock wraps the double-stream block
+    shift, scale = inner.adaLN_modulation(a["temb"])[:, None].chunk(12, dim=-1)[:2]
+    return inner.norm1_i(h).to(dtype=h.dtype) * (1 + scale) + shift
+
+
 # the first block's modulated image stream, written out from each class's own block code
 MODULATE = {
     "flux": lambda b, a: b.norm1(a["hidden_states"], emb=a["temb"])[0],
@@ -45,7 +54,18 @@ MODULATE = {
     "qwenimage": _qwen,
     "wan": _wan,
     "pixart": _pixart,
+    # no graph: cached block by block, the signal found among block 0's torch calls
+    "lumina2": lambda b, a: b.norm1(a["hidden_states"], a["temb"])[0],
+    "hidream": _hidream,
 }
+
+
+def with_large_image(z):
+    """HiDream with more image tokens (64) than text tokens (21), as at real sizes: the largest
+    stream's modulation is measured, the image's (as TeaCache4HiDream does)."""
+    if z.name != "hidream":
+        return z
+    return dataclasses.replace(z, inputs=lambda s, t: dict(z.inputs(s, t), hidden_states=zoo._latent(23, 1, 4, 16, 16, step=s)))
 
 
 def sample(output) -> torch.Tensor:
@@ -66,6 +86,26 @@ def block0_args(model, block, kwargs) -> dict:
     return seen
 
 
+@pytest.mark.parametrize("name", sorted(MODULATE))
+def test_the_rule_on_eager_torch_calls_finds_the_first_adaptive_norm(name):
+    """`find_modulated_call` (forwards with no graph) reads block 0's torch calls as
+    `find_modulated_input` reads graph nodes: the same value as the hand-written modulation."""
+    z = with_large_image(zoo.get(name))
+    model = z.build()
+    block = model.get_submodule(z.block_lists[0])[0]
+    args = block0_args(model, block, z.inputs(0, 1.0))
+    hidden = args["hidden_states"]
+    conditioning = [v for k, v in args.items() if isinstance(v, torch.Tensor) and k != "hidden_states"]
+    log = TorchCallLog()
+    with torch.no_grad():
+        want = MODULATE[name](block, args)
+        with log:
+            block(**args)
+    got = log.calls[find_modulated_call(log.calls, hidden, conditioning)].outputs[0]
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def located_value(model, kwargs):
     """The value of the node dittofx located, by running the captured graph node by node."""
     entry = model._dittofx.entries[0]
@@ -84,7 +124,7 @@ def located_value(model, kwargs):
     return got["m"]
 
 
-@pytest.mark.parametrize("name", sorted(MODULATE))
+@pytest.mark.parametrize("name", sorted(set(MODULATE) - set(zoo.BLOCKWISE)))
 def test_located_modulated_input_is_the_first_adaptive_norm(name):
     z = zoo.get(name)
     model = z.build()
@@ -104,9 +144,9 @@ def run(model, z, steps=STEPS, t0=0):
         return [sample(model(**z.inputs(t0 + s, 1 - s / steps))) for s in range(steps)]
 
 
-@pytest.mark.parametrize("name", ["flux", "wan", "cogvideox", "qwenimage", "pixart", "hunyuanvideo"])
+@pytest.mark.parametrize("name", ["flux", "wan", "cogvideox", "qwenimage", "pixart", "hunyuanvideo", "lumina2", "hidream"])
 def test_teacache_matches_naive_reference(name):
-    z = zoo.get(name)
+    z = with_large_image(zoo.get(name))
     probe = NaiveTeaCache(z.build(), z.block_lists, MODULATE[name], POLY, threshold=-1.0, num_steps=STEPS)
     run(probe, z)
     distances = sorted(d for d in probe.diffs if d == d)

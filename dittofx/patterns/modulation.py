@@ -5,22 +5,28 @@ stream is normalized, then scaled and shifted by values computed from the condit
 timestep embedding), `norm(x) * (1 + scale) + shift`. In graph terms the first node of block 0
 that depends on both the carried hidden state and a loop-invariant input (the conditioning), with
 the hidden state's shape, is the scale; the elementwise ops right after it (the shift, a dtype
-cast) complete the modulated input. No module names are read, so no per-model code is needed.
+cast) complete the modulated input. No module names are read, so no per-model code is needed. The same rule
+runs on the torch calls of block 0 made eagerly (`find_modulated_call`) for forwards with no graph.
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from .chain import Chain, block_inputs, carried_inputs, numel_hint
 
-__all__ = ["ModulationNotFound", "find_modulated_input"]
+__all__ = ["ModulationNotFound", "TorchCall", "TorchCallLog", "call_name", "find_modulated_call", "find_modulated_input"]
 
 # elementwise ops that finish a modulation (shift, cast) without leaving the hidden stream's shape
 _FINISH_OPS = {"add", "sub", "mul", "div", "_to_copy", "to", "type_as", "clone", "contiguous"}
+_FINISH_CALLS = _FINISH_OPS | {"float", "half", "bfloat16"}  # ... as torch calls (`.float()` is `_to_copy` in a graph)
 
 
 class ModulationNotFound(ValueError):
@@ -78,3 +84,70 @@ def _finish(node: fx.Node, from_hidden: set[fx.Node]) -> fx.Node:
             break
         node = user
     return node
+
+
+@dataclass
+class TorchCall:
+    """One torch call made in block 0's forward, as `find_modulated_call` reads it."""
+
+    name: str  # "mul", "add", "layer_norm", ... (`__rmul__` and `__mul__` are "mul")
+    inputs: set[int]  # ids of the tensors it read
+    outputs: list[torch.Tensor]  # the tensors it returned (none: a size or dtype query)
+
+
+class TorchCallLog(TorchFunctionMode):
+    """The torch calls made under it (names, tensors read and returned), for `find_modulated_call`."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[TorchCall] = []
+        self._alive: list[Any] = []  # keeps ids unique while the log refers to them
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.calls.append(TorchCall(call_name(func), {id(t) for t in ins}, [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]))
+        self._alive.append(ins)
+        return out
+
+
+def call_name(func) -> str:
+    """A torch function's name as the graph rule reads it: `__radd__`, `__add__` -> "add"."""
+    name = getattr(func, "__name__", "")
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        name = name[1:] if name[:1] in "ri" and name[1:] in ("add", "sub", "mul", "truediv") else name
+        return "div" if name == "truediv" else name
+    return name
+
+
+def find_modulated_call(calls: list[TorchCall], hidden: torch.Tensor, conditioning: list[torch.Tensor]) -> int:
+    """`find_modulated_input`'s rule on block 0's torch calls: the index of the call whose one
+    output is the modulated hidden input (the first to mix the hidden stream with the conditioning
+    at the hidden stream's shape, then its elementwise tail)."""
+    from_hidden, from_cond = {id(hidden)}, {id(c) for c in conditioning}
+    found = None
+    for k, call in enumerate(calls):
+        ids = {id(o) for o in call.outputs}
+        if call.inputs & from_hidden:
+            from_hidden |= ids
+        if call.inputs & from_cond:
+            from_cond |= ids
+        if len(call.outputs) == 1 and ids <= from_hidden & from_cond and call.outputs[0].shape == hidden.shape:
+            found = k
+            break
+    if found is None:
+        raise ModulationNotFound(
+            f"no adaptive norm found in block 0: no torch call there combines the hidden stream {tuple(hidden.shape)} "
+            f"with a conditioning input ({[tuple(c.shape) for c in conditioning]}) at the hidden stream's shape"
+        )
+    while True:  # the elementwise tail, while it stays one chain at the same shape
+        out = calls[found].outputs[0]
+        users = [j for j in range(found + 1, len(calls)) if id(out) in calls[j].inputs and calls[j].outputs]
+        if len(users) != 1:
+            return found
+        user = calls[users[0]]
+        others = set() if user.name == "type_as" else user.inputs - {id(out)}
+        if user.name not in _FINISH_CALLS or len(user.outputs) != 1 or user.outputs[0].shape != hidden.shape or others & from_hidden:
+            return found
+        found = users[0]

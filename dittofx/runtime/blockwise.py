@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ..passes.partition import fn_bn_too_large
+from ..patterns.modulation import TorchCallLog, call_name, find_modulated_call
 from . import gates
 
 __all__ = ["BlockChain", "Blockwise", "BlockwiseError", "bind_arguments", "learn_chain"]
@@ -339,6 +340,35 @@ class _SkeletonDone(BaseException):
     """Stops the skeleton pass at the middle's last block."""
 
 
+class _Cached(BaseException):
+    """Stops block 0 at its modulated input: TeaCache caches this step."""
+
+
+_NOT_RUN = object()  # a block the step has not run (yet)
+
+
+class _SignalProbe(TorchFunctionMode):
+    """Counts block 0's torch calls up to the one that makes its modulated input (TeaCache's
+    signal), whose output goes to `at` (which stops the block where the step is cached)."""
+
+    def __init__(self, index: int, name: str, at: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self.index, self.name, self.at = index, name, at
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.count == self.index:
+            if call_name(func) != self.name or not isinstance(out, torch.Tensor):
+                raise RuntimeError(
+                    f"dittofx: torch call {self.index} of block 0 was {self.name!r} when TeaCache's signal was found there, "
+                    f"now {call_name(func)!r} with the same input sizes: block 0 runs data-dependent code before its adaptive norm"
+                )
+            self.at(out)
+        self.count += 1
+        return out
+
+
 class _BlockForward:
     """A chain block's `forward` while the model is optimized. An object, not a closure: a deep copy
     of the model gets one bound to its own block and its own step logic."""
@@ -378,6 +408,8 @@ class Blockwise:
         self.step: _Step | None = None
         self.skeleton = False
         self._saved: list[Any] = []
+        # TeaCache: per structure of block 0's inputs, the torch call (index, name) that makes its modulated input
+        self.signal_calls: dict[tuple, tuple[int, str]] = {}
 
     def install(self) -> None:
         for j, block in enumerate(self.chain.modules):
@@ -468,10 +500,8 @@ class Blockwise:
                 raise _SkeletonDone
             return _pack(j, [named[s] if s else None for s in chain.streams[j]], chain)
         if j < lo:
-            if j == 0:  # the hidden stream: the largest entering the chain (image tokens > text tokens)
-                named = bind_arguments(sig, args, kwargs)
-                st.hidden = max((s for s in chain.streams[0] if s), key=lambda s: named[s].numel())
-                st.h0 = named[st.hidden]
+            if j == 0:
+                self._enter(st, bind_arguments(sig, args, kwargs))
             out = original(*args, **kwargs)
             if self.glue:  # kept for the skeleton pass, before code between blocks may change it in place
                 st.fn_outputs.append(pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out))
@@ -479,7 +509,10 @@ class Blockwise:
                 st.h_fn = self._hidden_after_fn(st, out)
             return out
         named = bind_arguments(sig, args, kwargs) if j == lo or st.skip else {}
-        if j == lo:
+        out = _NOT_RUN
+        if j == lo and self.engine.teacache:  # decided inside block 0, at its modulated input
+            out = self._teacache_block0(st, named, original, args, kwargs)
+        elif j == lo:
             self._decide(st, named)
         if st.skip:  # the block hands its streams through; the middle's last adds the residual
             if j < hi:
@@ -488,10 +521,46 @@ class Blockwise:
             st.outs = self._forecast(st)
             forecasts = iter(st.outs)
             return _pack(j, [next(forecasts) if s else None for s in chain.streams[j]], chain)
-        out = original(*args, **kwargs)
+        if out is _NOT_RUN:
+            out = original(*args, **kwargs)
         if j == hi:
             st.outs = [_kept(o, self.changed_after[j]) for o, s in zip(_outputs(out), chain.streams[j]) if s]
         return out
+
+    def _enter(self, st: _Step, named: dict[str, Any]) -> None:
+        """At block 0: the hidden stream, the largest entering the chain (image tokens > text tokens)."""
+        st.hidden = max((s for s in self.chain.streams[0] if s), key=lambda s: named[s].numel())
+        st.h0 = named[st.hidden]
+
+    @torch._dynamo.disable
+    def _teacache_block0(self, st: _Step, named: dict[str, Any], original: Callable, args: tuple, kwargs: dict) -> Any:
+        """Block 0 run up to its modulated input (SPEC §6's signal), where the step is decided: on
+        through the block, or stopped there when cached (returns _NOT_RUN). Inputs of a new
+        structure run the whole block with its torch calls logged, to find the signal: the
+        decision comes after it (a cached step then drops what the block computed)."""
+        self._enter(st, named)
+        key = tuple((n, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (n, type(v)) for n, v in named.items())
+
+        def at(m: torch.Tensor) -> None:
+            st.h_fn = m.clone()  # the block may change it in place further on
+            self._decide(st, named)
+            if st.skip:
+                raise _Cached
+
+        try:
+            if key in self.signal_calls:
+                with _SignalProbe(*self.signal_calls[key], at=at):
+                    return original(*args, **kwargs)
+            log = TorchCallLog()
+            with log:
+                out = original(*args, **kwargs)
+            conditioning = [v for v in named.values() if isinstance(v, torch.Tensor) and v is not st.h0]
+            index = find_modulated_call(log.calls, st.h0, conditioning)
+            self.signal_calls[key] = (index, log.calls[index].name)
+            at(log.calls[index].outputs[0])
+            return out
+        except _Cached:
+            return _NOT_RUN
 
     @torch._dynamo.disable  # under torch.compile: the decision runs eagerly, the blocks compiled
     @torch.no_grad()
@@ -540,7 +609,7 @@ class Blockwise:
         gates.finish_step(
             cache, diff, s.step, elapsed, s.valid, s.cached_count, s.cont_count, s.acc, s.hist_diff, s.hist_cached,
             s.p, st.h_fn, st.h0, [getattr(s, name) for name in s.residual_names], st.outs, st.bases, s.taylor_times, now,
-            newton=self.engine.options.newton,
+            signal_every_step=self.engine.options.teacache_coefficients is not None, newton=self.engine.options.newton,
         )  # fmt: skip
 
     def _hidden_after_fn(self, st: _Step, out: Any) -> torch.Tensor:
@@ -569,7 +638,12 @@ class Blockwise:
         elapsed = gates.since_last_compute(now, s.taylor_times)
         if st.decision == "device":
             gate = gates.step_gate(s.step, s.valid, s.cached_count, s.cont_count, s.mask, s.num_steps, **opt.gate_options())
-            diff, cache = gates.decide(st.h_fn, st.h0, s.p, gate, s.acc, threshold=opt.threshold, acc_limit=opt.acc_limit, group=opt.group)
+            if opt.teacache_coefficients is not None:
+                diff, cache = gates.teacache_decide(
+                    st.h_fn, s.p, gate, s.acc, coefficients=opt.teacache_coefficients, threshold=opt.threshold, group=opt.group
+                )
+            else:
+                diff, cache = gates.decide(st.h_fn, st.h0, s.p, gate, s.acc, threshold=opt.threshold, acc_limit=opt.acc_limit, group=opt.group)
         else:
             diff, cache = gates.fixed_decision(s.step, cache=st.decision == "cache")
         return diff, cache, elapsed, now

@@ -32,7 +32,7 @@ from ..passes.prune import PruneRewritePass, prunable_blocks
 from ..passes.rewrite import DECISIONS, CacheRewritePass, RewriteOptions
 from ..passes.split import SIDES, SplitAtDecisionPass
 from ..patterns.chain import Chain, find_chain
-from ..patterns.modulation import find_modulated_input
+from ..patterns.modulation import ModulationNotFound, find_modulated_input
 from ..teacache import coefficients_for
 from ..masks import steps_mask
 from .blockwise import Blockwise, BlockwiseConfigError, BlockwiseError, bind_arguments, learn_chain
@@ -496,8 +496,8 @@ class Engine:
 
     def _fall_back_to_blocks(self, args: tuple, kwargs: dict, err: CaptureError | UnpairedOutputError) -> None:
         """Cache block by block in eager Python (`blockwise.py`), or raise `err` saying why not."""
-        if self.teacache or self.prune:
-            raise type(err)(f"{err} The block-by-block fallback serves method='dbcache' only.") from err.__cause__
+        if self.prune:
+            raise type(err)(f"{err} The block-by-block fallback serves method='dbcache' and 'teacache' only.") from err.__cause__
         run = lambda: self._original_forward(args, kwargs)  # noqa: E731
         try:
             chain = learn_chain(self.model, run, self.cfg.blocks)
@@ -512,7 +512,7 @@ class Engine:
                 raise
         except BlockwiseConfigError:  # the config does not fit this chain: a ValueError naming the field
             raise
-        except BlockwiseError as why:
+        except (BlockwiseError, ModulationNotFound) as why:
             raise type(err)(f"{err} Caching block by block in eager Python instead is not possible either: {why}.") from err.__cause__
         self.blockwise = blockwise
         captured = isinstance(err, UnpairedOutputError)
