@@ -10,9 +10,10 @@ timestep embedding, not on the modulated input that dittofx measures; estimate y
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -98,36 +99,25 @@ def estimate_coefficients(
 
     `requests`: each item is one request of one CFG branch, the model inputs of its steps in order
     (kwargs dicts, or `(args, kwargs)`). For every pair of consecutive steps the relative L1 change
-    of block 0's modulated input (found in the graph as TeaCache finds it) and of the model's
-    output are collected; `numpy.polyfit` of output on input gives the coefficients."""
-    from .passes.capture import capture
-    from .patterns.chain import find_chain
-    from .patterns.modulation import find_modulated_input
-
+    of block 0's modulated input (found as TeaCache finds it: in the graph, or for a forward with
+    no graph among block 0's torch calls) and of the model's output are collected;
+    `numpy.polyfit` of output on input gives the coefficients."""
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise ValueError(f"degree={degree!r}: must be an int >= 1")
     xs: list[float] = []
     ys: list[float] = []
-    graphs: dict[Any, tuple] = {}
+    probes: dict[Any, Callable[[tuple, dict], tuple[torch.Tensor, Any]]] = {}
     for request in requests:
         prev = None
         for step in request:
             args, kwargs = step if isinstance(step, tuple) else ((), step)
             leaves = pytree.tree_leaves((args, kwargs))
             key = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves)
-            if key not in graphs:
-                captured = capture(model, args, kwargs, dynamic=False)
-                gm = captured.gm
-                placeholders = gm.graph.find_nodes(op="placeholder")
-                params = set(placeholders[: len(captured.state_fqns) + len(captured.constants)])
-                chain = find_chain(gm, model, params, None)
-                signal = find_modulated_input(list(gm.graph.nodes), chain, params)
-                graphs[key] = (captured, _probe(gm, signal))
-            captured, probe = graphs[key]
-            live = [model.get_parameter(f) if _is_param(model, f) else model.get_buffer(f) for f in captured.state_fqns]
+            if key not in probes:
+                probes[key] = _graph_probe(model, args, kwargs) or _eager_probe(model, args, kwargs)
             with torch.no_grad():
-                *outs, m = probe(*live, *captured.constants, *leaves)
-            out = next(o for o in outs if isinstance(o, torch.Tensor))
+                m, outs = probes[key](args, kwargs)
+            out = next(o for o in pytree.tree_leaves(outs) if isinstance(o, torch.Tensor))
             if prev is not None:
                 xs.append(_rel_l1(m, prev[0]))
                 ys.append(_rel_l1(out, prev[1]))
@@ -140,6 +130,64 @@ def estimate_coefficients(
     total = ((y - y.mean()) ** 2).sum()
     r2 = 1.0 - float((residual**2).sum() / total) if total > 0 else math.nan
     return CoefficientFit(tuple(float(c) for c in coefficients), r2, xs, ys)
+
+
+def _graph_probe(model: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[[tuple, dict], tuple[torch.Tensor, Any]] | None:
+    """Block 0's modulated input and the outputs, from the captured graph (as `optimize` finds the
+    signal); None where the forward cannot be captured."""
+    from .passes.capture import capture
+    from .patterns.chain import find_chain
+    from .patterns.modulation import find_modulated_input
+
+    try:
+        captured = capture(model, args, kwargs, dynamic=False)
+    except Exception:  # no graph: the block-by-block path's rule (`_eager_probe`)
+        return None
+    gm = captured.gm
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    params = set(placeholders[: len(captured.state_fqns) + len(captured.constants)])
+    probe = _probe(gm, find_modulated_input(list(gm.graph.nodes), find_chain(gm, model, params, None), params))
+
+    def run(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
+        live = [model.get_parameter(f) if _is_param(model, f) else model.get_buffer(f) for f in captured.state_fqns]
+        *outs, m = probe(*live, *captured.constants, *pytree.tree_leaves((args, kwargs)))
+        return m, outs
+
+    return run
+
+
+def _eager_probe(model: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[[tuple, dict], tuple[torch.Tensor, Any]]:
+    """Block 0's modulated input and the outputs, from an eager call with block 0's torch calls
+    logged (as the block-by-block path finds the signal, for forwards with no graph)."""
+    from .patterns.modulation import run_finding_modulation
+    from .runtime.blockwise import bind_arguments, learn_chain
+
+    chain = learn_chain(model, lambda: model(*args, **kwargs), None)
+    block, streams = chain.modules[0], [s for s in chain.streams[0] if s]
+    original = block.forward
+    signature = inspect.signature(original)
+
+    def run(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
+        seen = {}
+
+        def forward(*a: Any, **k: Any) -> Any:
+            named = bind_arguments(signature, a, k)
+            hidden = max((named[s] for s in streams), key=lambda t: t.numel())
+            out, _, call = run_finding_modulation(lambda: original(*a, **k), hidden, named)
+            seen["m"] = call.outputs[0]
+            return out
+
+        saved = block.__dict__.get("forward")
+        block.forward = forward
+        try:
+            outs = model(*args, **kwargs)
+        finally:
+            del block.forward
+            if saved is not None:
+                block.forward = saved
+        return seen["m"], outs
+
+    return run
 
 
 def _is_param(model: torch.nn.Module, fqn: str) -> bool:

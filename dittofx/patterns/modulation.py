@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from .chain import Chain, block_inputs, carried_inputs, numel_hint
 
-__all__ = ["ModulationNotFound", "TorchCall", "TorchCallLog", "call_name", "find_modulated_call", "find_modulated_input"]
+__all__ = ["ModulationNotFound", "TorchCall", "TorchCallLog", "call_name", "find_modulated_call", "find_modulated_input", "run_finding_modulation"]
 
 # elementwise ops that finish a modulation (shift, cast) without leaving the hidden stream's shape
 _FINISH_OPS = {"add", "sub", "mul", "div", "_to_copy", "to", "type_as", "clone", "contiguous"}
@@ -151,3 +151,15 @@ def find_modulated_call(calls: list[TorchCall], hidden: torch.Tensor, conditioni
         if user.name not in _FINISH_CALLS or len(user.outputs) != 1 or user.outputs[0].shape != hidden.shape or others & from_hidden:
             return found
         found = users[0]
+
+
+def run_finding_modulation(block_call: Callable[[], Any], hidden: torch.Tensor, named: dict[str, Any]) -> tuple[Any, int, TorchCall]:
+    """Run block 0 (`block_call`, its arguments `named`) with its torch calls logged: its output,
+    and the index and record of the call making its modulated input (every tensor argument but
+    the hidden stream counts as conditioning)."""
+    log = TorchCallLog()
+    with log:
+        out = block_call()
+    conditioning = [v for v in named.values() if isinstance(v, torch.Tensor) and v is not hidden]
+    index = find_modulated_call(log.calls, hidden, conditioning)
+    return out, index, log.calls[index]

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ..passes.partition import fn_bn_too_large
-from ..patterns.modulation import TorchCallLog, call_name, find_modulated_call
+from ..patterns.modulation import call_name, run_finding_modulation
 from . import gates
 
 __all__ = ["BlockChain", "Blockwise", "BlockwiseError", "bind_arguments", "learn_chain"]
@@ -551,13 +551,9 @@ class Blockwise:
             if key in self.signal_calls:
                 with _SignalProbe(*self.signal_calls[key], at=at):
                     return original(*args, **kwargs)
-            log = TorchCallLog()
-            with log:
-                out = original(*args, **kwargs)
-            conditioning = [v for v in named.values() if isinstance(v, torch.Tensor) and v is not st.h0]
-            index = find_modulated_call(log.calls, st.h0, conditioning)
-            self.signal_calls[key] = (index, log.calls[index].name)
-            at(log.calls[index].outputs[0])
+            out, index, call = run_finding_modulation(lambda: original(*args, **kwargs), st.h0, named)
+            self.signal_calls[key] = (index, call.name)
+            at(call.outputs[0])
             return out
         except _Cached:
             return _NOT_RUN
