@@ -174,7 +174,7 @@ def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any, params_
                 raise type(err)(f"pipeline {type(pipe).__name__}.{name}: {err}") from None
             raise
         done.append(name)
-    attach_refresh(pipe, names, _refresh_component)
+    attach_refresh(pipe, names, _refresh_component, _in_pipeline_call)
     return pipe
 
 
@@ -213,6 +213,12 @@ def _refresh_component(module: torch.nn.Module, num_inference_steps: int | None)
         reset(module)
     else:
         refresh(module, num_inference_steps)
+
+
+def _in_pipeline_call(module: torch.nn.Module, pipeline: str | None) -> None:
+    engine = module.__dict__.get("_dittofx")
+    if engine is not None:
+        engine.pipeline_call = pipeline
 
 
 def _warn_if_never_caches(cfg: CacheConfig) -> None:

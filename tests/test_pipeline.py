@@ -1,6 +1,8 @@
 """`dittofx.optimize(pipe)` on a real diffusers pipeline assembled offline (tiny FLUX transformer,
 prompt embeddings given directly, latents out)."""
 
+import logging
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline, QwenImagePipeline
@@ -180,3 +182,48 @@ def test_pipeline_with_separate_cfg_calls_keeps_one_state_per_branch():
         assert set(stats) == {"cond", "uncond"}
         for s in stats.values():  # each branch counts its own steps: warmup 0-1, then cached
             assert s.computed_steps == [0, 1] and s.cached_steps == list(range(2, steps))
+
+
+def lumina2_generate(pipe, steps, guidance_scale=4.0):
+    """Lumina2Pipeline calls its transformer twice per step under CFG (cond, then uncond), naming neither."""
+    kw = zoo.get("lumina2").inputs(0, 1.0)
+    text, mask = kw["encoder_hidden_states"], kw["encoder_attention_mask"]
+    return pipe(
+        prompt_embeds=text, prompt_attention_mask=mask, negative_prompt_embeds=torch.zeros_like(text),
+        negative_prompt_attention_mask=mask, height=64, width=64, guidance_scale=guidance_scale,
+        num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+
+
+def test_unnamed_cfg_calls_sharing_one_state_warn_and_parity_separates_them(caplog):
+    """SPEC §3: with no names, the calls share one state, which then counts 2 calls per timestep and
+    restarts halfway through the request: said once, with the fix. enable_separate_cfg=True gives
+    each branch its own state counting the request's steps."""
+    from diffusers import Lumina2Pipeline
+
+    def pipeline(cfg):
+        pipe = Lumina2Pipeline(transformer=zoo.get("lumina2").build(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                               text_encoder=None, tokenizer=None)  # fmt: skip
+        return dittofx.optimize(pipe, {"residual_diff_threshold": 10.0, "max_warmup_steps": 2, **cfg})
+
+    shared = pipeline({})
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        lumina2_generate(shared, 6)
+        lumina2_generate(shared, 6)
+    warnings = [r.getMessage() for r in caplog.records if "more than the 6 times" in r.getMessage()]
+    assert len(warnings) == 1 and "Lumina2Pipeline called Lumina2Transformer2DModel" in warnings[0]
+    assert "enable_separate_cfg=True" in warnings[0]
+    (stats,) = dittofx.summary(shared)
+    assert stats.computed_steps == [0, 1] and stats.cached_steps == [2, 3, 4, 5]  # the second half of 12 calls
+
+    caplog.clear()
+    separate, single = pipeline({"enable_separate_cfg": True}), pipeline({})
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        lumina2_generate(separate, 6)
+        lumina2_generate(single, 6, guidance_scale=1.0)  # no CFG: one call per timestep
+    assert not [r for r in caplog.records if "more than the" in r.getMessage()]
+    stats = {s.branch: s for s in dittofx.summary(separate)}
+    for branch in ("cond", "uncond"):
+        assert stats[branch].computed_steps == [0, 1] and stats[branch].cached_steps == [2, 3, 4, 5]
+    (stats,) = dittofx.summary(single)
+    assert stats.computed_steps == [0, 1] and stats.cached_steps == [2, 3, 4, 5]

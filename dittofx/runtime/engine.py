@@ -160,6 +160,8 @@ class Engine:
         self._masks: dict[int | None, list[int] | None] = {}
         self.context_name: str | None = None
         self.calls = 0
+        self.pipeline_call: str | None = None  # the class of the pipeline whose call is running (optimize(pipe))
+        self._warned_shared_state = False
         self.ran = False  # a call got through the pre-hook (till then a failure detaches)
         self.capturing = False
         self.path = "torch.export graph"
@@ -443,6 +445,8 @@ class Engine:
         step, stored = self.host.get(branch, (0, False))
         if step >= steps:  # the device state resets itself at the same point
             step, stored = 0, False
+            if self.pipeline_call is not None and branch == "default":
+                self._warn_shared_state(steps)
         mask = self.mask()
         if (step < cfg.max_warmup_steps and step % cfg.warmup_interval == 0) or not stored:
             decision = "compute"
@@ -455,6 +459,21 @@ class Engine:
         else:
             decision = "device"
         return decision, (step + 1, True)
+
+    def _warn_shared_state(self, steps: int) -> None:
+        """More calls than the pipeline's timesteps in one of its calls, unnamed and sharing one
+        state (SPEC §3's default): the state restarts mid-request. Said once per model."""
+        if self._warned_shared_state or self.cfg.enable_separate_cfg is not None:
+            return
+        self._warned_shared_state = True
+        log.warning(
+            "dittofx: %s called %s more than the %d times it runs timesteps, within one call and without naming the calls "
+            "(transformer.cache_context): with enable_separate_cfg=None every call shares one state, which counts each call as a "
+            "step, so it restarts in the middle of the request and compares residuals across the calls of a step. Separate CFG "
+            "calls (cond, then uncond) want enable_separate_cfg=True (branches by call parity; cfg_compute_first=True when uncond "
+            "comes first); enable_separate_cfg=False keeps one state and silences this.",
+            self.pipeline_call, type(self.model).__name__, steps,
+        )  # fmt: skip
 
     def mask(self) -> list[int] | None:
         """The steps computation mask for the current request length (memoized per length)."""

@@ -20,6 +20,7 @@ import torch
 __all__ = ["is_pipeline", "pipeline_transformers", "attach_refresh", "detach_refresh"]
 
 Refresh = Callable[[torch.nn.Module, int | None], None]
+InCall = Callable[[torch.nn.Module, str | None], None]  # a transformer: its pipeline's call starts (the class name) or ends (None)
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -103,8 +104,9 @@ def counting_timesteps(pipe: Any, names: list[str], refresh: Refresh) -> Iterato
         scheduler.__class__ = base
 
 
-def attach_refresh(pipe: Any, names: list[str], refresh: Refresh) -> None:
-    """Make every call of this pipeline instance refresh each transformer with the steps it runs."""
+def attach_refresh(pipe: Any, names: list[str], refresh: Refresh, in_call: InCall) -> None:
+    """Make every call of this pipeline instance refresh each transformer with the steps it runs
+    (and tell each when the call starts and ends)."""
     base = type(pipe)
     signature = inspect.signature(base.__call__)
     param = signature.parameters.get("num_inference_steps")
@@ -117,8 +119,13 @@ def attach_refresh(pipe: Any, names: list[str], refresh: Refresh) -> None:
             return base.__call__(self, *args, **kwargs)
         for name in names:  # pipelines that never set their scheduler up before the loop
             refresh(getattr(self, name), steps)
-        with counting_timesteps(self, names, refresh):
-            return base.__call__(self, *args, **kwargs)
+            in_call(getattr(self, name), base.__name__)
+        try:
+            with counting_timesteps(self, names, refresh):
+                return base.__call__(self, *args, **kwargs)
+        finally:
+            for name in names:
+                in_call(getattr(self, name), None)
 
     pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "_dittofx_base": base, "_dittofx_names": names})
 
