@@ -104,6 +104,11 @@ def estimate_coefficients(
     `numpy.polyfit` of output on input gives the coefficients."""
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise ValueError(f"degree={degree!r}: must be an int >= 1")
+    if "_dittofx" in model.__dict__:
+        raise ValueError(
+            f"model: {type(model).__name__} is optimized (its steps would advance its cache state and be cached); "
+            f"fit on the plain model: dittofx.disable(model) first"
+        )
     xs: list[float] = []
     ys: list[float] = []
     probes: dict[Any, Callable[[tuple, dict], tuple[torch.Tensor, Any]]] = {}
@@ -173,8 +178,8 @@ def _eager_probe(model: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[
         def forward(*a: Any, **k: Any) -> Any:
             named = bind_arguments(signature, a, k)
             hidden = max((named[s] for s in streams), key=lambda t: t.numel())
-            out, _, call = run_finding_modulation(lambda: original(*a, **k), hidden, named)
-            seen["m"] = call.outputs[0]
+            out, found = run_finding_modulation(lambda: original(*a, **k), hidden, named)
+            seen["m"] = found.value
             return out
 
         saved = block.__dict__.get("forward")

@@ -6,7 +6,7 @@ timestep embedding), `norm(x) * (1 + scale) + shift`. In graph terms the first n
 that depends on both the carried hidden state and a loop-invariant input (the conditioning), with
 the hidden state's shape, is the scale; the elementwise ops right after it (the shift, a dtype
 cast) complete the modulated input. No module names are read, so no per-model code is needed. The same rule
-runs on the torch calls of block 0 made eagerly (`find_modulated_call`) for forwards with no graph.
+runs on the torch calls of block 0 made eagerly (`ModulationFinder`) for forwards with no graph.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from .chain import Chain, block_inputs, carried_inputs, numel_hint
 
-__all__ = ["ModulationNotFound", "TorchCall", "TorchCallLog", "call_name", "find_modulated_call", "find_modulated_input", "run_finding_modulation"]
+__all__ = ["FoundCall", "ModulationFinder", "ModulationNotFound", "call_name", "find_modulated_input", "run_finding_modulation"]
 
 # elementwise ops that finish a modulation (shift, cast) without leaving the hidden stream's shape
 _FINISH_OPS = {"add", "sub", "mul", "div", "_to_copy", "to", "type_as", "clone", "contiguous"}
@@ -34,9 +34,11 @@ class ModulationNotFound(ValueError):
 
 
 def _op_name(node: fx.Node) -> str:
+    """The op's name, in-place variants as their functional one (`add_` -> "add")."""
     if node.target is operator.getitem:
         return "getitem"
-    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
 
 
 def _shape(node: fx.Node) -> tuple | None:
@@ -86,80 +88,90 @@ def _finish(node: fx.Node, from_hidden: set[fx.Node]) -> fx.Node:
     return node
 
 
-@dataclass
-class TorchCall:
-    """One torch call made in block 0's forward, as `find_modulated_call` reads it."""
-
-    name: str  # "mul", "add", "layer_norm", ... (`__rmul__` and `__mul__` are "mul")
-    inputs: set[int]  # ids of the tensors it read
-    outputs: list[torch.Tensor]  # the tensors it returned (none: a size or dtype query)
-
-
-class TorchCallLog(TorchFunctionMode):
-    """The torch calls made under it (names, tensors read and returned), for `find_modulated_call`."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[TorchCall] = []
-        self._alive: list[Any] = []  # keeps ids unique while the log refers to them
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        self.calls.append(TorchCall(call_name(func), {id(t) for t in ins}, [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]))
-        self._alive.append(ins)
-        return out
-
-
-def call_name(func) -> str:
-    """A torch function's name as the graph rule reads it: `__radd__`, `__add__` -> "add"."""
+def call_name(func: Any) -> str:
+    """A torch function's name as the graph rule reads it: `__rsub__` -> "sub", `add_` (what
+    `+=` arrives as) -> "add"."""
     name = getattr(func, "__name__", "")
     if name.startswith("__") and name.endswith("__"):
         name = name[2:-2]
-        name = name[1:] if name[:1] in "ri" and name[1:] in ("add", "sub", "mul", "truediv") else name
+        name = name[1:] if name[:1] == "r" and name[1:] in ("add", "sub", "mul", "div", "truediv") else name
         return "div" if name == "truediv" else name
-    return name
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
 
 
-def find_modulated_call(calls: list[TorchCall], hidden: torch.Tensor, conditioning: list[torch.Tensor]) -> int:
-    """`find_modulated_input`'s rule on block 0's torch calls: the index of the call whose one
-    output is the modulated hidden input (the first to mix the hidden stream with the conditioning
-    at the hidden stream's shape, then its elementwise tail)."""
-    from_hidden, from_cond = {id(hidden)}, {id(c) for c in conditioning}
-    found = None
-    for k, call in enumerate(calls):
-        ids = {id(o) for o in call.outputs}
-        if call.inputs & from_hidden:
-            from_hidden |= ids
-        if call.inputs & from_cond:
-            from_cond |= ids
-        if len(call.outputs) == 1 and ids <= from_hidden & from_cond and call.outputs[0].shape == hidden.shape:
-            found = k
-            break
-    if found is None:
-        raise ModulationNotFound(
-            f"no adaptive norm found in block 0: no torch call there combines the hidden stream {tuple(hidden.shape)} "
-            f"with a conditioning input ({[tuple(c.shape) for c in conditioning]}) at the hidden stream's shape"
-        )
-    while True:  # the elementwise tail, while it stays one chain at the same shape
-        out = calls[found].outputs[0]
-        users = [j for j in range(found + 1, len(calls)) if id(out) in calls[j].inputs and calls[j].outputs]
-        if len(users) != 1:
-            return found
-        user = calls[users[0]]
-        others = set() if user.name == "type_as" else user.inputs - {id(out)}
-        if user.name not in _FINISH_CALLS or len(user.outputs) != 1 or user.outputs[0].shape != hidden.shape or others & from_hidden:
-            return found
-        found = users[0]
+@dataclass
+class FoundCall:
+    """Where block 0's modulated input is made among its torch calls."""
+
+    index: int  # its place among the calls the block makes
+    name: str  # the call's name (`call_name`)
+    value: torch.Tensor  # its output as the call returned it (a later in-place change does not reach it)
 
 
-def run_finding_modulation(block_call: Callable[[], Any], hidden: torch.Tensor, named: dict[str, Any]) -> tuple[Any, int, TorchCall]:
-    """Run block 0 (`block_call`, its arguments `named`) with its torch calls logged: its output,
-    and the index and record of the call making its modulated input (every tensor argument but
-    the hidden stream counts as conditioning)."""
-    log = TorchCallLog()
-    with log:
+class ModulationFinder(TorchFunctionMode):
+    """`find_modulated_input`'s rule on the torch calls made under it, for a block 0 run eagerly (a
+    forward with no graph): the first call mixing the hidden stream with the conditioning at the
+    hidden stream's shape, then its elementwise tail (in-place `+= shift` included). Applied while
+    the calls are made, so only the tensors the rule still reads stay alive (the calls up to the
+    scale and the tail, not the whole block's). `found()` after the block."""
+
+    def __init__(self, hidden: torch.Tensor, conditioning: list[torch.Tensor]):
+        super().__init__()
+        self.shape = hidden.shape
+        self.from_hidden: dict[int, torch.Tensor] = {id(hidden): hidden}  # kept alive: their ids stay theirs
+        self.from_cond: dict[int, torch.Tensor] = {id(c): c for c in conditioning}
+        self.count = 0
+        self.tail: list[tuple[FoundCall, torch.Tensor]] = []  # the scale, then its tail so far (with the tensor)
+        self.done = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        index, self.count = self.count, self.count + 1
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if self.done or not outs:  # a size or dtype query reads nothing the rule counts
+            return out
+        ins = {id(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        if not self.tail:
+            self._tag(ins, outs)
+            if len(outs) == 1 and id(outs[0]) in self.from_hidden and id(outs[0]) in self.from_cond and outs[0].shape == self.shape:
+                self.tail.append((FoundCall(index, call_name(func), outs[0].clone()), outs[0]))
+            return out
+        read = [i for i, (_, t) in enumerate(self.tail) if id(t) in ins]
+        if not read:
+            return out
+        last = self.tail[-1][1]
+        others = set() if call_name(func) == "type_as" else ins - {id(last)}
+        extends = (
+            read[-1] == len(self.tail) - 1 and call_name(func) in _FINISH_CALLS and len(outs) == 1
+            and outs[0].shape == self.shape and not others & self.from_hidden.keys()
+        )  # fmt: skip
+        if extends:  # its one reader so far: the tail goes on (an in-place op returns the same tensor)
+            self.tail.append((FoundCall(index, call_name(func), outs[0].clone()), outs[0]))
+        else:  # a second reader, or one that is no elementwise finish: the tail ends at what it read
+            del self.tail[read[-1] + 1 :]
+            self.done = True
+        return out
+
+    def _tag(self, ins: set[int], outs: list[torch.Tensor]) -> None:
+        if ins & self.from_hidden.keys():
+            self.from_hidden.update((id(t), t) for t in outs)
+        if ins & self.from_cond.keys():
+            self.from_cond.update((id(t), t) for t in outs)
+
+    def found(self) -> FoundCall:
+        if not self.tail:
+            raise ModulationNotFound(
+                f"no adaptive norm found in block 0: no torch call there combines the hidden stream {tuple(self.shape)} "
+                f"with a conditioning input at the hidden stream's shape"
+            )
+        return self.tail[-1][0]
+
+
+def run_finding_modulation(block_call: Callable[[], Any], hidden: torch.Tensor, named: dict[str, Any]) -> tuple[Any, FoundCall]:
+    """Run block 0 (`block_call`, its arguments `named`) under `ModulationFinder`: its output and
+    where its modulated input is made (every tensor argument but the hidden stream counts as
+    conditioning)."""
+    finder = ModulationFinder(hidden, [v for v in named.values() if isinstance(v, torch.Tensor) and v is not hidden])
+    with finder:
         out = block_call()
-    conditioning = [v for v in named.values() if isinstance(v, torch.Tensor) and v is not hidden]
-    index = find_modulated_call(log.calls, hidden, conditioning)
-    return out, index, log.calls[index]
+    return out, finder.found()

@@ -551,9 +551,9 @@ class Blockwise:
             if key in self.signal_calls:
                 with _SignalProbe(*self.signal_calls[key], at=at):
                     return original(*args, **kwargs)
-            out, index, call = run_finding_modulation(lambda: original(*args, **kwargs), st.h0, named)
-            self.signal_calls[key] = (index, call.name)
-            at(call.outputs[0])
+            out, found = run_finding_modulation(lambda: original(*args, **kwargs), st.h0, named)
+            self.signal_calls[key] = (found.index, found.name)
+            at(found.value)
             return out
         except _Cached:
             return _NOT_RUN
