@@ -332,3 +332,7 @@ def test_estimate_coefficients_fits_the_pairs_collected_by_hand(name):
     assert abs(fit.r2 - r2) < 1e-9 and len(xs) == 14
     with pytest.raises(ValueError, match=r"requests: 1 step pairs collected; a degree-4 fit needs more than 4"):
         dittofx.teacache.estimate_coefficients(model, [requests[0][:2]])
+    dittofx.optimize(model, {"method": "teacache", "coefficients": POLY})
+    with pytest.raises(ValueError, match=r"is optimized .* dittofx.disable\(model\) first"):
+        dittofx.teacache.estimate_coefficients(model, requests)
+    assert dittofx.summary(model) == [] or not dittofx.summary(model)[0].computed_steps  # no step ran

@@ -1,9 +1,11 @@
-"""The tiny model zoo itself: deterministic, step-sensitive, and exactly capturable by torch.export."""
+"""The tiny model zoo itself: deterministic and step-sensitive; the uncapturable entries raise in
+torch.export. (That the capturable ones export exactly is checked through dittofx's capture:
+test_dbcache_models' threshold-0 test compares it with eager bitwise over 4 steps, test_passes'
+chain test reads every block's nn_module_stack.)"""
 
 from __future__ import annotations
 
 import functools
-import re
 
 import pytest
 import torch
@@ -31,12 +33,6 @@ def _first(out):
 @functools.lru_cache(maxsize=None)
 def _model(name):
     return zoo.get(name).build()
-
-
-@functools.lru_cache(maxsize=None)
-def _exported(name):
-    with torch.no_grad():
-        return torch.export.export(_model(name), (), zoo.get(name).inputs(0, 1.0), strict=False)
 
 
 def _eager(name, step, t):
@@ -99,33 +95,6 @@ def test_eager_deterministic_and_step_sensitive(name):
     assert torch.equal(out, _eager(name, 2, 0.9))
     assert not torch.equal(out, _eager(name, 3, 0.86))  # next step
     assert not torch.equal(out, _eager(name, 2, 0.5))  # timestep alone matters
-
-
-@pytest.mark.parametrize("name", CAPTURABLE)
-def test_export_matches_eager(name):
-    zm = zoo.get(name)
-    gm = _exported(name).module()
-    with torch.no_grad():
-        for step, t in [(0, 1.0), (5, 0.8)]:  # the capture step and a later one
-            ref = _eager(name, step, t)
-            got = _first(gm(**zm.inputs(step, t)))
-            assert got.shape == ref.shape
-            assert torch.allclose(got, ref, rtol=0, atol=1e-6), (got - ref).abs().max()
-
-
-@pytest.mark.parametrize("name", CAPTURABLE)
-def test_export_block_module_stack(name):
-    """Every block of the main chain shows up in nn_module_stack as `<list>.<i>`."""
-    zm = zoo.get(name)
-    seen = set()
-    for node in _exported(name).graph_module.graph.nodes:
-        for path, _cls in node.meta.get("nn_module_stack", {}).values():
-            m = re.match(r"^(.*)\.(\d+)$", path)
-            if m and m.group(1) in zm.block_lists:
-                seen.add((m.group(1), int(m.group(2))))
-    model = _model(name)
-    want = {(p, i) for p in zm.block_lists for i in range(len(model.get_submodule(p)))}
-    assert want <= seen, sorted(want - seen)
 
 
 @pytest.mark.parametrize("name", NOT_CAPTURABLE)
