@@ -309,11 +309,17 @@ CUDAGRAPH_VARIANTS = {
     "backend=cudagraphs": ({}, {"backend": "cudagraphs"}),
     "graph_partition": ({}, {"options": {"triton.cudagraphs": True, "graph_partition": True}}),
 }
+# The same cut without CUDA graphs (mode="default", e.g. on CPU, where reading the decision on the host
+# costs nothing): the cache tail takes no middle weight, the device graph takes all of them.
+DEFAULT_MODE_VARIANTS = {
+    "split_at_decision, head compiled": ({"split_at_decision": {}}, {}),
+    "split_at_decision, head eager": ({"split_at_decision": True}, {}),
+}
 
 
 def _dittofx_row(weights: torch.nn.Module, cname: str, mode: str, variant: str | None = None) -> Row:
     cfg = dict(CONFIGS[cname][0], Fn_compute_blocks=FN, Bn_compute_blocks=BN, num_inference_steps=STEPS)
-    options, how = CUDAGRAPH_VARIANTS[variant] if variant else ({}, {"mode": mode})
+    options, how = {**CUDAGRAPH_VARIANTS, **DEFAULT_MODE_VARIANTS}[variant] if variant else ({}, {"mode": mode})
     model = dittofx.optimize(sharing_weights(weights), cfg, **options)
     return Row(
         f"dittofx {cname} ({variant or mode})", cname, mode, "dittofx", torch.compile(model, fullgraph=True, **how),
@@ -338,8 +344,9 @@ def build_rows(
         for mode in modes:
             rows += [_cachedit_row(spec, full, cname, how, mode) for how in ("regional", "compile")]
             rows.append(_dittofx_row(full, cname, mode))
-            if variants and mode == "reduce-overhead" and cname.startswith("dynamic"):
-                rows += [_dittofx_row(full, cname, mode, variant) for variant in CUDAGRAPH_VARIANTS]
+            if variants and cname.startswith("dynamic"):
+                extra = CUDAGRAPH_VARIANTS if mode == "reduce-overhead" else DEFAULT_MODE_VARIANTS
+                rows += [_dittofx_row(full, cname, mode, variant) for variant in extra]
     return [r for r in rows if r is not None]
 
 
@@ -513,8 +520,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=None, help="JSON path (CPU default: bench/results/e2e_cpu_<date>.json, with a .md beside it)")
     ap.add_argument("--only", default=None, help='run only the configs whose name contains this ("static": fast and ultra)')
-    ap.add_argument("--variants", action="store_true", help="dynamic configs with reduce-overhead: also the other ways to "
-                    "CUDA graphs (CUDAGRAPH_VARIANTS: split_at_decision, the cudagraphs backend, graph partitions)")
+    ap.add_argument("--variants", action="store_true", help="dynamic configs: also the other ways to run them (with "
+                    "reduce-overhead CUDAGRAPH_VARIANTS: split_at_decision, the cudagraphs backend, graph partitions; with the "
+                    "default mode DEFAULT_MODE_VARIANTS: split_at_decision)")
     ap.add_argument("--modes", default=None, help="comma-separated torch.compile modes (default: both on CUDA)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: on a shared 2-core machine two "
                     "threads per process made steps 2-4x slower and far noisier than one)")  # fmt: skip
