@@ -92,6 +92,10 @@ class Spec:
         return model.to(device, dtype).eval()  # fp32 buffers (PixArt's pos_embed) too, as a bf16 load casts them
 
 
+def _on_cpu(model: torch.nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cpu"
+
+
 def sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
     """A new module object (its own forward, attributes and submodules for a library to patch or
     compile) over `model`'s parameter and buffer tensors: all rows of a run hold one weight set."""
@@ -309,20 +313,29 @@ CUDAGRAPH_VARIANTS = {
     "backend=cudagraphs": ({}, {"backend": "cudagraphs"}),
     "graph_partition": ({}, {"options": {"triton.cudagraphs": True, "graph_partition": True}}),
 }
-# The same cut without CUDA graphs (mode="default", e.g. on CPU, where reading the decision on the host
+# The same cut under the other modes (e.g. "default" on CPU, where reading the decision on the host
 # costs nothing): the cache tail takes no middle weight, the device graph takes all of them.
-DEFAULT_MODE_VARIANTS = {
-    "split_at_decision, head compiled": ({"split_at_decision": {}}, {}),
+NO_CUDAGRAPH_VARIANTS = {
+    "split_at_decision, head compiled alike": ({"split_at_decision": {}}, {}),
     "split_at_decision, head eager": ({"split_at_decision": True}, {}),
 }
 
 
+def variants_for(mode: str, cpu: bool) -> dict[str, tuple[dict, dict]]:
+    """The variants a dynamic config also runs under `mode`: (dittofx.optimize arguments,
+    torch.compile arguments), the mode included. The other modes' only on CPU: on the GPU the
+    question is CUDA graphs (and the device calls' time is counted)."""
+    if mode == "reduce-overhead":
+        return CUDAGRAPH_VARIANTS
+    return {name: (options, {"mode": mode, **how}) for name, (options, how) in NO_CUDAGRAPH_VARIANTS.items()} if cpu else {}
+
+
 def _dittofx_row(weights: torch.nn.Module, cname: str, mode: str, variant: str | None = None) -> Row:
     cfg = dict(CONFIGS[cname][0], Fn_compute_blocks=FN, Bn_compute_blocks=BN, num_inference_steps=STEPS)
-    options, how = {**CUDAGRAPH_VARIANTS, **DEFAULT_MODE_VARIANTS}[variant] if variant else ({}, {"mode": mode})
+    options, how = variants_for(mode, _on_cpu(weights))[variant] if variant else ({}, {"mode": mode})
     model = dittofx.optimize(sharing_weights(weights), cfg, **options)
     return Row(
-        f"dittofx {cname} ({variant or mode})", cname, mode, "dittofx", torch.compile(model, fullgraph=True, **how),
+        f"dittofx {cname} ({mode}{', ' + variant if variant else ''})", cname, mode, "dittofx", torch.compile(model, fullgraph=True, **how),
         cached_steps=lambda: dittofx.summary(model, log_table=False)[0].cached_steps,
         state_bytes=lambda: sum(s.bytes() for s in model._dittofx.states.values()),
         eager=model,
@@ -345,8 +358,7 @@ def build_rows(
             rows += [_cachedit_row(spec, full, cname, how, mode) for how in ("regional", "compile")]
             rows.append(_dittofx_row(full, cname, mode))
             if variants and cname.startswith("dynamic"):
-                extra = CUDAGRAPH_VARIANTS if mode == "reduce-overhead" else DEFAULT_MODE_VARIANTS
-                rows += [_dittofx_row(full, cname, mode, variant) for variant in extra]
+                rows += [_dittofx_row(full, cname, mode, variant) for variant in variants_for(mode, _on_cpu(full))]
     return [r for r in rows if r is not None]
 
 
@@ -522,7 +534,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help='run only the configs whose name contains this ("static": fast and ultra)')
     ap.add_argument("--variants", action="store_true", help="dynamic configs: also the other ways to run them (with "
                     "reduce-overhead CUDAGRAPH_VARIANTS: split_at_decision, the cudagraphs backend, graph partitions; with the "
-                    "default mode DEFAULT_MODE_VARIANTS: split_at_decision)")
+                    "other modes, on CPU, NO_CUDAGRAPH_VARIANTS: split_at_decision)")
     ap.add_argument("--modes", default=None, help="comma-separated torch.compile modes (default: both on CUDA)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: on a shared 2-core machine two "
                     "threads per process made steps 2-4x slower and far noisier than one)")  # fmt: skip

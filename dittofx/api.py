@@ -38,9 +38,13 @@ def _tune_dynamo() -> None:
             setattr(cfg, name, value)
 
 
-def _engine(model: torch.nn.Module) -> Engine:
+def _find_engine(model: Any) -> Engine | None:
     target = getattr(model, "_orig_mod", model)  # accept the module torch.compile returned
-    engine = target.__dict__.get("_dittofx") if isinstance(target, torch.nn.Module) else None
+    return target.__dict__.get("_dittofx") if isinstance(target, torch.nn.Module) else None
+
+
+def _engine(model: torch.nn.Module) -> Engine:
+    engine = _find_engine(model)
     if engine is None:
         raise ValueError(f"model={type(model).__name__}: not optimized by dittofx (call dittofx.optimize first)")
     return engine
@@ -216,7 +220,7 @@ def _refresh_component(module: torch.nn.Module, num_inference_steps: int | None)
 
 
 def _in_pipeline_call(module: torch.nn.Module, pipeline: str | None) -> None:
-    engine = module.__dict__.get("_dittofx")
+    engine = _find_engine(module)  # also through the module torch.compile put in the pipeline
     if engine is not None:
         engine.pipeline_call = pipeline
 

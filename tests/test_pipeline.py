@@ -207,6 +207,7 @@ def test_unnamed_cfg_calls_sharing_one_state_warn_and_parity_separates_them(capl
         return dittofx.optimize(pipe, {"residual_diff_threshold": 10.0, "max_warmup_steps": 2, **cfg})
 
     shared = pipeline({})
+    shared.transformer = torch.compile(shared.transformer, backend="eager")  # the README's way: seen through the wrapper
     with caplog.at_level(logging.WARNING, logger="dittofx"):
         lumina2_generate(shared, 6)
         lumina2_generate(shared, 6)

@@ -237,6 +237,97 @@ def test_a_shift_added_in_place_is_part_of_the_signal(capturable):
         assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5 * max(1.0, abs(b)), (stats.diffs, reference.diffs)
 
 
+def _mod(b, temb):
+    return b.mod(temb).chunk(3, dim=-1)  # shift, scale, gate
+
+
+def _plain(b, x, temb):
+    shift, scale, gate = _mod(b, temb)
+    m = b.norm(x) * (1 + scale) + shift
+    return x + gate * torch.tanh(b.proj(m)), m
+
+
+def _fp32_tail(b, x, temb):  # computed in fp32, cast back with type_as
+    shift, scale, gate = _mod(b, temb)
+    m = (b.norm(x.float()) * (1 + scale.float()) + shift.float()).type_as(x)
+    return x + gate * torch.tanh(b.proj(m)), m
+
+
+def _in_place(b, x, temb):
+    shift, scale, gate = _mod(b, temb)
+    m = b.norm(x)
+    m.mul_(1 + scale).add_(shift)
+    return x + gate * torch.tanh(b.proj(m)), m
+
+
+def _product_read_twice(b, x, temb):  # the scale's output has a second reader, after the shift: the tail stops at it
+    shift, scale, gate = _mod(b, temb)
+    p = b.norm(x) * (1 + scale)
+    m = p + shift
+    return x + gate * torch.tanh(b.proj(m)) + p.mean(), p
+
+
+def _size_query_between(b, x, temb):  # a shape query reads the product: no reader for the rule
+    shift, scale, gate = _mod(b, temb)
+    p = b.norm(x) * (1 + scale)
+    n = p.size(1)
+    m = p + shift
+    return x + gate * torch.tanh(b.proj(m[:, :n])), m
+
+
+def _addcmul(b, x, temb):
+    shift, scale, gate = _mod(b, temb)
+    m = torch.addcmul(shift, b.norm(x), 1 + scale)
+    return x + gate * torch.tanh(b.proj(m)), m
+
+
+class BodyDiT(torch.nn.Module):
+    """Blocks whose forward is `body(block, x, temb)`, which returns (output, its modulated input)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self, body, d):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(d, elementwise_affine=False)
+            self.mod = torch.nn.Linear(d, 3 * d)
+            self.proj = torch.nn.Linear(d, d)
+            self.body = body
+
+        def forward(self, hidden_states, temb):
+            return self.body(self, hidden_states, temb)[0]
+
+    def __init__(self, body, dtype=torch.float32, d=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([self.Block(body, d) for _ in range(3)])
+        self.embed = torch.nn.Linear(1, d)
+        self.to(dtype)
+
+    def forward(self, hidden_states, timestep):
+        temb = self.embed(timestep[:, None, None].to(hidden_states.dtype) / 1000)
+        for block in self.blocks:
+            hidden_states = block(hidden_states=hidden_states, temb=temb)
+        return hidden_states
+
+
+@pytest.mark.parametrize("body", [_plain, _fp32_tail, _in_place, _product_read_twice, _size_query_between, _addcmul])
+def test_the_eager_rule_and_the_graph_rule_find_the_same_tensor(body):
+    """On block codes that end their modulation differently, ModulationFinder (forwards with no
+    graph) and find_modulated_input (the captured graph) locate the same value: the one the block
+    code names as its modulated input."""
+    dtype = torch.bfloat16 if body is _fp32_tail else torch.float32
+    model = BodyDiT(body, dtype)
+    kw = dict(hidden_states=torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(0)).to(dtype), timestep=torch.full((1,), 500.0))
+    args = block0_args(model, model.blocks[0], kw)
+    finder = ModulationFinder(args["hidden_states"], [args["temb"]])
+    with torch.no_grad():
+        want = body(model.blocks[0], args["hidden_states"], args["temb"])[1]
+        with finder:
+            model.blocks[0](**args)
+    dittofx.optimize(model, {"method": "teacache", "coefficients": POLY}, example_inputs=((), kw))
+    for got in (finder.found().value, located_value(model, kw)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_cfg_branches_keep_separate_teacache_state():
     z = zoo.get("pixart")
     threshold = 0.12

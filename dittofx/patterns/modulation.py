@@ -12,6 +12,7 @@ runs on the torch calls of block 0 made eagerly (`ModulationFinder`) for forward
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -111,30 +112,31 @@ class FoundCall:
 class ModulationFinder(TorchFunctionMode):
     """`find_modulated_input`'s rule on the torch calls made under it, for a block 0 run eagerly (a
     forward with no graph): the first call mixing the hidden stream with the conditioning at the
-    hidden stream's shape, then its elementwise tail (in-place `+= shift` included). Applied while
-    the calls are made, so only the tensors the rule still reads stay alive (the calls up to the
-    scale and the tail, not the whole block's). `found()` after the block."""
+    hidden stream's shape, then its elementwise tail (in-place `+= shift` included), cut back to
+    any tail tensor read twice. Applied while the calls are made: the tensors derived from the
+    hidden stream or the conditioning are known by weak reference (an id leaves with its tensor),
+    so only the tail and its snapshots stay alive. `found()` after the block."""
 
     def __init__(self, hidden: torch.Tensor, conditioning: list[torch.Tensor]):
         super().__init__()
         self.shape = hidden.shape
-        self.from_hidden: dict[int, torch.Tensor] = {id(hidden): hidden}  # kept alive: their ids stay theirs
-        self.from_cond: dict[int, torch.Tensor] = {id(c): c for c in conditioning}
+        self.from_hidden: weakref.WeakValueDictionary = weakref.WeakValueDictionary({id(hidden): hidden})
+        self.from_cond: weakref.WeakValueDictionary = weakref.WeakValueDictionary({id(c): c for c in conditioning})
         self.count = 0
         self.tail: list[tuple[FoundCall, torch.Tensor]] = []  # the scale, then its tail so far (with the tensor)
-        self.done = False
+        self.done = False  # the tail cannot grow; a second reader can still cut it back
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         index, self.count = self.count, self.count + 1
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if self.done or not outs:  # a size or dtype query reads nothing the rule counts
+        if not outs:  # a size or dtype query reads nothing the rule counts
             return out
         ins = {id(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         if not self.tail:
             self._tag(ins, outs)
-            if len(outs) == 1 and id(outs[0]) in self.from_hidden and id(outs[0]) in self.from_cond and outs[0].shape == self.shape:
-                self.tail.append((FoundCall(index, call_name(func), outs[0].clone()), outs[0]))
+            if isinstance(out, torch.Tensor) and id(out) in self.from_hidden and id(out) in self.from_cond and out.shape == self.shape:
+                self.tail.append((FoundCall(index, call_name(func), out.clone()), out))
             return out
         read = [i for i, (_, t) in enumerate(self.tail) if id(t) in ins]
         if not read:
@@ -142,21 +144,20 @@ class ModulationFinder(TorchFunctionMode):
         last = self.tail[-1][1]
         others = set() if call_name(func) == "type_as" else ins - {id(last)}
         extends = (
-            read[-1] == len(self.tail) - 1 and call_name(func) in _FINISH_CALLS and len(outs) == 1
-            and outs[0].shape == self.shape and not others & self.from_hidden.keys()
+            not self.done and read[-1] == len(self.tail) - 1 and call_name(func) in _FINISH_CALLS
+            and isinstance(out, torch.Tensor) and out.shape == self.shape and not any(i in self.from_hidden for i in others)
         )  # fmt: skip
         if extends:  # its one reader so far: the tail goes on (an in-place op returns the same tensor)
-            self.tail.append((FoundCall(index, call_name(func), outs[0].clone()), outs[0]))
+            self.tail.append((FoundCall(index, call_name(func), out.clone()), out))
         else:  # a second reader, or one that is no elementwise finish: the tail ends at what it read
             del self.tail[read[-1] + 1 :]
             self.done = True
         return out
 
     def _tag(self, ins: set[int], outs: list[torch.Tensor]) -> None:
-        if ins & self.from_hidden.keys():
-            self.from_hidden.update((id(t), t) for t in outs)
-        if ins & self.from_cond.keys():
-            self.from_cond.update((id(t), t) for t in outs)
+        for tagged in (self.from_hidden, self.from_cond):
+            if any(i in tagged for i in ins):
+                tagged.update((id(t), t) for t in outs)
 
     def found(self) -> FoundCall:
         if not self.tail:

@@ -469,9 +469,11 @@ class Engine:
         log.warning(
             "dittofx: %s called %s more than the %d times it runs timesteps, within one call and without naming the calls "
             "(transformer.cache_context): with enable_separate_cfg=None every call shares one state, which counts each call as a "
-            "step, so it restarts in the middle of the request and compares residuals across the calls of a step. Separate CFG "
-            "calls (cond, then uncond) want enable_separate_cfg=True (branches by call parity; cfg_compute_first=True when uncond "
-            "comes first); enable_separate_cfg=False keeps one state and silences this.",
+            "step, so it restarts in the middle of the request and compares residuals across the calls of a step. Where every "
+            "step makes the same calls (cond, then uncond), enable_separate_cfg=True separates them by call parity "
+            "(cfg_compute_first=True when uncond comes first); where some steps make fewer (Lumina2's cfg_trunc_ratio < 1 drops "
+            "uncond late in sampling), parity mixes the branches too and only names set with transformer.cache_context "
+            "separate them. enable_separate_cfg=False keeps one state and silences this.",
             self.pipeline_call, type(self.model).__name__, steps,
         )  # fmt: skip
 
