@@ -1,5 +1,7 @@
 """Requests of different batch sizes and resolutions: correct outputs and no stale state."""
 
+import logging
+
 import torch
 
 import dittofx
@@ -26,14 +28,15 @@ def run(model, steps):
     return outs, dittofx.summary(model, log_table=False)[0].cached_steps
 
 
-def test_batch_and_resolution_changes_between_requests():
+def test_batch_and_resolution_changes_between_requests(caplog):
     z = zoo.get("pixart")
     model = dittofx.optimize(z.build(), CFG)
     sequence = [(1, 8), (3, 8), (1, 8), (1, 16), (1, 8)]
     cached_any = False
     for i, (batch, side) in enumerate(sequence):
         steps = request(batch, side, seed=i)
-        got, got_cached = run(model, steps)
+        with caplog.at_level(logging.WARNING, logger="dittofx"):
+            got, got_cached = run(model, steps)
         fresh, fresh_cached = run(dittofx.optimize(z.build(), CFG), steps)  # never saw another request
         assert got_cached == fresh_cached
         cached_any |= bool(got_cached)
@@ -48,6 +51,22 @@ def test_batch_and_resolution_changes_between_requests():
     # computes the table for any size (tests/test_recompiles.py: it serves three more resolutions)
     assert len(model._dittofx.entries) == 3
     assert model._dittofx.entries[2].captured.dynamic_dims
+    assert "changed sizes" not in caplog.text  # whole requests: nothing restarts mid-request
+
+
+def test_sizes_alternating_within_requests_warn_once_that_nothing_caches(caplog):
+    """Calls of two sizes on one branch within a request (e.g. a second call per step at another
+    batch size): the state starts again at every call, so nothing caches: said once."""
+    z = zoo.get("pixart")
+    model = dittofx.optimize(z.build(), dict(CFG, num_inference_steps=2 * STEPS))
+    small, large = request(1, 8, seed=0), request(2, 8, seed=1)
+    with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
+        for s in range(STEPS):
+            model(**small[s])
+            model(**large[s])
+    assert caplog.text.count("changed sizes at step 1 of a request of 8 on branch 'default'") == 1
+    (stats,) = dittofx.summary(model, log_table=False)
+    assert stats.cached_steps == []
 
 
 def test_graphs_wrong_at_new_sizes_get_one_symbolic_recapture_then_static_ones(monkeypatch):

@@ -162,6 +162,7 @@ class Engine:
         self.calls = 0
         self.pipeline_call: str | None = None  # the class of the pipeline whose call is running (optimize(pipe))
         self._warned_shared_state = False
+        self._warned_restart = False
         self.ran = False  # a call got through the pre-hook (till then a failure detaches)
         self.capturing = False
         self.path = "torch.export graph"
@@ -386,10 +387,27 @@ class Engine:
         want = (shapes[0], tuple(shapes[1:]), entry.state_nodes[0].meta["val"].dtype, device)
         state = self.states[branch] if branch in self.states else None
         if state is None or state.shapes != want:  # first call, or new sizes: fresh state
+            step = self.host.get(branch, (0, False))[0]
+            if state is not None and self.num_steps is not None and 0 < step < self.num_steps:
+                self._warn_restart(branch, step, sizes)
             state = self.new_state(entry, sizes, device)
             self.states[branch] = state
             self.host.pop(branch, None)
         return state
+
+    def _warn_restart(self, branch: str, step: int, sizes: tuple) -> None:
+        """A fresh state in the middle of a request: said once per model (calls of one step at
+        different sizes on one branch restart it at every call, and nothing caches)."""
+        if self._warned_restart:
+            return
+        self._warned_restart = True
+        log.warning(
+            "dittofx: %s's inputs changed sizes at step %d of a request of %d on branch %r: its state starts again "
+            "(computed steps until residuals are stored). Calls of different sizes within one step restart it at every "
+            "call and nothing caches: give them their own branches (transformer.cache_context); a new request before "
+            "the last one ended is fine (dittofx.reset between them silences this).",
+            type(self.model).__name__, step, self.num_steps, branch,
+        )  # fmt: skip
 
     def new_state(self, entry: Entry, sizes: tuple, device: torch.device) -> CacheState:
         """A fresh state for `entry`'s graph at these input sizes (a new branch, or an export)."""
