@@ -389,13 +389,13 @@ class Engine:
         if state is None or state.shapes != want:  # first call, or new sizes: fresh state
             step = self.host.get(branch, (0, False))[0]
             if state is not None and self.num_steps is not None and 0 < step < self.num_steps:
-                self._warn_restart(branch, step, sizes)
+                self._warn_restart(branch, step)
             state = self.new_state(entry, sizes, device)
             self.states[branch] = state
             self.host.pop(branch, None)
         return state
 
-    def _warn_restart(self, branch: str, step: int, sizes: tuple) -> None:
+    def _warn_restart(self, branch: str, step: int) -> None:
         """A fresh state in the middle of a request: said once per model (calls of one step at
         different sizes on one branch restart it at every call, and nothing caches)."""
         if self._warned_restart:
