@@ -259,6 +259,29 @@ def tiny_request(model, cfg, steps=8):
     return outs, dittofx.summary(model, log_table=False)[0].cached_steps
 
 
+class BranchyBlock(TinyDiT.Block):
+    """Data-dependent Python before the modulation: a different torch call sequence at equal sizes."""
+
+    def forward(self, hidden_states, temb):
+        if hidden_states.mean() > 1.0:
+            hidden_states = hidden_states * 1.0
+        return hidden_states + torch.tanh(self.proj(hidden_states) + temb)
+
+
+def test_teacache_refuses_a_block_0_whose_calls_before_its_modulation_change():
+    """The signal is found once per input sizes, as the index of a torch call of block 0; a later
+    call at those sizes whose calls before it differ is an error, not a wrong signal."""
+    model = TinyDiT()
+    model.blocks = torch.nn.ModuleList([BranchyBlock(8) for _ in model.blocks])
+    dittofx.optimize(model, {"method": "teacache", "rel_l1_thresh": 1.0, "coefficients": [1.0, 0.0], "num_inference_steps": 8})
+    with torch.no_grad():
+        for s in range(3):
+            model(**tiny_inputs(s))
+        shifted = dict(tiny_inputs(3), hidden_states=tiny_inputs(3)["hidden_states"] + 2.0)  # takes the branch
+        with pytest.raises(RuntimeError, match="block 0 runs data-dependent code before its adaptive norm"):
+            model(**shifted)
+
+
 def test_a_one_step_request_caches_nothing_and_is_not_refused():
     """The replay check must not start a new request between its two calls."""
     model = dittofx.optimize(TinyDiT(), {"residual_diff_threshold": 0.6, "num_inference_steps": 1})

@@ -351,22 +351,25 @@ class _SignalProbe(TorchFunctionMode):
     """Counts block 0's torch calls up to the one that makes its modulated input (TeaCache's
     signal), whose output goes to `at` (which stops the block where the step is cached)."""
 
-    def __init__(self, index: int, name: str, at: Callable[[torch.Tensor], None]):
+    def __init__(self, index: int, name: str, shape: torch.Size, at: Callable[[torch.Tensor], None]):
         super().__init__()
-        self.index, self.name, self.at = index, name, at
+        self.index, self.name, self.shape, self.at = index, name, shape, at
         self.count = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if self.count == self.index:
-            if call_name(func) != self.name or not isinstance(out, torch.Tensor):
-                raise RuntimeError(
-                    f"dittofx: torch call {self.index} of block 0 was {self.name!r} when TeaCache's signal was found there, "
-                    f"now {call_name(func)!r} with the same input sizes: block 0 runs data-dependent code before its adaptive norm"
-                )
+            if call_name(func) != self.name or not isinstance(out, torch.Tensor) or out.shape != self.shape:
+                raise self.mismatch(f"{call_name(func)!r} of shape {tuple(out.shape) if isinstance(out, torch.Tensor) else None}")
             self.at(out)
         self.count += 1
         return out
+
+    def mismatch(self, now: str) -> RuntimeError:
+        return RuntimeError(
+            f"dittofx: torch call {self.index} of block 0 was {self.name!r} of shape {tuple(self.shape)} when TeaCache's signal was found there, now "
+            f"{now} with the same input sizes: block 0 runs data-dependent code before its adaptive norm"
+        )
 
 
 class _BlockForward:
@@ -549,8 +552,12 @@ class Blockwise:
 
         try:
             if key in self.signal_calls:
-                with _SignalProbe(*self.signal_calls[key], at=at):
-                    return original(*args, **kwargs)
+                probe = _SignalProbe(*self.signal_calls[key], st.h0.shape, at=at)
+                with probe:
+                    out = original(*args, **kwargs)
+                if probe.count <= probe.index:
+                    raise probe.mismatch("no call")
+                return out
             out, found = run_finding_modulation(lambda: original(*args, **kwargs), st.h0, named)
             self.signal_calls[key] = (found.index, found.name)
             at(found.value)
