@@ -162,8 +162,8 @@ def _graph_probe(model: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[
 
 
 def _eager_probe(model: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[[tuple, dict], tuple[torch.Tensor, Any]]:
-    """Block 0's modulated input and the outputs, from an eager call with block 0's torch calls
-    logged (as the block-by-block path finds the signal, for forwards with no graph)."""
+    """Block 0's modulated input and the outputs, from an eager call with block 0 run under
+    `ModulationFinder` (as the block-by-block path finds the signal, for forwards with no graph)."""
     from .patterns.modulation import run_finding_modulation
     from .runtime.blockwise import bind_arguments, learn_chain
 

@@ -438,11 +438,7 @@ class TwoLists(TinyDiT):
     """Two lists whose blocks name the stream differently (`x`, then `hidden_states`), handed on
     unchanged: a middle spanning both takes its residual base by position, not by name."""
 
-    class First(torch.nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.proj = torch.nn.Linear(d, d)
-
+    class First(TinyDiT.Block):
         def forward(self, x, temb):
             return x + torch.tanh(self.proj(x) + temb)
 

@@ -172,71 +172,6 @@ def test_teacache_matches_naive_reference(name):
     assert dittofx.summary(model)[0].cached_steps == reference.cached_steps
 
 
-class InPlaceShiftDiT(torch.nn.Module):
-    """A DiT whose blocks add the shift in place (`m += shift`); `capturable=False` adds a `.item()`
-    branch, so that the same weights run on the block-by-block path."""
-
-    class Block(torch.nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.norm = torch.nn.LayerNorm(d, elementwise_affine=False)
-            self.mod = torch.nn.Linear(d, 2 * d)
-            self.proj = torch.nn.Linear(d, d)
-
-        def forward(self, hidden_states, temb):
-            shift, scale = self.mod(temb).chunk(2, dim=-1)
-            m = self.norm(hidden_states) * (1 + scale)
-            m += shift
-            return hidden_states + torch.tanh(self.proj(m))
-
-    def __init__(self, capturable: bool, d: int = 8):
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = torch.nn.ModuleList([self.Block(d) for _ in range(4)])
-        self.embed = torch.nn.Linear(1, d)
-        self.capturable = capturable
-
-    def forward(self, hidden_states, timestep):
-        temb = self.embed(timestep[:, None, None] / 1000)
-        if not self.capturable and timestep.max().item() > 2000:
-            temb = temb * 0
-        for block in self.blocks:
-            hidden_states = block(hidden_states, temb)
-        return hidden_states
-
-
-@pytest.mark.parametrize("capturable", [True, False], ids=["graph", "block by block"])
-def test_a_shift_added_in_place_is_part_of_the_signal(capturable):
-    """SPEC §6's m = norm(x) * (1 + scale) + shift also when the shift is added in place: both rules
-    take the in-place add as the tail (the graph path measured the product, then stored the
-    shifted buffer as the previous signal)."""
-
-    def inputs(s):
-        return dict(hidden_states=torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(0)) + 0.05 * s,
-                    timestep=torch.full((1,), 1000.0 * (1 - s / STEPS)))  # fmt: skip
-
-    def modulate(block, a):
-        shift, scale = block.mod(a["temb"]).chunk(2, dim=-1)
-        return block.norm(a["hidden_states"]) * (1 + scale) + shift
-
-    probe = NaiveTeaCache(InPlaceShiftDiT(True), ("blocks",), modulate, POLY, threshold=-1.0, num_steps=STEPS)
-    with torch.no_grad():
-        for s in range(STEPS):
-            probe(**inputs(s))
-    distances = sorted(d for d in probe.diffs if d == d)
-    threshold = 2.5 * distances[len(distances) // 2]
-    reference = NaiveTeaCache(InPlaceShiftDiT(True), ("blocks",), modulate, POLY, threshold, STEPS)
-    model = dittofx.optimize(InPlaceShiftDiT(capturable), dittofx.TeaCacheConfig(rel_l1_thresh=threshold, coefficients=POLY, num_inference_steps=STEPS))
-    with torch.no_grad():
-        for s in range(STEPS):
-            torch.testing.assert_close(model(**inputs(s)), reference(**inputs(s)), rtol=1e-5, atol=1e-6)
-    stats = dittofx.summary(model, log_table=False)[0]
-    assert model._dittofx.path.startswith("eager") != capturable
-    assert reference.cached_steps and stats.cached_steps == reference.cached_steps
-    for a, b in zip(stats.diffs, reference.diffs, strict=True):
-        assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5 * max(1.0, abs(b)), (stats.diffs, reference.diffs)
-
-
 def _mod(b, temb):
     return b.mod(temb).chunk(3, dim=-1)  # shift, scale, gate
 
@@ -282,7 +217,8 @@ def _addcmul(b, x, temb):
 
 
 class BodyDiT(torch.nn.Module):
-    """Blocks whose forward is `body(block, x, temb)`, which returns (output, its modulated input)."""
+    """Blocks whose forward is `body(block, x, temb)`, which returns (output, its modulated input);
+    `capturable=False` adds a `.item()` branch, so that the same weights run block by block."""
 
     class Block(torch.nn.Module):
         def __init__(self, body, d):
@@ -295,15 +231,18 @@ class BodyDiT(torch.nn.Module):
         def forward(self, hidden_states, temb):
             return self.body(self, hidden_states, temb)[0]
 
-    def __init__(self, body, dtype=torch.float32, d=8):
+    def __init__(self, body, dtype=torch.float32, d=8, capturable=True):
         super().__init__()
         torch.manual_seed(0)
         self.blocks = torch.nn.ModuleList([self.Block(body, d) for _ in range(3)])
         self.embed = torch.nn.Linear(1, d)
+        self.capturable = capturable
         self.to(dtype)
 
     def forward(self, hidden_states, timestep):
         temb = self.embed(timestep[:, None, None].to(hidden_states.dtype) / 1000)
+        if not self.capturable and timestep.max().item() > 2000:
+            temb = temb * 0
         for block in self.blocks:
             hidden_states = block(hidden_states=hidden_states, temb=temb)
         return hidden_states
@@ -326,6 +265,37 @@ def test_the_eager_rule_and_the_graph_rule_find_the_same_tensor(body):
     dittofx.optimize(model, {"method": "teacache", "coefficients": POLY}, example_inputs=((), kw))
     for got in (finder.found().value, located_value(model, kw)):
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("capturable", [True, False], ids=["graph", "block by block"])
+def test_a_shift_added_in_place_is_part_of_the_signal(capturable):
+    """SPEC §6's m = norm(x) * (1 + scale) + shift also when scale and shift are applied in place:
+    both rules take the in-place ops as the tail (the graph path measured the product, then stored
+    the shifted buffer as the previous signal)."""
+
+    def inputs(s):
+        return dict(hidden_states=torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(0)) + 0.05 * s,
+                    timestep=torch.full((1,), 1000.0 * (1 - s / STEPS)))  # fmt: skip
+
+    def modulate(block, a):  # what the block names as its modulated input, the in-place scale and shift done
+        return _in_place(block, a["hidden_states"], a["temb"])[1]
+
+    probe = NaiveTeaCache(BodyDiT(_in_place), ("blocks",), modulate, POLY, threshold=-1.0, num_steps=STEPS)
+    with torch.no_grad():
+        for s in range(STEPS):
+            probe(**inputs(s))
+    distances = sorted(d for d in probe.diffs if d == d)
+    threshold = 2.5 * distances[len(distances) // 2]
+    reference = NaiveTeaCache(BodyDiT(_in_place), ("blocks",), modulate, POLY, threshold, STEPS)
+    model = dittofx.optimize(BodyDiT(_in_place, capturable=capturable), dittofx.TeaCacheConfig(rel_l1_thresh=threshold, coefficients=POLY, num_inference_steps=STEPS))
+    with torch.no_grad():
+        for s in range(STEPS):
+            torch.testing.assert_close(model(**inputs(s)), reference(**inputs(s)), rtol=1e-5, atol=1e-6)
+    stats = dittofx.summary(model, log_table=False)[0]
+    assert model._dittofx.path.startswith("eager") != capturable
+    assert reference.cached_steps and stats.cached_steps == reference.cached_steps
+    for a, b in zip(stats.diffs, reference.diffs, strict=True):
+        assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5 * max(1.0, abs(b)), (stats.diffs, reference.diffs)
 
 
 def test_cfg_branches_keep_separate_teacache_state():

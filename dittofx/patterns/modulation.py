@@ -34,12 +34,15 @@ class ModulationNotFound(ValueError):
     pass
 
 
+def _functional(name: str) -> str:
+    """An in-place op's name as its functional one's (`add_` -> "add"): both finish a modulation."""
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+
+
 def _op_name(node: fx.Node) -> str:
-    """The op's name, in-place variants as their functional one (`add_` -> "add")."""
     if node.target is operator.getitem:
         return "getitem"
-    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+    return _functional(getattr(node.target, "__name__", str(node.target)).split(".")[0])
 
 
 def _shape(node: fx.Node) -> tuple | None:
@@ -97,7 +100,7 @@ def call_name(func: Any) -> str:
         name = name[2:-2]
         name = name[1:] if name[:1] == "r" and name[1:] in ("add", "sub", "mul", "div", "truediv") else name
         return "div" if name == "truediv" else name
-    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+    return _functional(name)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ..passes.partition import fn_bn_too_large
 from ..patterns.modulation import call_name, run_finding_modulation
 from . import gates
 
-__all__ = ["BlockChain", "Blockwise", "BlockwiseError", "bind_arguments", "learn_chain"]
+__all__ = ["BlockChain", "Blockwise", "BlockwiseError", "bind_arguments", "close_at_scale", "learn_chain"]
 
 
 class BlockwiseError(ValueError):
@@ -49,6 +49,12 @@ def bind_arguments(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[st
         else:
             named[name] = value
     return named
+
+
+def close_at_scale(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
+    """`got` equals `want` within `tol`, relative and of `want`'s largest magnitude (a check that
+    two runs of the model agree, not a rounding-exact one)."""
+    return torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * (want.float().abs().max().item() + 1e-6))
 
 
 def _outputs(out: Any) -> tuple:
@@ -481,8 +487,7 @@ class Blockwise:
         for k, (a, b) in enumerate(zip(*outs)):
             if not isinstance(a, torch.Tensor):
                 continue
-            tol = 1e-3 if a.dtype in (torch.float32, torch.float64) else 3e-2
-            if not torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * (a.float().abs().max().item() + 1e-6)):
+            if not close_at_scale(b, a, 1e-3 if a.dtype in (torch.float32, torch.float64) else 3e-2):
                 raise BlockwiseError(
                     f"a cached step replaying a computed one changes output {k} (by up to {(a.float() - b.float()).abs().max().item():.3g}): "
                     f"the forward reads a middle block's output outside the block chain"
@@ -539,8 +544,8 @@ class Blockwise:
     def _teacache_block0(self, st: _Step, named: dict[str, Any], original: Callable, args: tuple, kwargs: dict) -> Any:
         """Block 0 run up to its modulated input (SPEC §6's signal), where the step is decided: on
         through the block, or stopped there when cached (returns _NOT_RUN). Inputs of a new
-        structure run the whole block with its torch calls logged, to find the signal: the
-        decision comes after it (a cached step then drops what the block computed)."""
+        structure run the whole block under `ModulationFinder`, to find the signal: the decision
+        comes after it (a cached step then drops what the block computed)."""
         self._enter(st, named)
         key = tuple((n, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (n, type(v)) for n, v in named.items())
 

@@ -35,7 +35,7 @@ from ..patterns.chain import Chain, find_chain
 from ..patterns.modulation import ModulationNotFound, find_modulated_input
 from ..teacache import coefficients_for
 from ..masks import steps_mask
-from .blockwise import Blockwise, BlockwiseConfigError, BlockwiseError, bind_arguments, learn_chain
+from .blockwise import Blockwise, BlockwiseConfigError, BlockwiseError, bind_arguments, close_at_scale, learn_chain
 from .state import SCALARS, CacheState, mark_static
 
 __all__ = ["Engine", "Entry", "CaptureError", "context_parallel_group"]
@@ -161,8 +161,7 @@ class Engine:
         self.context_name: str | None = None
         self.calls = 0
         self.pipeline_call: str | None = None  # the class of the pipeline whose call is running (optimize(pipe))
-        self._warned_shared_state = False
-        self._warned_restart = False
+        self._warned: set[str] = set()  # the warnings said once per model
         self.ran = False  # a call got through the pre-hook (till then a failure detaches)
         self.capturing = False
         self.path = "torch.export graph"
@@ -252,11 +251,7 @@ class Engine:
             except RuntimeError:
                 return False
             want = original()
-        return len(got) == len(want) and all(
-            torch.allclose(g.float(), w.float(), rtol=1e-3, atol=1e-3 * (w.float().abs().max().item() + 1e-6))
-            for g, w in zip(got, want)
-            if isinstance(w, torch.Tensor)
-        )
+        return len(got) == len(want) and all(close_at_scale(g, w, 1e-3) for g, w in zip(got, want) if isinstance(w, torch.Tensor))
 
     @contextlib.contextmanager
     def _as_original(self):
@@ -395,13 +390,16 @@ class Engine:
             self.host.pop(branch, None)
         return state
 
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
     def _warn_restart(self, branch: str, step: int) -> None:
-        """A fresh state in the middle of a request: said once per model (calls of one step at
-        different sizes on one branch restart it at every call, and nothing caches)."""
-        if self._warned_restart:
-            return
-        self._warned_restart = True
-        log.warning(
+        """A fresh state in the middle of a request (calls of one step at different sizes on one
+        branch restart it at every call, and nothing caches)."""
+        self._warn_once(
+            "restart",
             "dittofx: %s's inputs changed sizes at step %d of a request of %d on branch %r: its state starts again "
             "(computed steps until residuals are stored). Calls of different sizes within one step restart it at every "
             "call and nothing caches: give them their own branches (transformer.cache_context); a new request before "
@@ -480,11 +478,11 @@ class Engine:
 
     def _warn_shared_state(self, steps: int) -> None:
         """More calls than the pipeline's timesteps in one of its calls, unnamed and sharing one
-        state (SPEC §3's default): the state restarts mid-request. Said once per model."""
-        if self._warned_shared_state or self.cfg.enable_separate_cfg is not None:
+        state (SPEC §3's default): the state restarts mid-request."""
+        if self.cfg.enable_separate_cfg is not None:
             return
-        self._warned_shared_state = True
-        log.warning(
+        self._warn_once(
+            "shared state",
             "dittofx: %s called %s more than the %d times it runs timesteps, within one call and without naming the calls "
             "(transformer.cache_context): with enable_separate_cfg=None every call shares one state, which counts each call as a "
             "step, so it restarts in the middle of the request and compares residuals across the calls of a step. Where every "
