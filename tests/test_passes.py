@@ -220,3 +220,19 @@ def test_split_at_decision_cuts_the_device_graph_at_its_cond():
             for a, b in zip(split.tensors(), whole.tensors()):
                 torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     assert decisions[0] is False and True in decisions  # step 0 computes; a later step caches
+
+
+def test_imports_where_torch_names_the_hint_size_hint():
+    """torch 2.11 (the GPU image; pyproject allows it) has `size_hint` where 2.13 has
+    `optimization_hint`: the first H100 call of 2026-11-23 failed at `import dittofx` until the
+    passes took either. 2.11's layout is rebuilt here (the one name, under the old spelling)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch.fx.experimental.symbolic_shapes as s; s.size_hint = s.optimization_hint; del s.optimization_hint; "
+        "import dittofx; "
+        "from dittofx.patterns.chain import int_hint; assert int_hint is s.size_hint and int_hint(5, fallback=1) == 5"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..patterns.chain import int_hint
 from ..runtime import gates
 from ..runtime.state import SCALARS, state_names
 from .partition import Partition, PartitionError
@@ -260,7 +260,7 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
 def _memory_order(node: fx.Node) -> list[int] | None:
     """The dims of a value outermost-first in memory, or None when that is their own order."""
     val = node.meta["val"]
-    strides = [optimization_hint(st, fallback=1) for st in val.stride()]
+    strides = [int_hint(st, fallback=1) for st in val.stride()]
     order = sorted(range(val.dim()), key=lambda d: -strides[d])  # stable: ties keep dim order
     return None if order == sorted(order) else order
 

@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint as int_hint
+except ImportError:  # torch < 2.12 names it size_hint (same signature)
+    from torch.fx.experimental.symbolic_shapes import size_hint as int_hint
 
 __all__ = ["Block", "Chain", "ChainNotFound", "carried_inputs", "find_chain"]
 
@@ -202,7 +206,7 @@ def numel_hint(node: fx.Node) -> int:
     data-dependent one, as after a slice by a tensor's value, counts 1)."""
     total = 1
     for d in node.meta["val"].shape:
-        total *= optimization_hint(d, fallback=1)
+        total *= int_hint(d, fallback=1)
     return total
 
 
