@@ -8,8 +8,8 @@
 # Every step writes $OUT/<step>.json (+ .md beside it for e2e steps); $OUT/call.log holds all
 # output, with each row's warm-up seconds (mostly compile). A step starts only when the call has
 # its estimated seconds left, and is stopped when the call's time is up, so the call always
-# returns what finished. The estimates were made without a GPU (bench/README.md): replace them
-# with the logged times once a call has run.
+# returns what finished. The PixArt, kernel and step-overhead estimates are the times logged on
+# the H100 on 2026-11-23 (plus a margin); the FLUX ones were made without a GPU (bench/README.md).
 set -uo pipefail
 : "${OUT:?OUT must name the folder whose files come back (the device tool sets it)}"
 (($#)) || { echo "usage: bash bench/gpu_session.sh CALL|STEP..." >&2; exit 2; }
@@ -18,9 +18,10 @@ log=$OUT/call.log
 
 # step -> "estimated seconds | command arguments"; FLUX rows hold one 22 GiB bf16 weight set
 declare -A STEP=(
-    [kernels]="120 | bench/kernels.py --sweep --reduce-config auto --rotate-l2 8"
-    [pixart-static]="330 | bench/e2e.py --model pixart --only static --repeats 7"
-    [pixart-dynamic]="420 | bench/e2e.py --model pixart --only dynamic --variants --repeats 7"
+    [kernels]="115 | bench/kernels.py --sweep --reduce-config auto --rotate-l2 8"
+    [step-overhead]="100 | bench/step_overhead.py"
+    [pixart-static]="280 | bench/e2e.py --model pixart --only static --repeats 7"
+    [pixart-dynamic]="390 | bench/e2e.py --model pixart --only dynamic --variants split --repeats 5"
     [flux1024-fast-default]="360 | bench/e2e.py --model flux-1024 --only fast --modes default --repeats 3"
     [flux1024-ultra-default]="180 | bench/e2e.py --model flux-1024 --only ultra --modes default --repeats 3"
     [flux1024-fast-ro]="360 | bench/e2e.py --model flux-1024 --only fast --modes reduce-overhead --repeats 3"
@@ -37,7 +38,7 @@ declare -A STEP=(
 # the calls, in the order of what issue 7's acceptance needs first
 CALLS=(
     ""
-    "pixart-static kernels"
+    "pixart-static step-overhead"
     "pixart-dynamic"
     "flux1024-fast-default flux1024-ultra-default"
     "flux1024-fast-ro flux1024-ultra-ro"
