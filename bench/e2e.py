@@ -62,6 +62,7 @@ from torch._dynamo.utils import counters
 from torch.utils._pytree import tree_map
 
 import dittofx
+from dittofx.runtime.engine import with_own_code
 
 STEPS = 28
 FN, BN = 1, 0  # blocks computed at every step, first and last: the F1B0 of every row
@@ -109,21 +110,15 @@ def compiled_alone(model: torch.nn.Module, **how: Any) -> torch.nn.Module:
     """`torch.compile(model, **how)` with `model.forward` running a code object of its own.
     torch.compile of a module runs its hooks and then compiles the forward's frame; dynamo keeps
     compiled code per code object and checks a frame's entries one after another, so rows of one
-    model class (or all dittofx rows, which share dittofx's forward) would each first fail the
-    guards of the rows compiled after them (a tiny PixArt on CPU: +26 % per call once a cache-dit
-    row was compiled). Same graphs; each row pays for its own guards only."""
+    model class would each first fail the guards of the rows compiled after them (a tiny PixArt on
+    CPU: +26 % per call once a cache-dit row was compiled). Same graphs; each row pays for its own
+    guards only. (dittofx gives each optimized model's forward its own code already.)"""
     bound = model.forward  # a method, or cache-dit's functools.partial of its patched forward
     if isinstance(bound, types.MethodType):
-        model.forward = types.MethodType(_own_code(bound.__func__), bound.__self__)
+        model.forward = types.MethodType(with_own_code(bound.__func__), bound.__self__)
     else:
-        model.forward = functools.partial(_own_code(bound.func), *bound.args, **bound.keywords)
+        model.forward = functools.partial(with_own_code(bound.func), *bound.args, **bound.keywords)
     return torch.compile(model, **how)
-
-
-def _own_code(func: types.FunctionType) -> types.FunctionType:
-    own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__)
-    own.__kwdefaults__ = func.__kwdefaults__
-    return own
 
 
 def text_inputs(tokens: int, channels: int, **constants: Any) -> Callable[[torch.Generator], dict]:

@@ -177,7 +177,7 @@ class Engine:
         model = self.model
         model.add_module("_dittofx_states", self.states)
         self._hook = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        model.forward = types.MethodType(_cached_forward, model)
+        model.forward = types.MethodType(with_own_code(_cached_forward), model)
         model.cache_context = _CacheContext(self, getattr(model, "cache_context", None))
         model._dittofx = self
 
@@ -623,6 +623,16 @@ class Engine:
 
 
 HEAD_KWARG = "_dittofx_head"
+
+
+def with_own_code(func: types.FunctionType) -> types.FunctionType:
+    """`func` with a code object of its own. torch.compile(module) compiles the forward's frame, and
+    dynamo keeps compiled code per code object, checking a frame's entries one after another: two
+    optimized models compiled in one process (Wan 2.2's two transformers) would otherwise share
+    `_cached_forward`'s entries, and each call would first fail the other model's guards."""
+    own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__)
+    own.__kwdefaults__ = func.__kwdefaults__
+    return own
 
 
 def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
