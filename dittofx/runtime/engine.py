@@ -16,6 +16,7 @@ import copy
 import functools
 import inspect
 import logging
+import sys
 import traceback
 import types
 from dataclasses import dataclass, field
@@ -588,6 +589,15 @@ class Engine:
         if decision == "device" and self.split is not None:
             head = self._run_head(entry, leading, pytree.tree_leaves((args, kwargs)))
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
+        elif decision == "device" and cuda_graphs_in_use(device):
+            self._warn_once(
+                "cond without CUDA graphs",
+                "dittofx: CUDA graphs are in use in this process (torch.compile mode='reduce-overhead'); if %s runs under "
+                "them, its steps decided on the device run without: their graph holds a torch.cond, for which inductor "
+                "records no CUDA graph (on an H100, PixArt-512 with a threshold ran 2.4x slower than uncached). "
+                "dittofx.optimize(..., split_at_decision={'mode': 'reduce-overhead'}) keeps CUDA graphs for them.",
+                type(self.model).__name__,
+            )  # fmt: skip
         if counted is not None:  # the step runs (a head that raised did not): the host counts it
             self.host[branch] = counted
         self.current = (entry.graphs[decision], entry, leading, len(head))
@@ -623,6 +633,19 @@ class Engine:
 
 
 HEAD_KWARG = "_dittofx_head"
+
+
+def cuda_graphs_in_use(device: torch.device) -> bool:
+    """Whether inductor's CUDA-graph trees hold a manager for `device` in this thread: some function
+    compiled with mode="reduce-overhead" has run there (torch 2.11-2.13's cudagraph_trees)."""
+    if device.type != "cuda" or "torch._inductor.cudagraph_trees" not in sys.modules:
+        return False
+    trees = sys.modules["torch._inductor.cudagraph_trees"]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        return trees.get_manager(index, create_if_none_exists=False) is not None
+    except (AssertionError, AttributeError, RuntimeError):  # no tree state in this thread, or a torch without it
+        return False
 
 
 def with_own_code(func: types.FunctionType) -> types.FunctionType:
