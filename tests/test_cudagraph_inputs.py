@@ -66,13 +66,18 @@ def test_state_weights_and_constants_are_static_inputs_and_host_decided_steps_ho
         assert not any(g["has_cond"] for g in graphs)
 
 
-@pytest.mark.parametrize("split, graphs_in_use, warned_at", [(False, True, [2]), (True, True, []), (False, False, [])])
-def test_a_device_decided_step_warns_once_where_cuda_graphs_are_in_use(monkeypatch, caplog, split, graphs_in_use, warned_at):
+@pytest.mark.parametrize(
+    "case, split, graphs_in_use, warned_at",
+    [("dbcache dynamic", False, True, [2]), ("dbcache dynamic", True, True, []), ("dbcache dynamic", False, False, []),
+     ("dbprune", False, True, [2])],
+)  # fmt: skip
+def test_a_device_decided_step_warns_once_where_cuda_graphs_are_in_use(monkeypatch, caplog, case, split, graphs_in_use, warned_at):
     """Its graph holds the torch.cond, which inductor's CUDA graphs skip (on the H100, PixArt-512
     with a threshold under mode="reduce-overhead" ran 2.4x slower than uncached): said once, at
     the first step the device decides (here step 2, after two warmup steps), and not with
-    split_at_decision, whose tail graphs hold no cond. Whether CUDA-graph trees are in use is
-    faked here (CPU); `cuda_graphs_in_use` itself says False for a CPU device."""
+    split_at_decision, whose tail graphs hold no cond. The advice is split_at_decision, except for
+    DBPrune, which refuses it. Whether CUDA-graph trees are in use is faked here (CPU);
+    `cuda_graphs_in_use` itself says False for a CPU device."""
     import logging
 
     from dittofx.runtime import engine
@@ -80,12 +85,15 @@ def test_a_device_decided_step_warns_once_where_cuda_graphs_are_in_use(monkeypat
     assert engine.cuda_graphs_in_use(torch.device("cpu")) is False
     monkeypatch.setattr(engine, "cuda_graphs_in_use", lambda device: graphs_in_use)
     z = zoo.get("pixart")
-    model = dittofx.optimize(z.build(), {**CASES["dbcache dynamic"], "num_inference_steps": STEPS}, split_at_decision=split)
-    warned = []
+    model = dittofx.optimize(z.build(), {**CASES[case], "num_inference_steps": STEPS}, split_at_decision=split)
+    warned, messages = [], []
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="dittofx"):
         for s in range(STEPS):
             caplog.clear()
             model(**z.inputs(s, 1 - s / STEPS))
-            warned += [s for r in caplog.records if "records no CUDA graph" in r.getMessage()]
+            said = [r.getMessage() for r in caplog.records if "records no CUDA graph" in r.getMessage()]
+            warned += [s] * len(said)
+            messages += said
     assert warned == warned_at
+    assert all(("split_at_decision" in m) == (case != "dbprune") for m in messages), messages
     assert dittofx.summary(model)[0].cached_steps, "the config should cache some steps"

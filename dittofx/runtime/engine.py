@@ -589,14 +589,16 @@ class Engine:
         if decision == "device" and self.split is not None:
             head = self._run_head(entry, leading, pytree.tree_leaves((args, kwargs)))
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
-        elif decision == "device" and cuda_graphs_in_use(device):
+        elif decision == "device" and "cond without CUDA graphs" not in self._warned and cuda_graphs_in_use(device):
             self._warn_once(
                 "cond without CUDA graphs",
-                "dittofx: CUDA graphs are in use in this process (torch.compile mode='reduce-overhead'); if %s runs under "
-                "them, its steps decided on the device run without: their graph holds a torch.cond, for which inductor "
-                "records no CUDA graph (on an H100, PixArt-512 with a threshold ran 2.4x slower than uncached). "
-                "dittofx.optimize(..., split_at_decision={'mode': 'reduce-overhead'}) keeps CUDA graphs for them.",
+                "dittofx: CUDA graphs are in use in this process (torch.compile mode='reduce-overhead' or 'max-autotune'); "
+                "if %s runs under them, its steps decided on the device run without: their graph holds a torch.cond, for "
+                "which inductor records no CUDA graph (on an H100, PixArt-512 with a threshold ran 2.4x slower than "
+                "uncached). %s",
                 type(self.model).__name__,
+                "DBPrune has no cond-free form of those steps: compile without CUDA graphs." if self.prune else
+                "dittofx.optimize(..., split_at_decision={'mode': 'reduce-overhead'}) keeps CUDA graphs for them.",
             )  # fmt: skip
         if counted is not None:  # the step runs (a head that raised did not): the host counts it
             self.host[branch] = counted
@@ -650,9 +652,10 @@ def cuda_graphs_in_use(device: torch.device) -> bool:
 
 def with_own_code(func: types.FunctionType) -> types.FunctionType:
     """`func` with a code object of its own. torch.compile(module) compiles the forward's frame, and
-    dynamo keeps compiled code per code object, checking a frame's entries one after another: two
+    dynamo keeps compiled entries, and counts recompiles against its limit, per code object: two
     optimized models compiled in one process (Wan 2.2's two transformers) would otherwise share
-    `_cached_forward`'s entries, and each call would first fail the other model's guards."""
+    `_cached_forward`'s entries and one recompile limit, and a call after the other model's would
+    first check that model's guards. (A copy.deepcopy of an optimized model shares its original's.)"""
     own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__)
     own.__kwdefaults__ = func.__kwdefaults__
     return own
