@@ -107,17 +107,21 @@ def sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def compiled_alone(model: torch.nn.Module, **how: Any) -> torch.nn.Module:
-    """`torch.compile(model, **how)` with `model.forward` running a code object of its own.
-    torch.compile of a module runs its hooks and then compiles the forward's frame; dynamo keeps
-    compiled code per code object and checks a frame's entries one after another, so rows of one
-    model class would each first fail the guards of the rows compiled after them (a tiny PixArt on
-    CPU: +26 % per call once a cache-dit row was compiled). Same graphs; each row pays for its own
-    guards only. (dittofx gives each optimized model's forward its own code already.)"""
+    """`torch.compile(model, **how)` with `model.forward` running a code object of its own (the
+    outer frame only: frames that graph breaks open inside, as in cache-dit's rows, stay shared).
+    On the H100 (2026-11-23) the baseline and Fn+Bn rows, which shared their class's forward with
+    other rows, took 0.3-2 ms more host time per step than in a process of their own
+    (bench/step_overhead.py); on CPU
+    a tiny PixArt's compiled call went from 1.04 to 1.30 ms beside a cache-dit and a dittofx row,
+    and stays at 1.04 ms with this. The cause was not established (dynamo's cache entries are
+    checked most recently used first, so it is not a walk over the other rows' guards per call)."""
     bound = model.forward  # a method, or cache-dit's functools.partial of its patched forward
     if isinstance(bound, types.MethodType):
         model.forward = types.MethodType(with_own_code(bound.__func__), bound.__self__)
+    elif isinstance(bound, functools.partial) and isinstance(bound.func, types.FunctionType):
+        model.forward = functools.update_wrapper(functools.partial(with_own_code(bound.func), *bound.args, **bound.keywords), bound)
     else:
-        model.forward = functools.partial(with_own_code(bound.func), *bound.args, **bound.keywords)
+        raise TypeError(f"{type(model).__name__}.forward is a {type(bound).__name__}: compiled_alone takes a method or a functools.partial")
     return torch.compile(model, **how)
 
 

@@ -20,6 +20,7 @@ log=$OUT/call.log
 declare -A STEP=(
     [kernels]="115 | bench/kernels.py --sweep --reduce-config auto --rotate-l2 8"
     [step-overhead]="100 | bench/step_overhead.py"
+    [export-cuda]="150 | -m pytest -q -p no:cacheprovider tests/test_export.py"
     [pixart-static]="280 | bench/e2e.py --model pixart --only static --repeats 7"
     [pixart-dynamic]="390 | bench/e2e.py --model pixart --only dynamic --variants split --repeats 5"
     [flux1024-fast-default]="360 | bench/e2e.py --model flux-1024 --only fast --modes default --repeats 3"
@@ -39,7 +40,7 @@ declare -A STEP=(
 CALLS=(
     ""
     "pixart-static step-overhead"
-    "pixart-dynamic"
+    "pixart-dynamic export-cuda"
     "flux1024-fast-default flux1024-ultra-default"
     "flux1024-fast-ro flux1024-ultra-ro"
     "flux512-fast-default flux512-ultra-default"
@@ -67,6 +68,7 @@ done
 # the install line ../shared/gpu/wheels.sh prints (diffusers, cache-dit, torchao, carried in .whl/)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor # steps of one call share compiled graphs
+export TRITON_INTERPRET=0 DITTOFX_TEST_DEVICE=cuda # test steps: compiled Triton; test_export builds on the GPU
 
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee -a "$log"
 for name in "${steps[@]}"; do
@@ -78,7 +80,8 @@ for name in "${steps[@]}"; do
         continue
     fi
     echo "== $name: starts at ${SECONDS} s, estimated ${estimate} s, limit ${left} s" | tee -a "$log"
-    timeout -k 10 "$left" python3 "${cmd[@]}" --out "$OUT/$name.json" 2>&1 | tee -a "$log" | grep -v '\[Cache-DiT\]'
+    [[ ${cmd[0]} == *.py ]] && cmd+=(--out "$OUT/$name.json") # bench scripts write JSON; test steps log only
+    timeout -k 10 "$left" python3 "${cmd[@]}" 2>&1 | tee -a "$log" | grep -v '\[Cache-DiT\]'
     echo "== $name: exit ${PIPESTATUS[0]} at ${SECONDS} s of the call" | tee -a "$log"
 done
 grep -h '^==' "$log"

@@ -1,13 +1,18 @@
 """dittofx.export: the exported program, and its AOTInductor package loaded in a process that never
 imports dittofx, run requests of 28 cached steps with the outputs and the schedule of the Python
-path (the same optimized model called eagerly). One AOTInductor compile (~30 s on 2 cores)."""
+path (the same optimized model called eagerly). One AOTInductor compile (~30 s on 2 cores).
 
+On a GPU (issue 7: "also run on the GPU"): `TRITON_INTERPRET=0 DITTOFX_TEST_DEVICE=cuda pytest
+tests/test_export.py` builds the models and inputs there, so the package is compiled for CUDA."""
+
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from torch.utils._pytree import tree_map
 
 import dittofx
 import zoo
@@ -33,13 +38,24 @@ torch.save(outs, outputs)
 """
 
 
+DEVICE = os.environ.get("DITTOFX_TEST_DEVICE", "cpu")
+
+
+def build(z) -> torch.nn.Module:
+    return z.build().to(DEVICE)
+
+
+def inputs(z, step: int, t: float) -> dict:
+    return tree_map(lambda x: x.to(DEVICE) if isinstance(x, torch.Tensor) else x, z.inputs(step, t))
+
+
 def step_inputs(z):
-    return [z.inputs(s, 1 - s / STEPS) for s in range(STEPS)]
+    return [inputs(z, s, 1 - s / STEPS) for s in range(STEPS)]
 
 
 def python_path(z, cfg):
     """One request of the optimized model called eagerly: outputs and cached steps."""
-    model = dittofx.optimize(z.build(), cfg)
+    model = dittofx.optimize(build(z), cfg)
     with torch.no_grad():
         outs = [model(**kwargs)[0] for kwargs in step_inputs(z)]
     return outs, dittofx.summary(model, log_table=False)[0].cached_steps
@@ -68,7 +84,7 @@ def pixart():
 
 @pytest.fixture(scope="module")
 def uncached(pixart):
-    model = pixart.build()
+    model = build(pixart)
     with torch.no_grad():
         return [model(**kwargs)[0] for kwargs in step_inputs(pixart)]
 
@@ -82,8 +98,8 @@ def expected(pixart):
 def packaged(pixart, tmp_path_factory):
     """The one AOTInductor compile of this file: (program, package path)."""
     path = tmp_path_factory.mktemp("export") / "pixart.pt2"
-    model = dittofx.optimize(pixart.build(), CFG)
-    ep = dittofx.export(model, ((), pixart.inputs(0, 1.0)), path)
+    model = dittofx.optimize(build(pixart), CFG)
+    ep = dittofx.export(model, ((), inputs(pixart, 0, 1.0)), path)
     return ep, path
 
 
@@ -112,7 +128,7 @@ def test_exported_program_matches_python_path(pixart, uncached, expected, packag
     if cfg is CFG:
         (ep, _path), (want, cached) = packaged, expected
     else:
-        ep = dittofx.export(dittofx.optimize(pixart.build(), cfg), ((), pixart.inputs(0, 1.0)))
+        ep = dittofx.export(dittofx.optimize(build(pixart), cfg), ((), inputs(pixart, 0, 1.0)))
         want, cached = python_path(pixart, cfg)
     targets = all_targets(ep.graph_module)
     assert "cond" in targets and not [t for t in targets if "dittofx" in t]
