@@ -121,7 +121,8 @@ def _split_option(split_at_decision: Any, cfg: CacheConfig) -> dict | None:
     if isinstance(cfg, DBPruneConfig):
         raise ValueError(
             "split_at_decision with method='dbprune': DBPrune already reads its decisions on the host "
-            "(one copy per step) and has no torch.cond to split; allowed with 'dbcache' and 'teacache'"
+            "(one copy per step; its per-block torch.conds branch on those host values) and has no head to cut "
+            "off; allowed with 'dbcache' and 'teacache'"
         )
     if split_at_decision is True:
         return {"compile": None}
