@@ -47,6 +47,7 @@ import functools
 import itertools
 import json
 import platform
+import signal
 import statistics
 import time
 import traceback
@@ -257,6 +258,7 @@ class Row:
     before_request: Callable[[], None] = lambda: None
     eager: Callable | None = None  # dittofx rows: the optimized module before torch.compile
     steps: list[list[float]] = field(default_factory=list)  # per timed request, seconds per step
+    schedule: list[int] = field(default_factory=list)  # the steps its last finished request cached
     stats: dict = field(default_factory=dict)
     error: str | None = None  # the exception that stopped the row: it is left out of the timing
 
@@ -289,6 +291,9 @@ def _cachedit_context(model: torch.nn.Module):
     model = getattr(model, "_orig_mod", model)
     (name,) = model._context_names  # one block chain -> one cache-dit context (FLUX too: flux_block_chain)
     return model._context_manager.get_context(name)
+
+
+CACHEDIT_WAYS = ("regional", "compile")
 
 
 def _cachedit_row(spec: Spec, weights: torch.nn.Module, cname: str, how: str, mode: str | None) -> Row | None:
@@ -364,9 +369,11 @@ def _dittofx_row(weights: torch.nn.Module, cname: str, mode: str, variant: str |
 
 
 def build_rows(
-    spec: Spec, full: torch.nn.Module, fn_bn: torch.nn.Module, modes: list[str], only: str | None, variants: str | None = None
+    spec: Spec, full: torch.nn.Module, fn_bn: torch.nn.Module, modes: list[str], only: str | None, variants: str | None = None,
+    cachedit: tuple[str, ...] = CACHEDIT_WAYS,
 ) -> list[Row]:
-    """Every row gets its own module objects over `full`'s (or `fn_bn`'s) weights."""
+    """Every row gets its own module objects over `full`'s (or `fn_bn`'s) weights; `cachedit`: the
+    ways cache-dit's compiled rows run (eager always runs: it is the schedule they are checked against)."""
     rows = []
     for mode in modes:
         rows.append(Row(f"baseline compiled ({mode})", None, mode, "baseline", compiled_alone(sharing_weights(full), mode=mode, fullgraph=True)))
@@ -376,11 +383,22 @@ def build_rows(
             continue
         rows.append(_cachedit_row(spec, full, cname, "eager", None))
         for mode in modes:
-            rows += [_cachedit_row(spec, full, cname, how, mode) for how in ("regional", "compile")]
+            rows += [_cachedit_row(spec, full, cname, how, mode) for how in CACHEDIT_WAYS if how in cachedit]
             rows.append(_dittofx_row(full, cname, mode))
             if variants is not None and cname.startswith("dynamic"):
                 rows += [_dittofx_row(full, cname, mode, v) for v in variants_for(mode, _on_cpu(full)) if variants in v]
     return [r for r in rows if r is not None]
+
+
+class OutOfTime(BaseException):
+    """SIGTERM (the device call's time is nearly up; bench/gpu_session.sh leaves a minute before it
+    kills): stop and report the rounds that finished, or, cut while warming up, time the rows that
+    warmed up in one round. A BaseException, so that no `except Exception` on the way (dynamo's,
+    inductor's, _stop's) takes it."""
+
+
+def _out_of_time(signum: int, frame: Any) -> None:
+    raise OutOfTime
 
 
 def _stop(row: Row, err: Exception) -> None:
@@ -401,6 +419,30 @@ def measure(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, cl
     both). Returns each row's last output and, per config, the reference (output, cached steps)."""
     outputs, references = {}, {}
     start = time.perf_counter()
+    try:
+        _warm_up(rows, spec, latents, inputs, clock, outputs, references, start)
+    except OutOfTime:
+        if any(r.kind in ("baseline", "chain") and "warmup_s" not in r.stats for r in rows):
+            raise  # no ideal to hold the other rows against: nothing to report
+        for row in rows:
+            if row.error is None and "warmup_s" not in row.stats:
+                row.error, row.model, row.eager = "not warmed up: the time ran out", None, None
+        print("out of time while warming up: the rows that warmed up are timed, in one round", flush=True)
+        repeats = 1
+    for round_ in range(repeats):
+        try:
+            _time_round(rows, spec, latents, inputs, clock, outputs)
+        except OutOfTime:
+            if round_ == 0:
+                raise
+            print(f"out of time in round {round_ + 1}: reporting {round_} rounds", flush=True)
+            break
+        print(f"[{time.perf_counter() - start:.0f} s] timed round {round_ + 1} of {repeats}", flush=True)
+    return outputs, references
+
+
+def _warm_up(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, clock: Clock, outputs: dict, references: dict,
+             start: float) -> None:  # fmt: skip
     for row in rows:
         try:
             if row.eager is not None and row.config not in references:
@@ -411,6 +453,7 @@ def measure(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, cl
             began = time.perf_counter()
             outputs[row.name], _ = denoise(row.model, spec, latents, inputs, clock)
             warmup_s = time.perf_counter() - began
+            row.schedule = row.cached_steps()
         except Exception as err:
             _stop(row, err)
             continue
@@ -419,27 +462,30 @@ def measure(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, cl
                      "warmup_s": warmup_s}  # fmt: skip
         memory = f", {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated" if clock.cuda else ""
         print(f"[{time.perf_counter() - start:.0f} s] warmed up {row.name}: {row.stats}{memory}", flush=True)
-    for round_ in range(repeats):
-        for row in rows:
-            if row.error is not None:
-                continue
-            try:
-                graphs, _ = _compile_stats()
-                row.before_request()
-                if clock.cuda:
-                    torch.cuda.synchronize()
-                    before = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                outputs[row.name], seconds = denoise(row.model, spec, latents, inputs, clock)
-            except Exception as err:
-                _stop(row, err)
-                continue
-            row.steps.append(seconds)
+
+
+def _time_round(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, clock: Clock, outputs: dict) -> None:
+    """One request per row. A round cut short by OutOfTime leaves some rows one request ahead:
+    their medians take one more sample, nothing else."""
+    for row in rows:
+        if row.error is not None:
+            continue
+        try:
+            graphs, _ = _compile_stats()
+            row.before_request()
             if clock.cuda:
-                row.stats["peak_mem_mb"] = max(row.stats.get("peak_mem_mb", 0), (torch.cuda.max_memory_allocated() - before) / 2**20)
-            row.stats["recompiles_after_warmup"] += _compile_stats()[0] - graphs
-        print(f"[{time.perf_counter() - start:.0f} s] timed round {round_ + 1} of {repeats}", flush=True)
-    return outputs, references
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            outputs[row.name], seconds = denoise(row.model, spec, latents, inputs, clock)
+        except Exception as err:
+            _stop(row, err)
+            continue
+        row.steps.append(seconds)
+        row.schedule = row.cached_steps()
+        if clock.cuda:
+            row.stats["peak_mem_mb"] = max(row.stats.get("peak_mem_mb", 0), (torch.cuda.max_memory_allocated() - before) / 2**20)
+        row.stats["recompiles_after_warmup"] += _compile_stats()[0] - graphs
 
 
 def report(rows: list[Row], outputs: dict, references: dict) -> list[dict]:
@@ -454,11 +500,11 @@ def report(rows: list[Row], outputs: dict, references: dict) -> list[dict]:
     # cache-dit's eager schedule per config: a compiled cache-dit row that caches other steps (under
     # CUDA graphs, probably because its buffers are overwritten between replays) is reported, not
     # taken as the one to beat
-    cachedit_eager = {r.config: r.cached_steps() for r in rows if r.kind == "cache-dit" and r.mode is None and r.error is None}
+    cachedit_eager = {r.config: r.schedule for r in rows if r.kind == "cache-dit" and r.mode is None and r.error is None}
     checked = lambda row: row.kind == "cache-dit" and row.mode is not None and row.config in cachedit_eager  # noqa: E731
     cachedit_best: dict[str, float] = {}
     for row in rows:
-        if row.kind == "cache-dit" and row.error is None and not (checked(row) and row.cached_steps() != cachedit_eager[row.config]):
+        if row.kind == "cache-dit" and row.error is None and not (checked(row) and row.schedule != cachedit_eager[row.config]):
             cachedit_best[row.config] = min(cachedit_best.get(row.config, float("inf")), row.seconds())
     vs_cachedit = lambda config, seconds: cachedit_best[config] / seconds if config in cachedit_best else None  # noqa: E731
     records = []
@@ -469,7 +515,7 @@ def report(rows: list[Row], outputs: dict, references: dict) -> list[dict]:
         rec = {"row": row.name, "kind": row.kind, "config": row.config, "mode": row.mode, "seconds": row.seconds(), **row.stats,
                "step_medians_s": row.step_medians()}  # fmt: skip
         if row.kind in ("cache-dit", "dittofx"):
-            cached, medians, mode = row.cached_steps(), row.step_medians(), row.mode or first_mode
+            cached, medians, mode = row.schedule, row.step_medians(), row.mode or first_mode
             computed = [m for s, m in enumerate(medians) if s not in cached]
             ideal_row = f"ideal {row.config} ({mode})"
             if row.kind == "dittofx" and all(r["row"] != ideal_row for r in records):  # once per config and mode
@@ -489,7 +535,7 @@ def report(rows: list[Row], outputs: dict, references: dict) -> list[dict]:
         if row.kind == "dittofx":
             ref_out, ref_cached = references[row.config]
             out = outputs[row.name]
-            rec["same_schedule_as_eager"] = row.cached_steps() == ref_cached
+            rec["same_schedule_as_eager"] = row.schedule == ref_cached
             rec["rel_err_vs_eager"] = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
         records.append(rec)
     return records
@@ -566,10 +612,16 @@ def main() -> None:
                     "split_at_decision, the cudagraphs backend, graph partitions; with the other modes, on CPU, "
                     "NO_CUDAGRAPH_VARIANTS: split_at_decision); with TEXT, only the variants whose name contains it "
                     "(a variant whose CUDA-graph capture fails leaves the CUDA context broken for the rows after it)")
+    ap.add_argument("--cachedit", default=",".join(CACHEDIT_WAYS),
+                    help="comma-separated ways cache-dit's compiled rows run (default: all); its eager row always runs")
     ap.add_argument("--modes", default=None, help="comma-separated torch.compile modes (default: both on CUDA)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: on a shared 2-core machine two "
                     "threads per process made steps 2-4x slower and far noisier than one)")  # fmt: skip
     args = ap.parse_args()
+    unknown = set(args.cachedit.split(",")) - set(CACHEDIT_WAYS)
+    if unknown:
+        ap.error(f"--cachedit: {sorted(unknown)} not among {list(CACHEDIT_WAYS)}")
+    signal.signal(signal.SIGTERM, _out_of_time)
     device = args.device
     cpu = device == "cpu"
     if cpu:
@@ -589,7 +641,7 @@ def main() -> None:
     with torch.no_grad():
         full = spec.build(device, dtype)
         fn_bn = spec.build(device, dtype, **spec.fn_bn_layers)
-        rows = build_rows(spec, full, fn_bn, modes, args.only, args.variants)
+        rows = build_rows(spec, full, fn_bn, modes, args.only, args.variants, tuple(args.cachedit.split(",")))
         outputs, references = measure(rows, spec, latents, inputs, clock, args.repeats)
     records = report(rows, outputs, references)
     for r in records:
