@@ -30,14 +30,21 @@ import e2e  # noqa: E402
 import dittofx  # noqa: E402
 
 CONFIG = "dynamic F1B0 W4 MC3 R0.24"
+STACK_STEPS = range(8, 13)  # split steps past the warm-up: computed ones and, at R0.24 on 2026-11-23, step 11 cached
 
 
-def request(model, spec, latents, inputs) -> float:
-    """One 28-step request with a profiler range per step; its CUDA-event time in seconds."""
+def request(model, spec, latents, inputs, stacks: profile | None = None) -> float:
+    """One 28-step request with a profiler range per step; its CUDA-event time in seconds. With
+    `stacks` (a profiler with Python stacks, which slow the host several times), steps STACK_STEPS
+    run under it."""
     x = latents
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for i in range(e2e.STEPS):
+        if stacks is not None and i == STACK_STEPS.start:
+            stacks.start()
+        if stacks is not None and i == STACK_STEPS.stop:
+            stacks.stop()
         with record_function(f"step {i}"):
             t = torch.full((1,), spec.timestep_scale * (1 - i / e2e.STEPS), device=x.device, dtype=x.dtype)
             v = model(hidden_states=x, timestep=t, return_dict=False, **inputs)[0]
@@ -118,6 +125,13 @@ def main() -> None:
             with gzip.open(f"{path}.gz", "wt") as f:
                 json.dump(trace, f)
             path.unlink()
+            if "split" in name:  # where the host's time goes, Python function by function (trace only)
+                stacks = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True)
+                request(model, spec, latents, inputs, stacks)
+                stacks.export_chrome_trace(str(path))
+                with gzip.open(str(path).replace("_trace.json", "_stacks_trace.json.gz"), "wt") as f:
+                    f.write(path.read_text())
+                path.unlink()
             row = {"row": name, "request_ms": unprofiled * 1e3, "profiled_request_ms": profiled * 1e3, **analyse(trace), "seconds": time.perf_counter() - began}
             if "split" in name:
                 row["cached_steps"] = dittofx.summary(split, log_table=False)[0].cached_steps
