@@ -594,7 +594,7 @@ class Engine:
                 "cond without CUDA graphs",
                 "dittofx: CUDA graphs are in use in this process (torch.compile mode='reduce-overhead' or 'max-autotune'); "
                 "if %s runs under them, its steps decided on the device run without: their graph holds a torch.cond, for "
-                "which inductor records no CUDA graph (on an H100, PixArt-512 with a threshold ran 2.4x slower than "
+                "which inductor records no CUDA graph (on an H100, PixArt-512 with a threshold ran 2.1x slower than "
                 "uncached). %s",
                 type(self.model).__name__,
                 "DBPrune has no cond-free form of those steps: compile without CUDA graphs." if self.prune else
