@@ -27,10 +27,20 @@ from .runtime.state import CacheState
 
 __all__ = ["export_program"]
 
-# Inductor's uniform-value constant folding turns a small buffer (a 0-d counter) into its value at
-# compile time even when the program mutates it, so an AOTInductor package would restart every
-# counter on every call (pytorch/pytorch#165444, fixed upstream by #185077, not in torch 2.13).
-_AOTI_CONFIGS = {"joint_graph_constant_folding": False}
+def aoti_configs() -> dict:
+    """Inductor settings for the package.
+    - Uniform-value constant folding turns a small buffer (a 0-d counter) into its value at compile
+      time even when the program mutates it, so a package would restart every counter on every call
+      (pytorch/pytorch#165444, fixed upstream by #185077, not in torch 2.13): off.
+    - Before torch 2.13, buffer reuse sizes its peak-memory estimate over the outer graph only, and
+      the cond's subgraphs index past it (H100, torch 2.11, 2026-11-23: "InductorError: ValueError:
+      Start index 41 out of bounds [0, 38]" in memory_plan_reuse; 2.13 keeps one estimate per
+      subgraph): there the package is built without buffer reuse, which skips that estimate (more
+      memory, same results)."""
+    configs = {"joint_graph_constant_folding": False}
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 13):
+        configs["allow_buffer_reuse"] = False
+    return configs
 
 
 class _Program(torch.nn.Module):
@@ -108,5 +118,5 @@ def export_program(
     ep = ep.run_decompositions()
     if path is not None:
         # compiled before anyone runs `ep.module()`, which shares (and advances) the state buffers
-        torch._inductor.aoti_compile_and_package(ep, package_path=os.fspath(path), inductor_configs=_AOTI_CONFIGS)
+        torch._inductor.aoti_compile_and_package(ep, package_path=os.fspath(path), inductor_configs=aoti_configs())
     return ep

@@ -157,3 +157,41 @@ def test_export_bad_input(pixart):
     )  # fmt: skip
     with pytest.raises(ValueError, match="pipe.transformer"):
         dittofx.export(dittofx.optimize(pipe, CFG), example)
+
+
+class _CondMatmuls(torch.nn.Module):
+    """Extern matmuls (buffers inductor may reuse) around a torch.cond, as in the device graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        a = (x @ self.w).relu()
+        b = torch.cond(a.sum() > 0, lambda t: (t @ self.w).sin(), lambda t: (t @ self.w).cos(), (a,))
+        return ((b @ self.w).relu() @ self.w).tanh()
+
+
+@pytest.mark.parametrize("version, reuse_checked", [("2.11.0+cu130", False), ("2.13.0+cpu", True)])
+def test_package_skips_the_reuse_estimate_before_torch_2_13(monkeypatch, tmp_path, version, reuse_checked):
+    """Before torch 2.13 inductor's buffer reuse indexes a peak estimate of the outer graph from the
+    cond's subgraphs, past its end (H100, torch 2.11: InductorError in memory_plan_reuse), so there
+    the package is built without reuse: that estimate is never consulted. From 2.13 reuse stays on
+    (and the check consults it, so this test sees the difference)."""
+    from torch._inductor.codegen.wrapper import AllocateLine
+
+    from dittofx.aot import aoti_configs
+
+    monkeypatch.setattr(torch, "__version__", version)
+    consulted = []
+    original = AllocateLine.should_reuse_buffer
+    monkeypatch.setattr(AllocateLine, "should_reuse_buffer", lambda line, *a: consulted.append(1) or original(line, *a))
+    configs = aoti_configs()
+    assert configs["joint_graph_constant_folding"] is False
+    model, x = _CondMatmuls(), torch.randn(4, 16)
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,))
+        torch._inductor.aoti_compile_and_package(ep, package_path=os.fspath(tmp_path / "m.pt2"), inductor_configs=configs)
+    assert bool(consulted) is reuse_checked
+    with torch.no_grad():
+        torch.testing.assert_close(torch._inductor.aoti_load_package(os.fspath(tmp_path / "m.pt2"))(x), model(x))
