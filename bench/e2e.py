@@ -413,7 +413,9 @@ def _stop(row: Row, err: Exception) -> None:
     print(f"stopped {row.name}: {row.error}", flush=True)
 
 
-def measure(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, clock: Clock, repeats: int) -> tuple[dict, dict]:
+def measure(
+    rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, clock: Clock, repeats: int, skip_guard_eval: bool = False
+) -> tuple[dict, dict]:
     """Warm every row up (compiles), then time interleaved rounds. Before its warm-up, the first
     dittofx row of each config runs its module eagerly: that config's reference (one capture serves
     both). Returns each row's last output and, per config, the reference (output, cached steps)."""
@@ -431,7 +433,7 @@ def measure(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, cl
         repeats = 1
     for round_ in range(repeats):
         try:
-            _time_round(rows, spec, latents, inputs, clock, outputs)
+            _time_round(rows, spec, latents, inputs, clock, outputs, skip_guard_eval)
         except OutOfTime:
             if round_ == 0:
                 raise
@@ -464,9 +466,12 @@ def _warm_up(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, c
         print(f"[{time.perf_counter() - start:.0f} s] warmed up {row.name}: {row.stats}{memory}", flush=True)
 
 
-def _time_round(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, clock: Clock, outputs: dict) -> None:
+def _time_round(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, clock: Clock, outputs: dict,
+                skip_guard_eval: bool = False) -> None:  # fmt: skip
     """One request per row. A round cut short by OutOfTime leaves some rows one request ahead:
-    their medians take one more sample, nothing else."""
+    their medians take one more sample, nothing else. `skip_guard_eval`: every row but cache-dit's
+    under skip_guard_eval_unsafe (cache-dit's compiled frames recompile across requests, which
+    that stance refuses with a RuntimeError)."""
     for row in rows:
         if row.error is not None:
             continue
@@ -477,7 +482,8 @@ def _time_round(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-            outputs[row.name], seconds = denoise(row.model, spec, latents, inputs, clock)
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip_guard_eval and row.kind != "cache-dit"):
+                outputs[row.name], seconds = denoise(row.model, spec, latents, inputs, clock)
         except Exception as err:
             _stop(row, err)
             continue
@@ -614,6 +620,11 @@ def main() -> None:
                     "(a variant whose CUDA-graph capture fails leaves the CUDA context broken for the rows after it)")
     ap.add_argument("--cachedit", default=",".join(CACHEDIT_WAYS),
                     help="comma-separated ways cache-dit's compiled rows run (default: all); its eager row always runs")
+    ap.add_argument("--skip-guard-eval", action="store_true",
+                    help="time every row but cache-dit's (which recompiles under it) under torch.compiler.set_stance("
+                    "skip_guard_eval_unsafe=True), after the warm-up request: dynamo checks only the guards that tell a "
+                    "frame's compiled entries apart (unsafe: a call that needs another entry can run a wrong one; the "
+                    "schedule and output checks would show it)")
     ap.add_argument("--modes", default=None, help="comma-separated torch.compile modes (default: both on CUDA)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: on a shared 2-core machine two "
                     "threads per process made steps 2-4x slower and far noisier than one)")  # fmt: skip
@@ -642,7 +653,7 @@ def main() -> None:
         full = spec.build(device, dtype)
         fn_bn = spec.build(device, dtype, **spec.fn_bn_layers)
         rows = build_rows(spec, full, fn_bn, modes, args.only, args.variants, tuple(args.cachedit.split(",")))
-        outputs, references = measure(rows, spec, latents, inputs, clock, args.repeats)
+        outputs, references = measure(rows, spec, latents, inputs, clock, args.repeats, args.skip_guard_eval)
     records = report(rows, outputs, references)
     for r in records:
         print(json.dumps({k: v for k, v in r.items() if k not in ("cached_steps", "step_medians_s")}), flush=True)
