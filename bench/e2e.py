@@ -415,11 +415,12 @@ def _stop(row: Row, err: Exception) -> None:
 
 def measure(
     rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, clock: Clock, repeats: int, skip_guard_eval: bool = False
-) -> tuple[dict, dict]:
+) -> tuple[dict, dict, str | None]:
     """Warm every row up (compiles), then time interleaved rounds. Before its warm-up, the first
     dittofx row of each config runs its module eagerly: that config's reference (one capture serves
-    both). Returns each row's last output and, per config, the reference (output, cached steps)."""
-    outputs, references = {}, {}
+    both). Returns each row's last output, per config the reference (output, cached steps), and
+    how the run was cut short by OutOfTime (None: it was not)."""
+    outputs, references, cut = {}, {}, None
     start = time.perf_counter()
     try:
         _warm_up(rows, spec, latents, inputs, clock, outputs, references, start)
@@ -429,18 +430,23 @@ def measure(
         for row in rows:
             if row.error is None and "warmup_s" not in row.stats:
                 row.error, row.model, row.eager = "not warmed up: the time ran out", None, None
-        print("out of time while warming up: the rows that warmed up are timed, in one round", flush=True)
+        cut = "while warming up: the rows that had warmed up were timed in one round"
+        print(f"out of time {cut}", flush=True)
         repeats = 1
     for round_ in range(repeats):
         try:
             _time_round(rows, spec, latents, inputs, clock, outputs, skip_guard_eval)
         except OutOfTime:
-            if round_ == 0:
-                raise
-            print(f"out of time in round {round_ + 1}: reporting {round_} rounds", flush=True)
+            if any(r.kind in ("baseline", "chain") and not r.steps for r in rows):
+                raise  # no ideal to hold the other rows against: nothing to report
+            for row in rows:
+                if row.error is None and not row.steps:
+                    row.error, row.model, row.eager = "not timed: the time ran out", None, None
+            cut = f"in round {round_ + 1} of {repeats}: {round_} whole rounds and the requests of round {round_ + 1} that finished"
+            print(f"out of time {cut}", flush=True)
             break
         print(f"[{time.perf_counter() - start:.0f} s] timed round {round_ + 1} of {repeats}", flush=True)
-    return outputs, references
+    return outputs, references, cut
 
 
 def _warm_up(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, clock: Clock, outputs: dict, references: dict,
@@ -470,8 +476,8 @@ def _time_round(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict
                 skip_guard_eval: bool = False) -> None:  # fmt: skip
     """One request per row. A round cut short by OutOfTime leaves some rows one request ahead:
     their medians take one more sample, nothing else. `skip_guard_eval`: every row but cache-dit's
-    under skip_guard_eval_unsafe (cache-dit's compiled frames recompile across requests, which
-    that stance refuses with a RuntimeError)."""
+    under skip_guard_eval_unsafe (cache-dit's compiled rows raise "Recompilation triggered with
+    skip_guard_eval_unsafe stance" under it, though with full guards they do not recompile)."""
     for row in rows:
         if row.error is not None:
             continue
@@ -574,6 +580,9 @@ def markdown(meta: dict, records: list[dict], problems: list[str], cpu: bool) ->
         "then timed in interleaved rounds (one request per row per round); a request = the sum of its steps' medians over the rounds.",
         "- speed vs ideal = ideal s / row s; speed vs cache-dit = fastest cache-dit row of the config that cached the steps cache-dit's eager run cached, s / row s (> 1: ahead); "
         "cached step = the row's median cached step / the Fn+Bn-only compiled step; computed step = the row's median computed step / the baseline's; recompiles counted after the warm-up request.",
+        *(["- skip_guard_eval: every row but cache-dit's was timed under torch.compiler.set_stance(skip_guard_eval_unsafe=True), "
+           "cache-dit's with its guards (it raises under that stance): speed vs cache-dit includes the guard checks only "
+           "cache-dit paid."] if meta["skip_guard_eval"] else []),
         "- peak memory: " + ("not measured on CPU (no allocator statistics without tracemalloc, which would slow every row)." if cpu else "CUDA bytes above what was allocated before the request."),
         "",
         "| row | cached | speed vs ideal | speed vs cache-dit | cached step vs ideal | computed step vs baseline | graph breaks | frames (warm-up) | recompiles | state KiB | "
@@ -621,7 +630,7 @@ def main() -> None:
     ap.add_argument("--cachedit", default=",".join(CACHEDIT_WAYS),
                     help="comma-separated ways cache-dit's compiled rows run (default: all); its eager row always runs")
     ap.add_argument("--skip-guard-eval", action="store_true",
-                    help="time every row but cache-dit's (which recompiles under it) under torch.compiler.set_stance("
+                    help="time every row but cache-dit's (which raises under it) under torch.compiler.set_stance("
                     "skip_guard_eval_unsafe=True), after the warm-up request: dynamo checks only the guards that tell a "
                     "frame's compiled entries apart (unsafe: a call that needs another entry can run a wrong one; the "
                     "schedule and output checks would show it)")
@@ -653,7 +662,8 @@ def main() -> None:
         full = spec.build(device, dtype)
         fn_bn = spec.build(device, dtype, **spec.fn_bn_layers)
         rows = build_rows(spec, full, fn_bn, modes, args.only, args.variants, tuple(args.cachedit.split(",")))
-        outputs, references = measure(rows, spec, latents, inputs, clock, args.repeats, args.skip_guard_eval)
+        outputs, references, cut = measure(rows, spec, latents, inputs, clock, args.repeats, args.skip_guard_eval)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what was measured gets written: the runbook kills a minute later
     records = report(rows, outputs, references)
     for r in records:
         print(json.dumps({k: v for k, v in r.items() if k not in ("cached_steps", "step_medians_s")}), flush=True)
@@ -664,7 +674,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if not cpu else f"CPU: {_cpu_name()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "cache-dit": getattr(cache_dit, "__version__", "?"),
         "dtype": str(dtype), "model": model_name, "weights_gib": round(sum(p.numel() * p.element_size() for p in full.parameters()) / 2**30, 2),
-        "steps": STEPS, "repeats": args.repeats, "command": "python " + " ".join(sys.argv),
+        "steps": STEPS, "repeats": args.repeats, "rounds_timed": max(len(r.steps) for r in rows), "cut_short": cut,
+        "skip_guard_eval": args.skip_guard_eval, "command": "python " + " ".join(sys.argv),
     }  # fmt: skip
     out = Path(args.out) if args.out else (RESULTS / f"e2e_cpu_{meta['date']}.json" if cpu and not args.smoke else None)
     if out is not None:

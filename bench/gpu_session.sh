@@ -7,10 +7,10 @@
 #     bash bench/gpu_session.sh pixart-dynamic kernels
 # Every step writes $OUT/<step>.json (+ .md beside it for e2e steps); $OUT/call.log holds all
 # output, with each row's warm-up seconds (mostly compile). A step starts only when the call has
-# its estimated seconds left. A minute before the call's time is up it gets SIGTERM: bench/e2e.py
-# then reports the rounds that finished (or, cut while warming up, the rows that warmed up, timed
+# its estimated seconds left before that signal: a minute before the call's time is up it gets SIGTERM. bench/e2e.py
+# then reports the rounds that finished (cut in the first round: the rows timed once; cut while warming up: the rows that warmed up, timed
 # in one round), so the call always returns what it measured. The PixArt, kernel and step-overhead estimates are the times logged on
-# the H100 on 2026-11-23 (plus a margin); the FLUX ones were made without a GPU (bench/README.md).
+# the H100 on 2026-11-23 (plus a margin), and so are flux1024-{fast,ultra}-default (339 and 397 s); the other FLUX ones are estimates (bench/README.md).
 set -uo pipefail
 : "${OUT:?OUT must name the folder whose files come back (the device tool sets it)}"
 (($#)) || { echo "usage: bash bench/gpu_session.sh CALL|STEP..." >&2; exit 2; }
@@ -88,11 +88,11 @@ for name in "${steps[@]}"; do
     estimate=${STEP[$name]%% |*}
     read -ra cmd <<<"${STEP[$name]#*| }"
     left=$((budget - SECONDS))
-    if ((left < estimate || left <= 90)); then
+    if ((left - 60 < estimate || left <= 90)); then # the step gets SIGTERM 60 s before the call's end
         echo "== $name: skipped, ${left} s left, estimated ${estimate} s" | tee -a "$log"
         continue
     fi
-    echo "== $name: starts at ${SECONDS} s, estimated ${estimate} s, limit ${left} s" | tee -a "$log"
+    echo "== $name: starts at ${SECONDS} s, estimated ${estimate} s, SIGTERM after $((left - 60)) s" | tee -a "$log"
     [[ ${cmd[0]} == *.py ]] && cmd+=(--out "$OUT/$name.json") # bench scripts write JSON; test steps log only
     timeout -k 60 "$((left - 60))" python3 "${cmd[@]}" 2>&1 | tee -a "$log" | grep -v '\[Cache-DiT\]'
     echo "== $name: exit ${PIPESTATUS[0]} at ${SECONDS} s of the call" | tee -a "$log"

@@ -42,17 +42,21 @@ CONFIG = "dynamic F1B0 W4 MC3 R0.24"
 class GraphReplay:
     """`fn(*args)` compiled by inductor (default mode) and, on CUDA, replayed from one CUDA graph:
     the first `fixed` arguments keep their addresses; the others are copied into the graph's own
-    input tensors when they are not already those tensors. An input that is another replay's
-    output (a tail's head tensors) is taken as it is, at its fixed address. The warm-up runs that
-    precede the capture mutate the state: `state` is saved and restored around them."""
+    input tensors unless they are those tensors: an input that is another replay's output (a tail's
+    head tensors, the same objects at every call) is taken as it is. The warm-up runs that precede
+    the capture mutate the state: `state` is saved and restored around them, and its addresses are
+    checked at every call (a new state, at new sizes or on a new branch, would need a new capture;
+    the weights are assumed to stay put). Outputs are the graph's own tensors, overwritten by its
+    next replay."""
 
-    outputs_of_replays: set[int] = set()  # data_ptrs of every GraphReplay's outputs
+    outputs_of_replays: dict[int, torch.Tensor] = {}  # id -> every GraphReplay's output tensors
 
     def __init__(self, fn: Any, fixed: int, state: list[torch.Tensor]):
         self.fn, self.fixed, self.state = torch.compile(fn, fullgraph=True), fixed, state
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: list = []
         self.outputs: Any = None
+        self.state_addresses = [t.data_ptr() for t in state]
 
     def __call__(self, *args: Any) -> Any:
         varying = args[self.fixed :]
@@ -60,15 +64,19 @@ class GraphReplay:
             return self.fn(*args)
         if self.graph is None:
             self._capture(args)
-        for mine, given in zip(self.inputs, varying):
-            if isinstance(given, torch.Tensor) and given.data_ptr() != mine.data_ptr():
+        if [t.data_ptr() for t in self.state] != self.state_addresses:
+            raise RuntimeError("GraphReplay: the cache state moved (new sizes or branch): its graph was captured on the old one")
+        for i, (mine, given) in enumerate(zip(self.inputs, varying)):
+            if isinstance(given, torch.Tensor) and given is not mine:
+                if given.shape != mine.shape or given.dtype != mine.dtype:
+                    raise RuntimeError(f"GraphReplay: input {i} is {tuple(given.shape)} {given.dtype}, captured as {tuple(mine.shape)} {mine.dtype}")
                 mine.copy_(given)
         self.graph.replay()
         return self.outputs
 
     def _capture(self, args: tuple) -> None:
         self.inputs = [
-            a.clone() if isinstance(a, torch.Tensor) and a.data_ptr() not in self.outputs_of_replays else a for a in args[self.fixed :]
+            a.clone() if isinstance(a, torch.Tensor) and id(a) not in self.outputs_of_replays else a for a in args[self.fixed :]
         ]
         full = [*args[: self.fixed], *self.inputs]
         saved = [t.clone() for t in self.state]
@@ -83,7 +91,7 @@ class GraphReplay:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = self.fn(*full)
-        self.outputs_of_replays.update(t.data_ptr() for t in self.outputs if isinstance(t, torch.Tensor))
+        self.outputs_of_replays.update((id(t), t) for t in self.outputs if isinstance(t, torch.Tensor))
 
 
 def own_graphs(model: torch.nn.Module) -> None:

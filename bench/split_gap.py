@@ -4,8 +4,10 @@ reduce-overhead, beside the compiled baseline under reduce-overhead (issue 7 ite
 
 Per step of the split row: the host time from the decision's read (the D2H copy that `bool(head[0])`
 waits on) to the launch of the tail's CUDA graph, and the GPU's idle time from that copy's end to
-the tail's first kernel; for both rows: the request's GPU busy time (kernels and copies, merged)
-and idle time. The trace is written beside the JSON (gzip) for a closer look.
+the next kernel (the tail's first, when the tail runs as a CUDA graph); for both rows: the request's
+GPU busy time (kernels and copies, merged) and idle time. The trace is written beside the JSON
+(gzip) for a closer look. The profiler adds host time (0.2 ms a step on the H100): its figures
+are upper bounds.
 
     python bench/split_gap.py --out $OUT/split_gap.json       # CUDA; bench/gpu_session.sh split-gap
 """
