@@ -333,12 +333,15 @@ def _cachedit_row(spec: Spec, weights: torch.nn.Module, cname: str, how: str, mo
 # - dynamo's "cudagraphs" backend (no inductor): cudagraph trees record the cond as CUDA-graph
 #   conditional nodes, so nothing syncs, but the kernels are eager ones, unfused;
 # - inductor's graph partitions: the parts around the cond are CUDA-graphed, the cond itself (the
-#   middle blocks, on computed steps) runs outside them after a host read of the predicate.
-CUDAGRAPH_VARIANTS = {
+#   middle blocks, on computed steps) runs outside them after a host read of the predicate;
+# - cuda_graphs=True: dittofx compiles its graphs and replays them from CUDA graphs of its own,
+#   split at the decision, with no dynamo frame or cudagraph tree per call (no torch.compile: None).
+CUDAGRAPH_VARIANTS: dict[str, tuple[dict, dict | None]] = {
     "split_at_decision, head reduce-overhead": ({"split_at_decision": {"mode": "reduce-overhead"}}, {"mode": "reduce-overhead"}),
     "split_at_decision, head eager": ({"split_at_decision": True}, {"mode": "reduce-overhead"}),
     "backend=cudagraphs": ({}, {"backend": "cudagraphs"}),
     "graph_partition": ({}, {"options": {"triton.cudagraphs": True, "graph_partition": True}}),
+    "cuda_graphs=True, no torch.compile": ({"cuda_graphs": True}, None),
 }
 # The same cut under the other modes (e.g. "default" on CPU, where reading the decision on the host
 # costs nothing): the cache tail takes no middle weight, the device graph takes all of them.
@@ -348,9 +351,9 @@ NO_CUDAGRAPH_VARIANTS = {
 }
 
 
-def variants_for(mode: str, cpu: bool) -> dict[str, tuple[dict, dict]]:
+def variants_for(mode: str, cpu: bool) -> dict[str, tuple[dict, dict | None]]:
     """The variants a dynamic config also runs under `mode`: (dittofx.optimize arguments,
-    torch.compile arguments), the mode included. The other modes' only on CPU: on the GPU the
+    torch.compile arguments, the mode included; None: not compiled). The other modes' only on CPU: on the GPU the
     question is CUDA graphs (and the device calls' time is counted)."""
     if mode == "reduce-overhead":
         return CUDAGRAPH_VARIANTS
@@ -361,8 +364,9 @@ def _dittofx_row(weights: torch.nn.Module, cname: str, mode: str, variant: str |
     cfg = dict(CONFIGS[cname][0], Fn_compute_blocks=FN, Bn_compute_blocks=BN, num_inference_steps=STEPS)
     options, how = variants_for(mode, _on_cpu(weights))[variant] if variant else ({}, {"mode": mode})
     model = dittofx.optimize(sharing_weights(weights), cfg, **options)
+    run = model if how is None else compiled_alone(model, fullgraph=True, **how)
     return Row(
-        f"dittofx {cname} ({mode}{', ' + variant if variant else ''})", cname, mode, "dittofx", compiled_alone(model, fullgraph=True, **how),
+        f"dittofx {cname} ({mode}{', ' + variant if variant else ''})", cname, mode, "dittofx", run,
         cached_steps=lambda: dittofx.summary(model, log_table=False)[0].cached_steps,
         state_bytes=lambda: sum(s.bytes() for s in model._dittofx.states.values()),
         eager=model,
@@ -388,7 +392,8 @@ def build_rows(
             rows += [_cachedit_row(spec, full, cname, how, mode) for how in CACHEDIT_WAYS if how in cachedit]
             rows.append(_dittofx_row(full, cname, mode))
             if variants is not None and cname.startswith("dynamic"):
-                rows += [_dittofx_row(full, cname, mode, v) for v in variants_for(mode, _on_cpu(full)) if variants in v]
+                chosen = variants.split(",")
+                rows += [_dittofx_row(full, cname, mode, v) for v in variants_for(mode, _on_cpu(full)) if any(t in v for t in chosen)]
     return [r for r in rows if r is not None]
 
 
@@ -630,8 +635,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help='run only the configs whose name contains this ("static": fast and ultra)')
     ap.add_argument("--variants", nargs="?", const="", default=None, metavar="TEXT",
                     help="dynamic configs: also the other ways to run them (with reduce-overhead CUDAGRAPH_VARIANTS: "
-                    "split_at_decision, the cudagraphs backend, graph partitions; with the other modes, on CPU, "
-                    "NO_CUDAGRAPH_VARIANTS: split_at_decision); with TEXT, only the variants whose name contains it "
+                    "split_at_decision, the cudagraphs backend, graph partitions, cuda_graphs=True; with the other modes, on CPU, "
+                    "NO_CUDAGRAPH_VARIANTS: split_at_decision); with TEXT (comma-separated), only the variants whose name contains one "
                     "(a variant whose CUDA-graph capture fails leaves the CUDA context broken for the rows after it)")
     ap.add_argument("--cachedit", default=",".join(CACHEDIT_WAYS),
                     help="comma-separated ways cache-dit's compiled rows run (default: all); its eager row always runs")

@@ -64,6 +64,7 @@ def optimize(
     process_group: Any = None,
     params_modifiers: Mapping[str, Any] | list[Any] | None = None,
     split_at_decision: bool | dict[str, Any] = False,
+    cuda_graphs: bool = False,
 ) -> Any:
     """Enable step caching on `model` in place and return it.
 
@@ -87,9 +88,16 @@ def optimize(
     torch.cond, so this is the way to CUDA graphs (`mode="reduce-overhead"`) with dynamic
     decisions. The head runs eagerly, or compiled with `torch.compile(head, fullgraph=True, **d)`
     when a dict `d` is given (e.g. `{"mode": "reduce-overhead"}`). DBCache and TeaCache.
+    `cuda_graphs` (experimental): dittofx compiles each of its graphs with inductor and replays
+    it from a CUDA graph of its own, captured once per graph, state and input sizes; steps decided
+    on the device run split at their decision. No dynamo guard check or cudagraph-tree bookkeeping
+    runs per call, which is what a split step's decision waits on under torch.compile. Call the
+    model without torch.compile (with fullgraph=True torch.compile refuses it, otherwise it
+    compiles nothing). Off CUDA the compiled graphs run without capture. Its outputs are copies.
+    DBCache and TeaCache; not with `split_at_decision`.
     """
     if is_pipeline(model):
-        return _optimize_pipeline(model, cache_config, process_group, params_modifiers, split_at_decision)
+        return _optimize_pipeline(model, cache_config, process_group, params_modifiers, split_at_decision, cuda_graphs)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model={type(model).__name__}: must be a torch.nn.Module (a diffusers transformer) or a DiffusionPipeline")
     if "_dittofx" in model.__dict__:
@@ -98,10 +106,12 @@ def optimize(
         raise ValueError(f"params_modifiers: model={type(model).__name__} is one transformer; {_ONE_CONFIG_PER_TRANSFORMER}")
     cfg = parse_config({} if cache_config is None else cache_config)
     split = _split_option(split_at_decision, cfg)
+    _check_cuda_graphs(cuda_graphs, split, cfg)
     if example_inputs is not None:
         _check_example_inputs(example_inputs)
     _warn_if_never_caches(cfg)
-    engine = Engine(model, cfg, _group_name(context_parallel_group(model) if process_group is None else process_group), split)
+    group = _group_name(context_parallel_group(model) if process_group is None else process_group)
+    engine = Engine(model, cfg, group, split, cuda_graphs)
     if example_inputs is not None:
         engine.prepare(*example_inputs)  # captures now; raises before anything is attached
     engine.attach()
@@ -137,6 +147,21 @@ def _split_option(split_at_decision: Any, cfg: CacheConfig) -> dict | None:
     return {"compile": dict(split_at_decision)}
 
 
+def _check_cuda_graphs(cuda_graphs: Any, split: dict | None, cfg: CacheConfig) -> None:
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs={cuda_graphs!r}: must be True or False")
+    if cuda_graphs and split is not None:
+        raise ValueError(
+            "cuda_graphs=True with split_at_decision: cuda_graphs runs steps decided on the device split at their "
+            "decision itself, and split_at_decision is for torch.compile; give one of them"
+        )
+    if cuda_graphs and isinstance(cfg, DBPruneConfig):
+        raise ValueError(
+            "cuda_graphs=True with method='dbprune': DBPrune's graph branches per block on host values (torch.cond "
+            "per block), which no single CUDA graph holds; allowed with 'dbcache' and 'teacache'"
+        )
+
+
 def _check_example_inputs(example_inputs: Any) -> None:
     if not (
         isinstance(example_inputs, tuple) and len(example_inputs) == 2
@@ -159,7 +184,9 @@ _ONE_CONFIG_PER_TRANSFORMER = (
 )
 
 
-def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any, params_modifiers: Any, split_at_decision: Any) -> Any:
+def _optimize_pipeline(
+    pipe: Any, cache_config: Any, process_group: Any, params_modifiers: Any, split_at_decision: Any, cuda_graphs: Any
+) -> Any:
     if hasattr(type(pipe), "_dittofx_names"):
         raise ValueError(f"pipeline {type(pipe).__name__}: already optimized; call dittofx.disable(pipe) first")
     cfg = parse_config({} if cache_config is None else cache_config)
@@ -171,7 +198,9 @@ def _optimize_pipeline(pipe: Any, cache_config: Any, process_group: Any, params_
     done = []
     for name in names:
         try:
-            optimize(getattr(pipe, name), configs[name], process_group=process_group, split_at_decision=split_at_decision)
+            optimize(
+                getattr(pipe, name), configs[name], process_group=process_group, split_at_decision=split_at_decision, cuda_graphs=cuda_graphs
+            )
         except Exception as err:  # never half-applied: the transformers optimized so far are restored
             for other in done:
                 disable(getattr(pipe, other))

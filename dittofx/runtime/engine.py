@@ -37,11 +37,17 @@ from ..patterns.modulation import ModulationNotFound, find_modulated_input
 from ..teacache import coefficients_for
 from ..masks import steps_mask
 from .blockwise import Blockwise, BlockwiseConfigError, BlockwiseError, bind_arguments, close_at_scale, learn_chain
+from .graphs import Replays
 from .state import SCALARS, CacheState, mark_static
 
 __all__ = ["Engine", "Entry", "CaptureError", "context_parallel_group"]
 
 log = logging.getLogger("dittofx")
+
+OWN_GRAPHS = (
+    "dittofx.optimize(..., cuda_graphs=True) compiles the model's graphs and replays them from CUDA graphs of its own: "
+    "call the model without torch.compile"
+)
 
 
 class CaptureError(RuntimeError):
@@ -141,12 +147,17 @@ class _CacheContext:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, cfg: CacheConfig, group: str | None = None, split: dict | None = None):
+    def __init__(
+        self, model: torch.nn.Module, cfg: CacheConfig, group: str | None = None, split: dict | None = None, cuda_graphs: bool = False
+    ):
         self.model = model
         self.cfg = cfg
         # split_at_decision: None = the device decision stays in the graph (torch.cond); else
         # {"compile": None (the head runs eagerly) or torch.compile arguments for the head}
-        self.split = split
+        self.split = {"compile": None} if cuda_graphs else split
+        # cuda_graphs: dittofx compiles its graphs and replays them from CUDA graphs of its own
+        # (graphs.py); the forward is then left out of torch.compile
+        self.replays = Replays() if cuda_graphs else None
         self.teacache = isinstance(cfg, TeaCacheConfig)
         self.prune = isinstance(cfg, DBPruneConfig)
         self.coefficients = coefficients_for(model, cfg.coefficients) if self.teacache else None
@@ -178,7 +189,8 @@ class Engine:
         model = self.model
         model.add_module("_dittofx_states", self.states)
         self._hook = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        model.forward = types.MethodType(with_own_code(_cached_forward), model)
+        forward = with_own_code(_cached_forward) if self.replays is None else torch._dynamo.disable(_cached_forward, reason=OWN_GRAPHS)
+        model.forward = types.MethodType(forward, model)
         model.cache_context = _CacheContext(self, getattr(model, "cache_context", None))
         model._dittofx = self
 
@@ -186,7 +198,7 @@ class Engine:
         """The engine of a deep copy of the model: the copy's own state, graphs captured again on
         its first call (a captured graph holds fake tensors, which do not copy)."""
         new = memo[id(self)] = object.__new__(type(self))
-        fresh = {"entries": [], "current": None}
+        fresh = {"entries": [], "current": None, "replays": None if self.replays is None else Replays()}
         for name, value in self.__dict__.items():
             setattr(new, name, fresh[name] if name in fresh else copy.deepcopy(value, memo))
         return new
@@ -566,6 +578,11 @@ class Engine:
         return self._saved["forward"] or types.MethodType(type(self.model).forward, self.model)
 
     def _blockwise_call(self, args: tuple, kwargs: dict) -> None:
+        if self.replays is not None:
+            self._warn_once(
+                "own graphs", "dittofx: cuda_graphs=True has no graph to capture: %s runs block by block in eager Python.",
+                type(self.model).__name__,
+            )  # fmt: skip
         decision, counted = self._host_decision(branch := self._branch())
         timestep = bind_arguments(self._forward_signature, args, kwargs).get("timestep") if self.options.timestep_input else None
         self.blockwise.start(branch, decision, timestep if isinstance(timestep, torch.Tensor) else None, counted)
@@ -586,8 +603,9 @@ class Engine:
         # walking entry.slots there cost ~6 guards per weight, evaluated on every call
         leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
         (decision, counted), head = self._host_decision(branch), ()
+        leaves = pytree.tree_leaves((args, kwargs))
         if decision == "device" and self.split is not None:
-            head = self._run_head(entry, leading, pytree.tree_leaves((args, kwargs)))
+            head = self._run_head(entry, leading, leaves, branch, state)
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
         elif decision == "device" and "cond without CUDA graphs" not in self._warned and cuda_graphs_in_use(device):
             self._warn_once(
@@ -602,13 +620,19 @@ class Engine:
             )  # fmt: skip
         if counted is not None:  # the step runs (a head that raised did not): the host counts it
             self.host[branch] = counted
-        self.current = (entry.graphs[decision], entry, leading, len(head))
+        graph = entry.graphs[decision]
+        if self.replays is not None:
+            graph = self.replays.get(decision, graph, branch, state, [*leaves, *head])
+        self.current = (graph, entry, leading, len(head))
         self.ran = True
         return head or None
 
-    def _run_head(self, entry: Entry, leading: list[torch.Tensor], leaves: list) -> tuple[torch.Tensor, ...]:
+    def _run_head(self, entry: Entry, leading: list[torch.Tensor], leaves: list, branch: str, state: CacheState) -> tuple[torch.Tensor, ...]:
         """The split head (prologue, Fn, gates, diff), run here, before the forward: the forward
         then runs a cond-free tail, which CUDA graphs can hold."""
+        if self.replays is not None:
+            with torch.no_grad():
+                return self.replays.get("split-head", entry.graphs["split-head"], branch, state, leaves)(leading, leaves)
         compile_args = self.split["compile"]
         if entry.head is None:
             graph = entry.graphs["split-head"]
@@ -619,7 +643,7 @@ class Engine:
         with torch.no_grad():
             return entry.head(*leading, *leaves)
 
-    @torch._dynamo.disable
+    @torch._dynamo.disable(reason=f"dittofx's pre-hook runs outside dynamo. If this stops a compile: {OWN_GRAPHS}")
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.capturing:
             return None
@@ -674,6 +698,7 @@ def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             f"{type(self).__name__}: the {HEAD_KWARG!r} keyword that dittofx's pre-hook adds to a split step's call "
             f"(split_at_decision) is missing: a forward pre-hook registered after dittofx.optimize dropped it"
         )
+    inputs = [*pytree.tree_leaves((args, kwargs)), *head]
     with torch.no_grad():
-        flat = graph(*leading, *pytree.tree_leaves((args, kwargs)), *head)
+        flat = graph(*leading, *inputs) if engine.replays is None else graph(leading, inputs)
     return pytree.tree_unflatten(list(flat), entry.captured.out_spec)

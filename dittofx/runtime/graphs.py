@@ -1,0 +1,102 @@
+"""CUDA graphs of dittofx's own (`optimize(..., cuda_graphs=True)`).
+
+Under torch.compile's CUDA graphs, a step decided on the device runs split at its decision: the
+head graph, one host read of the decision, a cond-free tail. On an H100 (PixArt-512, 2026-11-23)
+the GPU then sat idle ~375 µs a step while the host went from the read to the tail's launch:
+dynamo's guard check of the forward, cudagraph trees' input checks, the runtime wrappers
+(bench/split_gap.py). Here each graph is compiled by inductor (default mode, static shapes) and
+captured once into a torch.cuda.CUDAGraph; a call copies its varying inputs in and replays. No
+dynamo frame or cudagraph tree runs per call. Off CUDA the compiled graph is called as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+__all__ = ["GraphReplay", "Replays"]
+
+
+class GraphReplay:
+    """`graph(*fixed, *varying)` compiled, and on CUDA replayed from one CUDA graph.
+
+    `fixed`: the state, weights and constants, which keep their addresses (checked for the state
+    at every call: a new state needs a new capture). `varying`: the call's inputs, copied into the
+    graph's own input tensors, except tensors that are outputs of another replay of the same
+    engine (a tail's head tensors, the same objects at every call), which the graph reads where
+    they are. The warm-up runs before the capture mutate the state: it is saved and restored around
+    them. `owned_outputs`: return copies (the caller may keep a step's output past the next
+    replay, e.g. CFG's two calls before combining) or the graph's own tensors (the head's, read
+    by the tails)."""
+
+    def __init__(self, graph: fx.GraphModule, state: list[torch.Tensor], owned_outputs: bool, replays: Replays):
+        self.compiled = torch.compile(graph, fullgraph=True, dynamic=False)
+        self.state, self.owned_outputs, self.replays = state, owned_outputs, replays
+        self.state_addresses = [t.data_ptr() for t in state]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: list = []
+        self.outputs: tuple = ()
+
+    def __call__(self, fixed: list[torch.Tensor], varying: list) -> tuple:
+        if not self.state[0].is_cuda:
+            return tuple(self.compiled(*fixed, *varying))
+        if self.graph is None:
+            self._capture(fixed, varying)
+        elif [t.data_ptr() for t in self.state] != self.state_addresses:
+            raise RuntimeError("dittofx cuda_graphs: the cache state moved since its graph was captured")
+        for mine, given in zip(self.inputs, varying):
+            if isinstance(given, torch.Tensor) and given is not mine:
+                mine.copy_(given)
+        self.graph.replay()
+        return tuple(o.clone() for o in self.outputs) if self.owned_outputs else self.outputs
+
+    def _capture(self, fixed: list[torch.Tensor], varying: list) -> None:
+        self.inputs = [v.clone() if isinstance(v, torch.Tensor) and not self.replays.produced(v) else v for v in varying]
+        saved = [t.clone() for t in self.state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile (autotune) and warm up outside the capture
+                self.compiled(*fixed, *self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip(self.state, saved):
+            t.copy_(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=self.replays.pool()):
+            self.outputs = tuple(self.compiled(*fixed, *self.inputs))
+        self.replays.outputs.update((id(o), o) for o in self.outputs if isinstance(o, torch.Tensor))
+
+
+class Replays:
+    """An engine's GraphReplays: one per graph, cache state and input signature (sizes, dtypes,
+    non-tensor values), dropped with the state they were captured on. Captures share one memory
+    pool: the graphs run one after another on one stream, and what one leaves for another (its
+    outputs, its inputs) stays referenced here."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple, GraphReplay] = {}
+        self.states: dict[str, Any] = {}  # branch -> the state its replays were captured on
+        self.outputs: dict[int, torch.Tensor] = {}  # id -> the replays' output tensors
+        self._pool: Any = None
+
+    def get(self, name: str, graph: fx.GraphModule, branch: str, state: Any, varying: list) -> GraphReplay:
+        if self.states.get(branch) is not state:  # a new state for the branch: its old captures go
+            old = self.states.get(branch)
+            self.by_key = {k: r for k, r in self.by_key.items() if k[1] != id(old)}
+            self.outputs = {id(o): o for r in self.by_key.values() for o in r.outputs if isinstance(o, torch.Tensor)}
+            self.states[branch] = state
+        signature = tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in varying if not self.produced(v))
+        key = (name, id(state), signature)
+        if key not in self.by_key:
+            self.by_key[key] = GraphReplay(graph, state.tensors(), owned_outputs=name != "split-head", replays=self)
+        return self.by_key[key]
+
+    def produced(self, value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and self.outputs.get(id(value)) is value
+
+    def pool(self) -> Any:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool

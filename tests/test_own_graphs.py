@@ -1,0 +1,71 @@
+"""`optimize(..., cuda_graphs=True)` (dittofx/runtime/graphs.py): dittofx compiles its graphs and,
+on CUDA, replays them from CUDA graphs of its own. On CPU the compiled graphs run without capture:
+these tests check the engine's wiring (which graph runs, split steps, the schedule and outputs
+against the torch.cond graph run eagerly), the options and the replays' keys. The capture itself
+runs on CUDA only (bench/e2e.py's "cuda_graphs" variant)."""
+
+import pytest
+import torch
+
+import dittofx
+import zoo
+from dittofx.runtime.graphs import Replays
+from test_split import STEPS, steps
+
+
+def test_own_graphs_run_the_steps_of_the_cond_graph():
+    z = zoo.get("pixart")
+    # max_continuous_cached_steps forces device-decided computes: both tails run
+    cfg = {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "max_continuous_cached_steps": 2, "num_inference_steps": STEPS}
+    in_graph, own = dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg, cuda_graphs=True)
+    for _request in range(2):
+        for want, got in zip(steps(in_graph, z), steps(own, z)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        want, got = dittofx.summary(in_graph)[0], dittofx.summary(own)[0]
+        assert got.cached_steps == want.cached_steps and got.cached_steps, got.cached_steps
+    replays = own._dittofx.replays
+    assert sorted({name for name, *_ in replays.by_key}) == ["compute", "split-cache", "split-compute", "split-head"]
+    assert all(not r.owned_outputs for (name, *_), r in replays.by_key.items() if name == "split-head")
+
+
+def test_bad_cuda_graphs_option_raises_and_leaves_the_model_untouched():
+    z = zoo.get("pixart")
+    model = z.build()
+    with pytest.raises(TypeError, match=r"cuda_graphs='yes': must be True or False"):
+        dittofx.optimize(model, {}, cuda_graphs="yes")
+    with pytest.raises(ValueError, match=r"cuda_graphs=True with split_at_decision: .*give one of them"):
+        dittofx.optimize(model, {}, cuda_graphs=True, split_at_decision=True)
+    with pytest.raises(ValueError, match=r"cuda_graphs=True with method='dbprune'.*allowed with 'dbcache' and 'teacache'"):
+        dittofx.optimize(model, {"method": "dbprune"}, cuda_graphs=True)
+    assert "_dittofx" not in model.__dict__ and "forward" not in model.__dict__
+
+
+def test_torch_compile_on_top_says_to_call_the_model_without_it():
+    z = zoo.get("pixart")
+    model = dittofx.optimize(z.build(), {"num_inference_steps": STEPS}, cuda_graphs=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"cuda_graphs=True.*call the model without torch.compile"):
+        with torch.no_grad():
+            torch.compile(model, fullgraph=True)(**z.inputs(0, 1.0))
+
+
+class _State:
+    def __init__(self):
+        self.t = [torch.zeros(2)]
+
+    def tensors(self):
+        return self.t
+
+
+def test_replays_are_kept_per_graph_state_and_input_sizes_and_go_with_their_state():
+    graph = torch.fx.symbolic_trace(torch.nn.Identity())
+    replays, a, b, c = Replays(), _State(), _State(), _State()
+    x, y = torch.zeros(3), torch.zeros(4)
+    first = replays.get("compute", graph, "cond", a, [x, 1.0])
+    assert replays.get("compute", graph, "cond", a, [torch.ones(3), 1.0]) is first  # same sizes: the same capture
+    assert replays.get("compute", graph, "cond", a, [y, 1.0]) is not first  # other sizes
+    assert replays.get("compute", graph, "cond", a, [x, 2.0]) is not first  # other non-tensor inputs
+    assert replays.get("split-head", graph, "cond", a, [x, 1.0]).owned_outputs is False
+    other_branch = replays.get("compute", graph, "uncond", b, [x, 1.0])
+    assert replays.get("compute", graph, "cond", c, [x, 1.0]) is not first  # a new state on "cond": a's captures go
+    assert {key[1] for key in replays.by_key} == {id(b), id(c)}
+    assert replays.get("compute", graph, "uncond", b, [x, 1.0]) is other_branch
