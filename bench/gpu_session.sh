@@ -25,7 +25,7 @@ declare -A STEP=(
     [step-overhead]="100 | bench/step_overhead.py"
     [export-cuda]="100 | -m pytest -q -p no:cacheprovider tests/test_export.py"
     [pixart-static]="280 | bench/e2e.py --model pixart --only static --repeats 7"
-    [pixart-dynamic]="380 | bench/e2e.py --model pixart --only dynamic --variants reduce-overhead,cuda_graphs --repeats 5"
+    [pixart-dynamic]="450 | bench/e2e.py --model pixart --only dynamic --variants reduce-overhead,cuda_graphs --repeats 5"
     [split-gap]="150 | bench/split_gap.py"
     [pixart-dynamic-sge]="320 | bench/e2e.py --model pixart --only dynamic --variants reduce-overhead --repeats 5 --skip-guard-eval"
     [flux1024-fast-default]="450 | bench/e2e.py --model flux-1024 --only fast --modes default --repeats 3 --cachedit regional"
@@ -44,8 +44,8 @@ declare -A STEP=(
 # the calls, in the order of what issue 7's acceptance needs first
 CALLS=(
     ""
-    "export-cuda pixart-dynamic"
-    "pixart-dynamic-sge"
+    "pixart-dynamic"
+    "export-cuda pixart-dynamic-sge"
     "pixart-static step-overhead"
     "split-gap kernels"
     "flux1024-fast-default"

@@ -106,11 +106,11 @@ def optimize(
         raise ValueError(f"params_modifiers: model={type(model).__name__} is one transformer; {_ONE_CONFIG_PER_TRANSFORMER}")
     cfg = parse_config({} if cache_config is None else cache_config)
     split = _split_option(split_at_decision, cfg)
-    _check_cuda_graphs(cuda_graphs, split, cfg)
+    group = _group_name(context_parallel_group(model) if process_group is None else process_group)
+    _check_cuda_graphs(cuda_graphs, split, cfg, group)
     if example_inputs is not None:
         _check_example_inputs(example_inputs)
     _warn_if_never_caches(cfg)
-    group = _group_name(context_parallel_group(model) if process_group is None else process_group)
     engine = Engine(model, cfg, group, split, cuda_graphs)
     if example_inputs is not None:
         engine.prepare(*example_inputs)  # captures now; raises before anything is attached
@@ -147,13 +147,18 @@ def _split_option(split_at_decision: Any, cfg: CacheConfig) -> dict | None:
     return {"compile": dict(split_at_decision)}
 
 
-def _check_cuda_graphs(cuda_graphs: Any, split: dict | None, cfg: CacheConfig) -> None:
+def _check_cuda_graphs(cuda_graphs: Any, split: dict | None, cfg: CacheConfig, group: str | None) -> None:
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs={cuda_graphs!r}: must be True or False")
     if cuda_graphs and split is not None:
         raise ValueError(
             "cuda_graphs=True with split_at_decision: cuda_graphs runs steps decided on the device split at their "
             "decision itself, and split_at_decision is for torch.compile; give one of them"
+        )
+    if cuda_graphs and group is not None:
+        raise ValueError(
+            f"cuda_graphs=True with process_group={group!r}: the diff's all-reduce inside a CUDA graph of dittofx's own "
+            "is not supported; one process only"
         )
     if cuda_graphs and isinstance(cfg, DBPruneConfig):
         raise ValueError(

@@ -43,7 +43,7 @@ def test_bad_cuda_graphs_option_raises_and_leaves_the_model_untouched():
 def test_torch_compile_on_top_says_to_call_the_model_without_it():
     z = zoo.get("pixart")
     model = dittofx.optimize(z.build(), {"num_inference_steps": STEPS}, cuda_graphs=True)
-    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"cuda_graphs=True.*call the model without torch.compile"):
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"cuda_graphs=True is called without torch.compile"):
         with torch.no_grad():
             torch.compile(model, fullgraph=True)(**z.inputs(0, 1.0))
 
@@ -60,12 +60,14 @@ def test_replays_are_kept_per_graph_state_and_input_sizes_and_go_with_their_stat
     graph = torch.fx.symbolic_trace(torch.nn.Identity())
     replays, a, b, c = Replays(), _State(), _State(), _State()
     x, y = torch.zeros(3), torch.zeros(4)
-    first = replays.get("compute", graph, "cond", a, [x, 1.0])
-    assert replays.get("compute", graph, "cond", a, [torch.ones(3), 1.0]) is first  # same sizes: the same capture
-    assert replays.get("compute", graph, "cond", a, [y, 1.0]) is not first  # other sizes
-    assert replays.get("compute", graph, "cond", a, [x, 2.0]) is not first  # other non-tensor inputs
-    assert replays.get("split-head", graph, "cond", a, [x, 1.0]).owned_outputs is False
-    other_branch = replays.get("compute", graph, "uncond", b, [x, 1.0])
-    assert replays.get("compute", graph, "cond", c, [x, 1.0]) is not first  # a new state on "cond": a's captures go
+    first = replays.get("compute", graph, "cond", a, [x, 1])
+    assert replays.get("compute", graph, "cond", a, [torch.ones(3), 1]) is first  # same sizes: the same capture
+    assert replays.get("compute", graph, "cond", a, [y, 1]) is not first  # other sizes
+    assert replays.get("compute", graph, "cond", a, [x, 2]) is not first  # other non-tensor inputs
+    assert replays.get("split-head", graph, "cond", a, [x, 1]).owned_outputs is False
+    other_branch = replays.get("compute", graph, "uncond", b, [x, 1])
+    assert replays.get("compute", graph, "cond", c, [x, 1]) is not first  # a new state on "cond": a's captures go
     assert {key[1] for key in replays.by_key} == {id(b), id(c)}
-    assert replays.get("compute", graph, "uncond", b, [x, 1.0]) is other_branch
+    assert replays.get("compute", graph, "uncond", b, [x, 1]) is other_branch
+    with pytest.raises(TypeError, match=r"an input of the call is a float \(0.5\).*pass it as a tensor"):
+        replays.get("compute", graph, "uncond", b, [x, 0.5])

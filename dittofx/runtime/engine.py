@@ -643,7 +643,7 @@ class Engine:
         with torch.no_grad():
             return entry.head(*leading, *leaves)
 
-    @torch._dynamo.disable(reason=f"dittofx's pre-hook runs outside dynamo. If this stops a compile: {OWN_GRAPHS}")
+    @torch._dynamo.disable(reason="dittofx's pre-hook runs outside dynamo; a model optimized with cuda_graphs=True is called without torch.compile")
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.capturing:
             return None

@@ -22,8 +22,8 @@ __all__ = ["GraphReplay", "Replays"]
 class GraphReplay:
     """`graph(*fixed, *varying)` compiled, and on CUDA replayed from one CUDA graph.
 
-    `fixed`: the state, weights and constants, which keep their addresses (checked for the state
-    at every call: a new state needs a new capture). `varying`: the call's inputs, copied into the
+    `fixed`: the state, weights and constants, which keep their addresses (checked at every call:
+    a model moved or cast, or weights whose `.data` was swapped, need a new capture). `varying`: the call's inputs, copied into the
     graph's own input tensors, except tensors that are outputs of another replay of the same
     engine (a tail's head tensors, the same objects at every call), which the graph reads where
     they are. The warm-up runs before the capture mutate the state: it is saved and restored around
@@ -34,7 +34,7 @@ class GraphReplay:
     def __init__(self, graph: fx.GraphModule, state: list[torch.Tensor], owned_outputs: bool, replays: Replays):
         self.compiled = torch.compile(graph, fullgraph=True, dynamic=False)
         self.state, self.owned_outputs, self.replays = state, owned_outputs, replays
-        self.state_addresses = [t.data_ptr() for t in state]
+        self.addresses: list[int] = []  # of `fixed`, at the capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: list = []
         self.outputs: tuple = ()
@@ -44,28 +44,34 @@ class GraphReplay:
             return tuple(self.compiled(*fixed, *varying))
         if self.graph is None:
             self._capture(fixed, varying)
-        elif [t.data_ptr() for t in self.state] != self.state_addresses:
-            raise RuntimeError("dittofx cuda_graphs: the cache state moved since its graph was captured")
-        for mine, given in zip(self.inputs, varying):
+        elif [t.data_ptr() for t in fixed] != self.addresses:
+            raise RuntimeError(
+                "dittofx cuda_graphs: the model's weights or cache state moved since its CUDA graph was captured (moved, "
+                "cast, or weights' .data swapped): dittofx.disable the model and optimize it again"
+            )
+        for mine, given in zip(self.inputs, varying, strict=True):
             if isinstance(given, torch.Tensor) and given is not mine:
                 mine.copy_(given)
         self.graph.replay()
-        return tuple(o.clone() for o in self.outputs) if self.owned_outputs else self.outputs
+        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs) if self.owned_outputs else self.outputs
 
     def _capture(self, fixed: list[torch.Tensor], varying: list) -> None:
         self.inputs = [v.clone() if isinstance(v, torch.Tensor) and not self.replays.produced(v) else v for v in varying]
         saved = [t.clone() for t in self.state]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compile (autotune) and warm up outside the capture
-                self.compiled(*fixed, *self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        for t, s in zip(self.state, saved):
-            t.copy_(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.replays.pool()):
-            self.outputs = tuple(self.compiled(*fixed, *self.inputs))
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compile (autotune) and warm up outside the capture
+                    self.compiled(*fixed, *self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+        finally:  # the step has not run yet, whatever the warm-up did
+            for t, s in zip(self.state, saved):
+                t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.replays.pool()):
+            outputs = tuple(self.compiled(*fixed, *self.inputs))
+        self.graph, self.outputs, self.addresses = graph, outputs, [t.data_ptr() for t in fixed]
         self.replays.outputs.update((id(o), o) for o in self.outputs if isinstance(o, torch.Tensor))
 
 
@@ -87,6 +93,12 @@ class Replays:
             self.by_key = {k: r for k, r in self.by_key.items() if k[1] != id(old)}
             self.outputs = {id(o): o for r in self.by_key.values() for o in r.outputs if isinstance(o, torch.Tensor)}
             self.states[branch] = state
+        for v in varying:
+            if not isinstance(v, (torch.Tensor, bool, int, str, type(None))):
+                raise TypeError(
+                    f"dittofx cuda_graphs: an input of the call is a {type(v).__name__} ({v!r}); a capture holds its value, "
+                    f"so a value that changes per step would capture again every step: pass it as a tensor"
+                )
         signature = tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in varying if not self.produced(v))
         key = (name, id(state), signature)
         if key not in self.by_key:
