@@ -603,7 +603,7 @@ class Engine:
         # walking entry.slots there cost ~6 guards per weight, evaluated on every call
         leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
         (decision, counted), head = self._host_decision(branch), ()
-        leaves = pytree.tree_leaves((args, kwargs))
+        leaves = pytree.tree_leaves((args, kwargs)) if self.split is not None else []  # for a head or a replay only
         if decision == "device" and self.split is not None:
             head = self._run_head(entry, leading, leaves, branch, state)
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
