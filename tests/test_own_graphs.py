@@ -1,16 +1,57 @@
 """`optimize(..., cuda_graphs=True)` (dittofx/runtime/graphs.py): dittofx compiles its graphs and,
 on CUDA, replays them from CUDA graphs of its own. On CPU the compiled graphs run without capture:
 these tests check the engine's wiring (which graph runs, split steps, the schedule and outputs
-against the torch.cond graph run eagerly), the options and the replays' keys. The capture itself
-runs on CUDA only (bench/e2e.py's "cuda_graphs" variant)."""
+against the torch.cond graph run eagerly), the options and the replays' keys. The capture path
+(copies into the graph's own inputs, the head's outputs read in place, the state kept through the
+warm-up, outputs copied, the address check) runs here on a fake CUDA graph that replays the
+captured call into the captured tensors; only the capture itself needs CUDA (bench/e2e.py's
+"cuda_graphs" variant)."""
 
 import pytest
 import torch
 
 import dittofx
 import zoo
+from dittofx.runtime import graphs
 from dittofx.runtime.graphs import Replays
+from test_cfg_and_api import uncond
 from test_split import STEPS, steps
+
+
+class FakeCudaGraph:
+    """What a CUDA graph's replay does, on CPU: the captured call again, on the tensors it was
+    captured with (the inputs it closes over), into the tensors the capture returned."""
+
+    def __init__(self, run):
+        self.run, self.outputs = run, run()
+
+    def replay(self):
+        for mine, new in zip(self.outputs, self.run(), strict=True):
+            if isinstance(mine, torch.Tensor):
+                mine.copy_(new)
+
+
+@pytest.fixture
+def fake_capture(monkeypatch):
+    """Replays captured on CPU, into FakeCudaGraphs (the list returned)."""
+    captured = []
+
+    def record(run, pool):
+        captured.append(FakeCudaGraph(run))
+        return captured[-1], captured[-1].outputs
+
+    monkeypatch.setattr(graphs, "CAPTURED_ON", {"cuda", "cpu"})
+    monkeypatch.setattr(graphs, "record", record)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    return captured
+
+
+class _State:
+    def __init__(self):
+        self.t = [torch.zeros(2)]
+
+    def tensors(self):
+        return self.t
 
 
 def test_own_graphs_run_the_steps_of_the_cond_graph():
@@ -26,6 +67,51 @@ def test_own_graphs_run_the_steps_of_the_cond_graph():
     replays = own._dittofx.replays
     assert sorted({name for name, *_ in replays.by_key}) == ["compute", "split-cache", "split-compute", "split-head"]
     assert all(not r.owned_outputs for (name, *_), r in replays.by_key.items() if name == "split-head")
+
+
+def cfg_steps(model, z):
+    """Both CFG branches' outputs of every step, all kept to the end (a replay's outputs must be
+    the caller's: the next replay writes into the graph's own)."""
+    with torch.no_grad():
+        return [model(**inputs)[0] for s in range(STEPS) for inputs in (z.inputs(s, 1 - s / STEPS), uncond(z.inputs(s, 1 - s / STEPS)))]
+
+
+def test_captured_replays_run_the_steps_of_the_cond_graph_on_both_cfg_branches(fake_capture):
+    z = zoo.get("pixart")
+    cfg = {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "max_continuous_cached_steps": 2, "num_inference_steps": STEPS,
+           "enable_separate_cfg": True}  # fmt: skip
+    in_graph, own = dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg, cuda_graphs=True)
+    for _request in range(2):
+        for want, got in zip(cfg_steps(in_graph, z), cfg_steps(own, z), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        want = {s.branch: s.cached_steps for s in dittofx.summary(in_graph)}
+        assert {s.branch: s.cached_steps for s in dittofx.summary(own)} == want and all(want.values()), want
+    replays = own._dittofx.replays.by_key
+    assert len(fake_capture) == len(replays) == 2 * 4  # one capture per branch and graph, kept across requests
+    for (name, state, _), tail in replays.items():  # the tails read their head's outputs where they are
+        if name.startswith("split-") and name != "split-head":
+            head = next(r for (n, s, _), r in replays.items() if n == "split-head" and s == state)
+            assert [x for x in tail.inputs if any(x is o for o in head.outputs)] == list(head.outputs), name
+
+
+def test_a_replay_refuses_weights_moved_since_its_capture(fake_capture):
+    z = zoo.get("pixart")
+    model = dittofx.optimize(z.build(), {"num_inference_steps": STEPS}, cuda_graphs=True)
+    with torch.no_grad():
+        model(**z.inputs(0, 1.0))
+        weight = next(model.parameters())
+        weight.data = weight.data.clone()
+        with pytest.raises(RuntimeError, match=r"weights or cache state moved since its CUDA graph was captured.*optimize it again"):
+            model(**z.inputs(1, 0.9))
+
+
+def test_each_replay_compiles_its_own_code_so_resolutions_never_reach_the_recompile_limit():
+    graph, replays, state = torch.fx.symbolic_trace(lambda s, x: (x * 2 + s.sum(),)), Replays(), _State()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for size in (3, 4, 5):  # one graph, three input sizes: three compiles of fullgraph=True
+            x = torch.arange(size, dtype=torch.float32)
+            (got,) = replays.get("compute", graph, "cond", state, [x])(state.tensors(), [x])
+            assert torch.equal(got, x * 2)
 
 
 def test_bad_cuda_graphs_option_raises_and_leaves_the_model_untouched():
@@ -46,14 +132,6 @@ def test_torch_compile_on_top_says_to_call_the_model_without_it():
     with pytest.raises(torch._dynamo.exc.Unsupported, match=r"cuda_graphs=True is called without torch.compile"):
         with torch.no_grad():
             torch.compile(model, fullgraph=True)(**z.inputs(0, 1.0))
-
-
-class _State:
-    def __init__(self):
-        self.t = [torch.zeros(2)]
-
-    def tensors(self):
-        return self.t
 
 
 def test_replays_are_kept_per_graph_state_and_input_sizes_and_go_with_their_state():

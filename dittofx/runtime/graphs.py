@@ -11,12 +11,16 @@ dynamo frame or cudagraph tree runs per call. Off CUDA the compiled graph is cal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 __all__ = ["GraphReplay", "Replays"]
+
+# device types whose graphs are captured and replayed (elsewhere the compiled graph is called as it is)
+CAPTURED_ON = {"cuda"}
 
 
 class GraphReplay:
@@ -32,7 +36,9 @@ class GraphReplay:
     by the tails)."""
 
     def __init__(self, graph: fx.GraphModule, state: list[torch.Tensor], owned_outputs: bool, replays: Replays):
-        self.compiled = torch.compile(graph, fullgraph=True, dynamic=False)
+        # a module of its own, so a code object of its own: dynamo counts the compiles of one code
+        # object against its recompile limit, and every input size (resolution) is one more
+        self.compiled = torch.compile(fx.GraphModule(graph, graph.graph), fullgraph=True, dynamic=False)
         self.state, self.owned_outputs, self.replays = state, owned_outputs, replays
         self.addresses: list[int] = []  # of `fixed`, at the capture
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -40,11 +46,11 @@ class GraphReplay:
         self.outputs: tuple = ()
 
     def __call__(self, fixed: list[torch.Tensor], varying: list) -> tuple:
-        if not self.state[0].is_cuda:
-            return tuple(self.compiled(*fixed, *varying))
         if self.graph is None:
+            if self.state[0].device.type not in CAPTURED_ON:
+                return tuple(self.compiled(*fixed, *varying))
             self._capture(fixed, varying)
-        elif [t.data_ptr() for t in fixed] != self.addresses:
+        elif self.replays.addresses(fixed) != self.addresses:
             raise RuntimeError(
                 "dittofx cuda_graphs: the model's weights or cache state moved since its CUDA graph was captured (moved, "
                 "cast, or weights' .data swapped): dittofx.disable the model and optimize it again"
@@ -59,20 +65,27 @@ class GraphReplay:
         self.inputs = [v.clone() if isinstance(v, torch.Tensor) and not self.replays.produced(v) else v for v in varying]
         saved = [t.clone() for t in self.state]
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compile (autotune) and warm up outside the capture
-                    self.compiled(*fixed, *self.inputs)
-            torch.cuda.current_stream().wait_stream(side)
+            self.graph, self.outputs = record(lambda: tuple(self.compiled(*fixed, *self.inputs)), self.replays.pool())
         finally:  # the step has not run yet, whatever the warm-up did
             for t, s in zip(self.state, saved):
                 t.copy_(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.replays.pool()):
-            outputs = tuple(self.compiled(*fixed, *self.inputs))
-        self.graph, self.outputs, self.addresses = graph, outputs, [t.data_ptr() for t in fixed]
+        self.addresses = self.replays.addresses(fixed)
         self.replays.outputs.update((id(o), o) for o in self.outputs if isinstance(o, torch.Tensor))
+
+
+def record(run: Callable[[], tuple], pool: Any) -> tuple[torch.cuda.CUDAGraph, tuple]:
+    """`run` captured into a CUDA graph, and the outputs of the captured call. It first runs twice
+    on a side stream, so that compiling, autotuning and lazy initialization stay out of the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = run()
+    return graph, outputs
 
 
 class Replays:
@@ -86,6 +99,8 @@ class Replays:
         self.states: dict[str, Any] = {}  # branch -> the state its replays were captured on
         self.outputs: dict[int, torch.Tensor] = {}  # id -> the replays' output tensors
         self._pool: Any = None
+        self._fixed: list[torch.Tensor] | None = None  # the last call's fixed inputs, and their addresses
+        self._addresses: list[int] = []
 
     def get(self, name: str, graph: fx.GraphModule, branch: str, state: Any, varying: list) -> GraphReplay:
         if self.states.get(branch) is not state:  # a new state for the branch: its old captures go
@@ -107,6 +122,14 @@ class Replays:
 
     def produced(self, value: Any) -> bool:
         return isinstance(value, torch.Tensor) and self.outputs.get(id(value)) is value
+
+    def addresses(self, fixed: list[torch.Tensor]) -> list[int]:
+        """The addresses of a call's fixed inputs, read once per call: a split step's head and tail
+        get the same list, and the tail's read (~600 tensors) would sit between the decision read
+        and the tail's launch, where the GPU waits."""
+        if fixed is not self._fixed:
+            self._fixed, self._addresses = fixed, [t.data_ptr() for t in fixed]
+        return self._addresses
 
     def pool(self) -> Any:
         if self._pool is None:
