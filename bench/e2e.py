@@ -334,14 +334,17 @@ def _cachedit_row(spec: Spec, weights: torch.nn.Module, cname: str, how: str, mo
 #   conditional nodes, so nothing syncs, but the kernels are eager ones, unfused;
 # - inductor's graph partitions: the parts around the cond are CUDA-graphed, the cond itself (the
 #   middle blocks, on computed steps) runs outside them after a host read of the predicate;
-# - cuda_graphs=True: dittofx compiles its graphs and replays them from CUDA graphs of its own,
-#   split at the decision, with no dynamo frame or cudagraph tree per call (no torch.compile: None).
+# - cuda_graphs=True: dittofx compiles its graphs and replays them from CUDA graphs of its own, with
+#   no dynamo frame or cudagraph tree per call (no torch.compile: None); a step decided on the device
+#   is one graph, its tails under conditional nodes (no host read), or with split_at_decision=True a
+#   head replay, the host's read, a tail replay.
 CUDAGRAPH_VARIANTS: dict[str, tuple[dict, dict | None]] = {
     "split_at_decision, head reduce-overhead": ({"split_at_decision": {"mode": "reduce-overhead"}}, {"mode": "reduce-overhead"}),
     "split_at_decision, head eager": ({"split_at_decision": True}, {"mode": "reduce-overhead"}),
     "backend=cudagraphs": ({}, {"backend": "cudagraphs"}),
     "graph_partition": ({}, {"options": {"triton.cudagraphs": True, "graph_partition": True}}),
     "cuda_graphs=True, no torch.compile": ({"cuda_graphs": True}, None),
+    "cuda_graphs=True split_at_decision=True, no torch.compile": ({"cuda_graphs": True, "split_at_decision": True}, None),
 }
 # The same cut under the other modes (e.g. "default" on CPU, where reading the decision on the host
 # costs nothing): the cache tail takes no middle weight, the device graph takes all of them.

@@ -24,6 +24,7 @@ declare -A STEP=(
     [kernels]="115 | bench/kernels.py --sweep --reduce-config auto --rotate-l2 8"
     [step-overhead]="100 | bench/step_overhead.py"
     [export-cuda]="100 | -m pytest -q -p no:cacheprovider tests/test_export.py"
+    [own-graphs-cuda]="100 | -m pytest -q -p no:cacheprovider tests/test_own_graphs.py"
     [pixart-static]="280 | bench/e2e.py --model pixart --only static --repeats 7"
     [pixart-dynamic]="450 | bench/e2e.py --model pixart --only dynamic --variants reduce-overhead,cuda_graphs --repeats 5"
     [split-gap]="150 | bench/split_gap.py"
@@ -44,7 +45,7 @@ declare -A STEP=(
 # the calls, in the order of what issue 7's acceptance needs first
 CALLS=(
     ""
-    "pixart-dynamic"
+    "pixart-dynamic own-graphs-cuda"
     "export-cuda pixart-dynamic-sge"
     "pixart-static step-overhead"
     "split-gap kernels"

@@ -89,12 +89,13 @@ def optimize(
     decisions. The head runs eagerly, or compiled with `torch.compile(head, fullgraph=True, **d)`
     when a dict `d` is given (e.g. `{"mode": "reduce-overhead"}`). DBCache and TeaCache.
     `cuda_graphs` (experimental): dittofx compiles each of its graphs with inductor and replays
-    it from a CUDA graph of its own, captured once per graph, state and input sizes; steps decided
-    on the device run split at their decision. No dynamo guard check or cudagraph-tree bookkeeping
-    runs per call, which is what a split step's decision waits on under torch.compile. Call the
-    model without torch.compile (with fullgraph=True torch.compile refuses it, otherwise it
-    compiles nothing). Off CUDA the compiled graphs run without capture. Its outputs are copies.
-    DBCache and TeaCache; not with `split_at_decision`.
+    it from a CUDA graph of its own, captured once per graph, state and input sizes. A step decided
+    on the device is one capture: the head, then each tail under a CUDA-graph conditional node
+    (CUDA >= 12.4) that reads the decision on the GPU, so the host never waits for it; with
+    `split_at_decision=True` the host reads it between a head replay and a tail replay. No dynamo
+    guard check or cudagraph-tree bookkeeping runs per call. Call the model without torch.compile
+    (with fullgraph=True torch.compile refuses it, otherwise it compiles nothing). Off CUDA the
+    compiled graphs run without capture. Its outputs are copies. DBCache and TeaCache.
     """
     if is_pipeline(model):
         return _optimize_pipeline(model, cache_config, process_group, params_modifiers, split_at_decision, cuda_graphs)
@@ -150,10 +151,11 @@ def _split_option(split_at_decision: Any, cfg: CacheConfig) -> dict | None:
 def _check_cuda_graphs(cuda_graphs: Any, split: dict | None, cfg: CacheConfig, group: str | None) -> None:
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs={cuda_graphs!r}: must be True or False")
-    if cuda_graphs and split is not None:
+    if cuda_graphs and split is not None and split["compile"] is not None:
         raise ValueError(
-            "cuda_graphs=True with split_at_decision: cuda_graphs runs steps decided on the device split at their "
-            "decision itself, and split_at_decision is for torch.compile; give one of them"
+            f"cuda_graphs=True with split_at_decision={split['compile']!r}: cuda_graphs compiles the head itself, so "
+            "torch.compile arguments for it do not apply; give split_at_decision=True (the host reads each decision "
+            "between the head's replay and the tail's) or leave it out (the GPU reads it: conditional nodes)"
         )
     if cuda_graphs and group is not None:
         raise ValueError(

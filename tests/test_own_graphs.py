@@ -4,18 +4,28 @@ these tests check the engine's wiring (which graph runs, split steps, the schedu
 against the torch.cond graph run eagerly), the options and the replays' keys. The capture path
 (copies into the graph's own inputs, the head's outputs read in place, the state kept through the
 warm-up, outputs copied, the address check) runs here on a fake CUDA graph that replays the
-captured call into the captured tensors; only the capture itself needs CUDA (bench/e2e.py's
-"cuda_graphs" variant)."""
+captured call into the captured tensors; the conditional nodes need CUDA. With
+DITTOFX_TEST_DEVICE=cuda on a GPU (the runbook's `own-graphs-cuda` step) the same tests capture for
+real."""
+
+import os
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 import dittofx
 import zoo
 from dittofx.runtime import graphs
-from dittofx.runtime.graphs import Replays
+from dittofx.runtime.graphs import Replays, if_else_on_device
 from test_cfg_and_api import uncond
 from test_split import STEPS, steps
+
+
+DEVICE = os.environ.get("DITTOFX_TEST_DEVICE", "cpu")  # the runbook's GPU steps set "cuda": real captures
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs: DITTOFX_TEST_DEVICE=cuda on a GPU")
+CFG = {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "num_inference_steps": STEPS,
+       "max_continuous_cached_steps": 2}  # fmt: skip  # forces device-decided computes: both tails run
 
 
 class FakeCudaGraph:
@@ -32,18 +42,29 @@ class FakeCudaGraph:
 
 
 @pytest.fixture
-def fake_capture(monkeypatch):
-    """Replays captured on CPU, into FakeCudaGraphs (the list returned)."""
-    captured = []
+def captures(monkeypatch):
+    """The captures made, in a list: on CUDA real ones, elsewhere FakeCudaGraphs."""
+    made, real = [], graphs.record
 
-    def record(run, pool):
-        captured.append(FakeCudaGraph(run))
-        return captured[-1], captured[-1].outputs
+    def fake(run, warm_up, pool):  # as graphs.record, all of it run: the capture's call too
+        warm_up(), warm_up()
+        graph = FakeCudaGraph(run)
+        return graph, graph.outputs
 
-    monkeypatch.setattr(graphs, "CAPTURED_ON", {"cuda", "cpu"})
+    def record(run, warm_up, pool):
+        graph, outputs = (real if DEVICE == "cuda" else fake)(run, warm_up, pool)
+        made.append(graph)
+        return graph, outputs
+
     monkeypatch.setattr(graphs, "record", record)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    return captured
+    if DEVICE != "cuda":
+        monkeypatch.setattr(graphs, "CAPTURED_ON", {"cuda", "cpu"})
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    return made
+
+
+def on_device(kwargs):
+    return tree_map(lambda x: x.to(DEVICE) if isinstance(x, torch.Tensor) else x, kwargs)
 
 
 class _State:
@@ -56,53 +77,66 @@ class _State:
 
 def test_own_graphs_run_the_steps_of_the_cond_graph():
     z = zoo.get("pixart")
-    # max_continuous_cached_steps forces device-decided computes: both tails run
-    cfg = {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "max_continuous_cached_steps": 2, "num_inference_steps": STEPS}
-    in_graph, own = dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg, cuda_graphs=True)
+    in_graph, own = dittofx.optimize(z.build(), CFG), dittofx.optimize(z.build(), CFG, cuda_graphs=True)
     for _request in range(2):
         for want, got in zip(steps(in_graph, z), steps(own, z)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
         want, got = dittofx.summary(in_graph)[0], dittofx.summary(own)[0]
         assert got.cached_steps == want.cached_steps and got.cached_steps, got.cached_steps
-    replays = own._dittofx.replays
-    assert sorted({name for name, *_ in replays.by_key}) == ["compute", "split-cache", "split-compute", "split-head"]
-    assert all(not r.owned_outputs for (name, *_), r in replays.by_key.items() if name == "split-head")
+    assert sorted({name for name, *_ in own._dittofx.replays.by_key}) == ["compute", "device"]
 
 
 def cfg_steps(model, z):
     """Both CFG branches' outputs of every step, all kept to the end (a replay's outputs must be
     the caller's: the next replay writes into the graph's own)."""
     with torch.no_grad():
-        return [model(**inputs)[0] for s in range(STEPS) for inputs in (z.inputs(s, 1 - s / STEPS), uncond(z.inputs(s, 1 - s / STEPS)))]
+        return [model(**on_device(inputs))[0] for s in range(STEPS) for inputs in (z.inputs(s, 1 - s / STEPS), uncond(z.inputs(s, 1 - s / STEPS)))]
 
 
-def test_captured_replays_run_the_steps_of_the_cond_graph_on_both_cfg_branches(fake_capture):
+@pytest.mark.parametrize("split", [False, True], ids=["decided on the device", "split_at_decision"])
+def test_captured_replays_run_the_steps_of_the_cond_graph_on_both_cfg_branches(captures, split):
     z = zoo.get("pixart")
-    cfg = {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "max_continuous_cached_steps": 2, "num_inference_steps": STEPS,
-           "enable_separate_cfg": True}  # fmt: skip
-    in_graph, own = dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg, cuda_graphs=True)
+    cfg = {**CFG, "enable_separate_cfg": True}
+    in_graph = dittofx.optimize(z.build().to(DEVICE), cfg)
+    own = dittofx.optimize(z.build().to(DEVICE), cfg, cuda_graphs=True, split_at_decision=split)
     for _request in range(2):
         for want, got in zip(cfg_steps(in_graph, z), cfg_steps(own, z), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
         want = {s.branch: s.cached_steps for s in dittofx.summary(in_graph)}
         assert {s.branch: s.cached_steps for s in dittofx.summary(own)} == want and all(want.values()), want
     replays = own._dittofx.replays.by_key
-    assert len(fake_capture) == len(replays) == 2 * 4  # one capture per branch and graph, kept across requests
+    names = ["compute", "split-cache", "split-compute", "split-head"] if split else ["compute", "device"]
+    assert sorted(name for name, *_ in replays) == sorted(2 * names)  # per branch, kept across requests
+    assert len(captures) == len(replays)
     for (name, state, _), tail in replays.items():  # the tails read their head's outputs where they are
-        if name.startswith("split-") and name != "split-head":
+        if name in ("split-cache", "split-compute"):
             head = next(r for (n, s, _), r in replays.items() if n == "split-head" and s == state)
             assert [x for x in tail.inputs if any(x is o for o in head.outputs)] == list(head.outputs), name
 
 
-def test_a_replay_refuses_weights_moved_since_its_capture(fake_capture):
+def test_a_replay_refuses_weights_moved_since_its_capture(captures):
     z = zoo.get("pixart")
-    model = dittofx.optimize(z.build(), {"num_inference_steps": STEPS}, cuda_graphs=True)
+    model = dittofx.optimize(z.build().to(DEVICE), {"num_inference_steps": STEPS}, cuda_graphs=True)
     with torch.no_grad():
-        model(**z.inputs(0, 1.0))
+        model(**on_device(z.inputs(0, 1.0)))
         weight = next(model.parameters())
         weight.data = weight.data.clone()
         with pytest.raises(RuntimeError, match=r"weights or cache state moved since its CUDA graph was captured.*optimize it again"):
-            model(**z.inputs(1, 0.9))
+            model(**on_device(z.inputs(1, 0.9)))
+
+
+@needs_cuda
+def test_if_else_on_device_runs_the_branch_the_gpu_reads():
+    pred, x = torch.zeros((), dtype=torch.bool, device="cuda"), torch.arange(4.0, device="cuda")
+    then, otherwise = lambda: (x + 1, None), lambda: (x * 10, None)
+    then(), otherwise()  # the kernels load outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, none = if_else_on_device(pred, then, otherwise)
+    for flag in (True, False, False, True):
+        pred.fill_(flag)
+        graph.replay()
+        assert torch.equal(out, x + 1 if flag else x * 10) and none is None, flag
 
 
 def test_each_replay_compiles_its_own_code_so_resolutions_never_reach_the_recompile_limit():
@@ -110,7 +144,7 @@ def test_each_replay_compiles_its_own_code_so_resolutions_never_reach_the_recomp
     with torch._dynamo.config.patch(recompile_limit=1):
         for size in (3, 4, 5):  # one graph, three input sizes: three compiles of fullgraph=True
             x = torch.arange(size, dtype=torch.float32)
-            (got,) = replays.get("compute", graph, "cond", state, [x])(state.tensors(), [x])
+            (got,) = replays.get("compute", {"compute": graph}, "cond", state, [x])(state.tensors(), [x])
             assert torch.equal(got, x * 2)
 
 
@@ -119,8 +153,8 @@ def test_bad_cuda_graphs_option_raises_and_leaves_the_model_untouched():
     model = z.build()
     with pytest.raises(TypeError, match=r"cuda_graphs='yes': must be True or False"):
         dittofx.optimize(model, {}, cuda_graphs="yes")
-    with pytest.raises(ValueError, match=r"cuda_graphs=True with split_at_decision: .*give one of them"):
-        dittofx.optimize(model, {}, cuda_graphs=True, split_at_decision=True)
+    with pytest.raises(ValueError, match=r"cuda_graphs=True with split_at_decision=\{'mode': 'reduce-overhead'\}: .*give split_at_decision=True"):
+        dittofx.optimize(model, {}, cuda_graphs=True, split_at_decision={"mode": "reduce-overhead"})
     with pytest.raises(ValueError, match=r"cuda_graphs=True with method='dbprune'.*allowed with 'dbcache' and 'teacache'"):
         dittofx.optimize(model, {"method": "dbprune"}, cuda_graphs=True)
     assert "_dittofx" not in model.__dict__ and "forward" not in model.__dict__
@@ -135,7 +169,7 @@ def test_torch_compile_on_top_says_to_call_the_model_without_it():
 
 
 def test_replays_are_kept_per_graph_state_and_input_sizes_and_go_with_their_state():
-    graph = torch.fx.symbolic_trace(torch.nn.Identity())
+    graph = {name: torch.fx.symbolic_trace(torch.nn.Identity()) for name in ("compute", "split-head")}
     replays, a, b, c = Replays(), _State(), _State(), _State()
     x, y = torch.zeros(3), torch.zeros(4)
     first = replays.get("compute", graph, "cond", a, [x, 1])

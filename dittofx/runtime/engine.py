@@ -154,9 +154,11 @@ class Engine:
         self.cfg = cfg
         # split_at_decision: None = the device decision stays in the graph (torch.cond); else
         # {"compile": None (the head runs eagerly) or torch.compile arguments for the head}
-        self.split = {"compile": None} if cuda_graphs else split
+        self.split = split
         # cuda_graphs: dittofx compiles its graphs and replays them from CUDA graphs of its own
-        # (graphs.py); the forward is then left out of torch.compile
+        # (graphs.py: a step decided on the device is one capture, its tails under conditional
+        # nodes; with split, a head replay, the host's read, a tail replay); the forward is then
+        # left out of torch.compile
         self.replays = Replays() if cuda_graphs else None
         self.teacache = isinstance(cfg, TeaCacheConfig)
         self.prune = isinstance(cfg, DBPruneConfig)
@@ -348,7 +350,7 @@ class Engine:
         else:
             blocks = []
             graphs = {d: CacheRewritePass(part, opts, d)(gm).graph_module for d in DECISIONS}
-            if self.split is not None:
+            if self.split is not None or self.replays is not None:
                 graphs.update({f"split-{side}": SplitAtDecisionPass(side)(graphs["device"]).graph_module for side in SIDES})
             state_nodes = [part.h_fn, *part.middle_outputs]
         return Entry(
@@ -603,11 +605,11 @@ class Engine:
         # walking entry.slots there cost ~6 guards per weight, evaluated on every call
         leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
         (decision, counted), head = self._host_decision(branch), ()
-        leaves = pytree.tree_leaves((args, kwargs)) if self.split is not None else []  # for a head or a replay only
+        leaves = pytree.tree_leaves((args, kwargs)) if self.split is not None or self.replays is not None else []  # for a head or a replay
         if decision == "device" and self.split is not None:
             head = self._run_head(entry, leading, leaves, branch, state)
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
-        elif decision == "device" and "cond without CUDA graphs" not in self._warned and cuda_graphs_in_use(device):
+        elif decision == "device" and self.replays is None and "cond without CUDA graphs" not in self._warned and cuda_graphs_in_use(device):
             self._warn_once(
                 "cond without CUDA graphs",
                 "dittofx: CUDA graphs are in use in this process (torch.compile mode='reduce-overhead' or 'max-autotune'); "
@@ -622,7 +624,7 @@ class Engine:
             self.host[branch] = counted
         graph = entry.graphs[decision]
         if self.replays is not None:
-            graph = self.replays.get(decision, graph, branch, state, [*leaves, *head])
+            graph = self.replays.get(decision, entry.graphs, branch, state, [*leaves, *head])
         self.current = (graph, entry, leading, len(head))
         self.ran = True
         return head or None
@@ -632,7 +634,7 @@ class Engine:
         then runs a cond-free tail, which CUDA graphs can hold."""
         if self.replays is not None:
             with torch.no_grad():
-                return self.replays.get("split-head", entry.graphs["split-head"], branch, state, leaves)(leading, leaves)
+                return self.replays.get("split-head", entry.graphs, branch, state, leaves)(leading, leaves)
         compile_args = self.split["compile"]
         if entry.head is None:
             graph = entry.graphs["split-head"]

@@ -6,7 +6,10 @@ the GPU then sat idle ~375 µs a step while the host went from the read to the t
 dynamo's guard check of the forward, cudagraph trees' input checks, the runtime wrappers
 (bench/split_gap.py). Here each graph is compiled by inductor (default mode, static shapes) and
 captured once into a torch.cuda.CUDAGraph; a call copies its varying inputs in and replays. No
-dynamo frame or cudagraph tree runs per call. Off CUDA the compiled graph is called as it is.
+dynamo frame or cudagraph tree runs per call. A step decided on the device is one capture: the
+head, then each tail under a CUDA-graph conditional node that reads the decision on the device
+(CUDA >= 12.4), so no host read at all; with split_at_decision the host reads it between a head
+replay and a tail replay. Off CUDA the compiled graphs are called as they are.
 """
 
 from __future__ import annotations
@@ -17,14 +20,70 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["GraphReplay", "Replays"]
+__all__ = ["DecidedStep", "GraphReplay", "Replays"]
 
 # device types whose graphs are captured and replayed (elsewhere the compiled graph is called as it is)
 CAPTURED_ON = {"cuda"}
 
 
+def compiled(graph: fx.GraphModule) -> Callable[..., Any]:
+    """`graph` compiled by inductor at static shapes, as a module of its own, so a code object of
+    its own: dynamo counts the compiles of one code object against its recompile limit, and every
+    input size (resolution) is one more."""
+    return torch.compile(fx.GraphModule(graph, graph.graph), fullgraph=True, dynamic=False)
+
+
+class DecidedStep:
+    """A step decided on the device, as one program: the split head (prologue, Fn, gates, diff),
+    then the tail its decision picks. Captured, each tail sits under a conditional node on the
+    decision, read by the GPU; uncaptured (off CUDA), the host reads it."""
+
+    def __init__(self, graphs: dict[str, fx.GraphModule]):
+        self.head, self.cache, self.compute = (compiled(graphs[f"split-{side}"]) for side in ("head", "cache", "compute"))
+
+    def __call__(self, *args: Any) -> tuple:
+        head = self.head(*args)
+        if head[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            return if_else_on_device(head[0], lambda: self.cache(*args, *head), lambda: self.compute(*args, *head))
+        return tuple((self.cache if bool(head[0]) else self.compute)(*args, *head))
+
+    def warm_up(self, *args: Any) -> None:
+        """Both tails, whatever the decision: each compiles and warms up before the capture."""
+        head = self.head(*args)
+        self.cache(*args, *head)
+        self.compute(*args, *head)
+
+
+def if_else_on_device(pred: torch.Tensor, then: Callable[[], Any], otherwise: Callable[[], Any]) -> tuple:
+    """`then()` captured under a CUDA-graph conditional node on `pred`, `otherwise()` under one on
+    its negation, both writing one set of output tensors (what follows reads fixed addresses).
+    `then`'s outputs are copied first: a tail's output may be one of its inputs."""
+    cuda = torch.version.cuda
+    if cuda is None or torch.torch_version.TorchVersion(cuda) < (12, 4) or not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
+        raise RuntimeError(
+            f"dittofx cuda_graphs: a step decided on the device is captured with CUDA-graph conditional nodes, which need "
+            f"CUDA >= 12.4 and a torch with CUDAGraph.begin_capture_to_if_node (here CUDA {torch.version.cuda}, torch "
+            f"{torch.__version__}): optimize with split_at_decision=True as well (the host reads each decision)"
+        )
+    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+    graph.begin_capture_to_if_node(pred)
+    try:
+        outputs = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in then())
+    finally:
+        graph.end_capture_to_conditional_node()
+    graph.begin_capture_to_if_node(torch.logical_not(pred))
+    try:
+        for mine, theirs in zip(outputs, otherwise(), strict=True):
+            if isinstance(mine, torch.Tensor):
+                mine.copy_(theirs)
+    finally:
+        graph.end_capture_to_conditional_node()
+    return outputs
+
+
 class GraphReplay:
-    """`graph(*fixed, *varying)` compiled, and on CUDA replayed from one CUDA graph.
+    """`program(*fixed, *varying)` (a compiled graph or a DecidedStep), on CUDA replayed from one
+    CUDA graph.
 
     `fixed`: the state, weights and constants, which keep their addresses (checked at every call:
     a model moved or cast, or weights whose `.data` was swapped, need a new capture). `varying`: the call's inputs, copied into the
@@ -35,10 +94,8 @@ class GraphReplay:
     replay, e.g. CFG's two calls before combining) or the graph's own tensors (the head's, read
     by the tails)."""
 
-    def __init__(self, graph: fx.GraphModule, state: list[torch.Tensor], owned_outputs: bool, replays: Replays):
-        # a module of its own, so a code object of its own: dynamo counts the compiles of one code
-        # object against its recompile limit, and every input size (resolution) is one more
-        self.compiled = torch.compile(fx.GraphModule(graph, graph.graph), fullgraph=True, dynamic=False)
+    def __init__(self, program: Callable[..., Any], state: list[torch.Tensor], owned_outputs: bool, replays: Replays):
+        self.compiled = program
         self.state, self.owned_outputs, self.replays = state, owned_outputs, replays
         self.addresses: list[int] = []  # of `fixed`, at the capture
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -63,9 +120,10 @@ class GraphReplay:
 
     def _capture(self, fixed: list[torch.Tensor], varying: list) -> None:
         self.inputs = [v.clone() if isinstance(v, torch.Tensor) and not self.replays.produced(v) else v for v in varying]
+        args, warm_up = [*fixed, *self.inputs], getattr(self.compiled, "warm_up", self.compiled)
         saved = [t.clone() for t in self.state]
         try:
-            self.graph, self.outputs = record(lambda: tuple(self.compiled(*fixed, *self.inputs)), self.replays.pool())
+            self.graph, self.outputs = record(lambda: tuple(self.compiled(*args)), lambda: warm_up(*args), self.replays.pool())
         finally:  # the step has not run yet, whatever the warm-up did
             for t, s in zip(self.state, saved):
                 t.copy_(s)
@@ -73,14 +131,15 @@ class GraphReplay:
         self.replays.outputs.update((id(o), o) for o in self.outputs if isinstance(o, torch.Tensor))
 
 
-def record(run: Callable[[], tuple], pool: Any) -> tuple[torch.cuda.CUDAGraph, tuple]:
-    """`run` captured into a CUDA graph, and the outputs of the captured call. It first runs twice
-    on a side stream, so that compiling, autotuning and lazy initialization stay out of the capture."""
+def record(run: Callable[[], tuple], warm_up: Callable[[], Any], pool: Any) -> tuple[torch.cuda.CUDAGraph, tuple]:
+    """`run` captured into a CUDA graph, and the outputs of the captured call. `warm_up` runs twice
+    first, on a side stream, so that compiling, autotuning and lazy initialization stay out of the
+    capture."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            run()
+            warm_up()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
@@ -102,7 +161,8 @@ class Replays:
         self._fixed: list[torch.Tensor] | None = None  # the last call's fixed inputs, and their addresses
         self._addresses: list[int] = []
 
-    def get(self, name: str, graph: fx.GraphModule, branch: str, state: Any, varying: list) -> GraphReplay:
+    def get(self, name: str, graphs: dict[str, fx.GraphModule], branch: str, state: Any, varying: list) -> GraphReplay:
+        """The replay of graph `name` ("device": a DecidedStep of the split graphs) for this call."""
         if self.states.get(branch) is not state:  # a new state for the branch: its old captures go
             old = self.states.get(branch)
             self.by_key = {k: r for k, r in self.by_key.items() if k[1] != id(old)}
@@ -117,7 +177,8 @@ class Replays:
         signature = tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in varying if not self.produced(v))
         key = (name, id(state), signature)
         if key not in self.by_key:
-            self.by_key[key] = GraphReplay(graph, state.tensors(), owned_outputs=name != "split-head", replays=self)
+            program = DecidedStep(graphs) if name == "device" else compiled(graphs[name])
+            self.by_key[key] = GraphReplay(program, state.tensors(), owned_outputs=name != "split-head", replays=self)
         return self.by_key[key]
 
     def produced(self, value: Any) -> bool:
