@@ -108,9 +108,9 @@ def test_captured_replays_run_the_steps_of_the_cond_graph_on_both_cfg_branches(c
     names = ["compute", "split-cache", "split-compute", "split-head"] if split else ["compute", "device"]
     assert sorted(name for name, *_ in replays) == sorted(2 * names)  # per branch, kept across requests
     assert len(captures) == len(replays)
-    for (name, state, _), tail in replays.items():  # the tails read their head's outputs where they are
+    for (name, state, *_), tail in replays.items():  # the tails read their head's outputs where they are
         if name in ("split-cache", "split-compute"):
-            head = next(r for (n, s, _), r in replays.items() if n == "split-head" and s == state)
+            head = next(r for (n, s, *_), r in replays.items() if n == "split-head" and s == state)
             assert [x for x in tail.inputs if any(x is o for o in head.outputs)] == list(head.outputs), name
 
 
@@ -176,6 +176,7 @@ def test_replays_are_kept_per_graph_state_and_input_sizes_and_go_with_their_stat
     assert replays.get("compute", graph, "cond", a, [torch.ones(3), 1]) is first  # same sizes: the same capture
     assert replays.get("compute", graph, "cond", a, [y, 1]) is not first  # other sizes
     assert replays.get("compute", graph, "cond", a, [x, 2]) is not first  # other non-tensor inputs
+    assert replays.get("compute", dict(graph), "cond", a, [x, 1]) is not first  # another entry's graphs
     assert replays.get("split-head", graph, "cond", a, [x, 1]).owned_outputs is False
     other_branch = replays.get("compute", graph, "uncond", b, [x, 1])
     assert replays.get("compute", graph, "cond", c, [x, 1]) is not first  # a new state on "cond": a's captures go

@@ -148,8 +148,8 @@ def record(run: Callable[[], tuple], warm_up: Callable[[], Any], pool: Any) -> t
 
 
 class Replays:
-    """An engine's GraphReplays: one per graph, cache state and input signature (sizes, dtypes,
-    non-tensor values), dropped with the state they were captured on. Captures share one memory
+    """An engine's GraphReplays: one per graph, cache state, captured forward and input signature
+    (sizes, dtypes, non-tensor values), dropped with the state they were captured on. Captures share one memory
     pool: the graphs run one after another on one stream, and what one leaves for another (its
     outputs, its inputs) stays referenced here."""
 
@@ -175,7 +175,7 @@ class Replays:
                     f"so a value that changes per step would capture again every step: pass it as a tensor"
                 )
         signature = tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in varying if not self.produced(v))
-        key = (name, id(state), signature)
+        key = (name, id(state), id(graphs), signature)  # graphs: the entry's (another capture's leaves may line up alike)
         if key not in self.by_key:
             program = DecidedStep(graphs) if name == "device" else compiled(graphs[name])
             self.by_key[key] = GraphReplay(program, state.tensors(), owned_outputs=name != "split-head", replays=self)
