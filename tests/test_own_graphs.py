@@ -12,14 +12,14 @@ import os
 
 import pytest
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 import dittofx
 import zoo
 from dittofx.runtime import graphs
 from dittofx.runtime.graphs import Replays, if_else_on_device
 from test_cfg_and_api import uncond
-from test_split import STEPS, steps
+from test_split import CASES, STEPS, steps
 
 
 DEVICE = os.environ.get("DITTOFX_TEST_DEVICE", "cpu")  # the runbook's GPU steps set "cuda": real captures
@@ -112,6 +112,22 @@ def test_captured_replays_run_the_steps_of_the_cond_graph_on_both_cfg_branches(c
         if name in ("split-cache", "split-compute"):
             head = next(r for (n, s, *_), r in replays.items() if n == "split-head" and s == state)
             assert [x for x in tail.inputs if any(x is o for o in head.outputs)] == list(head.outputs), name
+
+
+@pytest.mark.parametrize("case", ["flux dbcache F1B1 (views out of the middle)", "zimage (higher-order ops in the middle)"])
+def test_captured_steps_decided_on_the_device_match_the_cond_graph(captures, case):
+    name, cfg = CASES[case]
+    z, cfg = zoo.get(name), {**cfg, "num_inference_steps": STEPS}
+    in_graph, own = dittofx.optimize(z.build().to(DEVICE), cfg), dittofx.optimize(z.build().to(DEVICE), cfg, cuda_graphs=True)
+    with torch.no_grad():
+        for s in range(STEPS):
+            want, got = (tree_leaves(model(**on_device(z.inputs(s, 1 - s / STEPS)))) for model in (in_graph, own))
+            for w, g in zip(want, got, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+    want = dittofx.summary(in_graph)[0].cached_steps
+    assert dittofx.summary(own)[0].cached_steps == want and want, want
+    replays = own._dittofx.replays.by_key
+    assert "device" in {name for name, *_ in replays} and len(captures) == len(replays), list(replays)
 
 
 def test_a_replay_refuses_weights_moved_since_its_capture(captures):
