@@ -84,6 +84,7 @@ export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor-gpu
 export TRITON_INTERPRET=0 DITTOFX_TEST_DEVICE=cuda # test steps: compiled Triton; test_export builds on the GPU
 
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee -a "$log"
+python3 -c "import torch; from dittofx.runtime.graphs import conditional_nodes as c; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'conditional nodes:', c())" | tee -a "$log"
 for name in "${steps[@]}"; do
     estimate=${STEP[$name]%% |*}
     read -ra cmd <<<"${STEP[$name]#*| }"

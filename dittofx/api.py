@@ -91,8 +91,9 @@ def optimize(
     `cuda_graphs` (experimental): dittofx compiles each of its graphs with inductor and replays
     it from a CUDA graph of its own, captured once per graph, state and input sizes. A step decided
     on the device is one capture: the head, then each tail under a CUDA-graph conditional node
-    (CUDA >= 12.4) that reads the decision on the GPU, so the host never waits for it; with
-    `split_at_decision=True` the host reads it between a head replay and a tail replay. No dynamo
+    that reads the decision on the GPU, so the host never waits for it (CUDA >= 12.4 and a torch
+    with the bindings: not 2.11); without them, or with `split_at_decision=True`, the host reads it
+    between a head replay and a tail replay. No dynamo
     guard check or cudagraph-tree bookkeeping runs per call. Call the model without torch.compile
     (with fullgraph=True torch.compile refuses it, otherwise it compiles nothing). Off CUDA the
     compiled graphs run without capture. Its outputs are copies. DBCache and TeaCache.

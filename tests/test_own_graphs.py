@@ -8,6 +8,7 @@ captured call into the captured tensors; the conditional nodes need CUDA. With
 DITTOFX_TEST_DEVICE=cuda on a GPU (the runbook's `own-graphs-cuda` step) the same tests capture for
 real."""
 
+import logging
 import os
 
 import pytest
@@ -93,19 +94,35 @@ def cfg_steps(model, z):
         return [model(**on_device(inputs))[0] for s in range(STEPS) for inputs in (z.inputs(s, 1 - s / STEPS), uncond(z.inputs(s, 1 - s / STEPS)))]
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["decided on the device", "split_at_decision"])
-def test_captured_replays_run_the_steps_of_the_cond_graph_on_both_cfg_branches(captures, split):
+FORMS = ["conditional nodes", "no conditional nodes", "split_at_decision"]
+
+
+@pytest.fixture(params=FORMS)
+def form(request, monkeypatch, caplog):
+    """How steps decided on the device run: on CPU each form is set; on CUDA the one this torch
+    gives runs (the other one of the first two skips)."""
+    if DEVICE == "cuda" and request.param != "split_at_decision" and (request.param == "conditional nodes") != graphs.conditional_nodes():
+        pytest.skip(f"this torch has {'no ' if not graphs.conditional_nodes() else ''}CUDA-graph conditional nodes")
+    if DEVICE != "cuda":
+        monkeypatch.setattr(graphs, "conditional_nodes", lambda: request.param == "conditional nodes")
+    caplog.set_level(logging.WARNING, logger="dittofx")
+    return request.param
+
+
+def test_captured_replays_run_the_steps_of_the_cond_graph_on_both_cfg_branches(captures, form, caplog):
     z = zoo.get("pixart")
     cfg = {**CFG, "enable_separate_cfg": True}
     in_graph = dittofx.optimize(z.build().to(DEVICE), cfg)
-    own = dittofx.optimize(z.build().to(DEVICE), cfg, cuda_graphs=True, split_at_decision=split)
+    own = dittofx.optimize(z.build().to(DEVICE), cfg, cuda_graphs=True, split_at_decision=form == "split_at_decision")
     for _request in range(2):
         for want, got in zip(cfg_steps(in_graph, z), cfg_steps(own, z), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
         want = {s.branch: s.cached_steps for s in dittofx.summary(in_graph)}
         assert {s.branch: s.cached_steps for s in dittofx.summary(own)} == want and all(want.values()), want
+    said = [r.getMessage() for r in caplog.records if "captures no CUDA-graph conditional nodes" in r.getMessage()]
+    assert len(said) == (form == "no conditional nodes"), said  # once, for the form that falls back
     replays = own._dittofx.replays.by_key
-    names = ["compute", "split-cache", "split-compute", "split-head"] if split else ["compute", "device"]
+    names = ["compute", "device"] if form == "conditional nodes" else ["compute", "split-cache", "split-compute", "split-head"]
     assert sorted(name for name, *_ in replays) == sorted(2 * names)  # per branch, kept across requests
     assert len(captures) == len(replays)
     for (name, state, *_), tail in replays.items():  # the tails read their head's outputs where they are
@@ -115,7 +132,9 @@ def test_captured_replays_run_the_steps_of_the_cond_graph_on_both_cfg_branches(c
 
 
 @pytest.mark.parametrize("case", ["flux dbcache F1B1 (views out of the middle)", "zimage (higher-order ops in the middle)"])
-def test_captured_steps_decided_on_the_device_match_the_cond_graph(captures, case):
+def test_captured_steps_decided_on_the_device_match_the_cond_graph(captures, case, monkeypatch):
+    if DEVICE != "cuda":
+        monkeypatch.setattr(graphs, "conditional_nodes", lambda: True)
     name, cfg = CASES[case]
     z, cfg = zoo.get(name), {**cfg, "num_inference_steps": STEPS}
     in_graph, own = dittofx.optimize(z.build().to(DEVICE), cfg), dittofx.optimize(z.build().to(DEVICE), cfg, cuda_graphs=True)
@@ -127,7 +146,8 @@ def test_captured_steps_decided_on_the_device_match_the_cond_graph(captures, cas
     want = dittofx.summary(in_graph)[0].cached_steps
     assert dittofx.summary(own)[0].cached_steps == want and want, want
     replays = own._dittofx.replays.by_key
-    assert "device" in {name for name, *_ in replays} and len(captures) == len(replays), list(replays)
+    decided = "device" if DEVICE != "cuda" or graphs.conditional_nodes() else "split-head"
+    assert decided in {name for name, *_ in replays} and len(captures) == len(replays), list(replays)
 
 
 def test_a_replay_refuses_weights_moved_since_its_capture(captures):
@@ -142,17 +162,20 @@ def test_a_replay_refuses_weights_moved_since_its_capture(captures):
 
 
 @needs_cuda
+@pytest.mark.skipif(DEVICE == "cuda" and not graphs.conditional_nodes(), reason="this torch has no CUDA-graph conditional nodes")
 def test_if_else_on_device_runs_the_branch_the_gpu_reads():
-    pred, x = torch.zeros((), dtype=torch.bool, device="cuda"), torch.arange(4.0, device="cuda")
-    then, otherwise = lambda: (x + 1, None), lambda: (x * 10, None)
-    then(), otherwise()  # the kernels load outside the capture
+    pred, x = torch.zeros((), dtype=torch.bool, device="cuda"), torch.randn(8, 16, device="cuda")
+    w = torch.randn(16, 16, device="cuda")
+    then, otherwise = lambda: (x, None), lambda: (torch.nn.functional.linear(x, w).relu(), None)  # then: an input as is
+    then(), otherwise()  # the kernels load (and cuBLAS sets up) outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out, none = if_else_on_device(pred, then, otherwise)
+    assert out.data_ptr() != x.data_ptr() and none is None
     for flag in (True, False, False, True):
         pred.fill_(flag)
         graph.replay()
-        assert torch.equal(out, x + 1 if flag else x * 10) and none is None, flag
+        torch.testing.assert_close(out, x if flag else torch.nn.functional.linear(x, w).relu())
 
 
 def test_each_replay_compiles_its_own_code_so_resolutions_never_reach_the_recompile_limit():

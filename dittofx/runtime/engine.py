@@ -37,6 +37,7 @@ from ..patterns.modulation import ModulationNotFound, find_modulated_input
 from ..teacache import coefficients_for
 from ..masks import steps_mask
 from .blockwise import Blockwise, BlockwiseConfigError, BlockwiseError, bind_arguments, close_at_scale, learn_chain
+from . import graphs as own_graphs
 from .graphs import Replays
 from .state import SCALARS, CacheState, mark_static
 
@@ -606,7 +607,7 @@ class Engine:
         leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
         (decision, counted), head = self._host_decision(branch), ()
         leaves = pytree.tree_leaves((args, kwargs)) if self.split is not None or self.replays is not None else []  # for a head or a replay
-        if decision == "device" and self.split is not None:
+        if decision == "device" and (self.split is not None or self._host_reads_for_own_graphs(device)):
             head = self._run_head(entry, leading, leaves, branch, state)
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
         elif decision == "device" and self.replays is None and "cond without CUDA graphs" not in self._warned and cuda_graphs_in_use(device):
@@ -628,6 +629,19 @@ class Engine:
         self.current = (graph, entry, leading, len(head))
         self.ran = True
         return head or None
+
+    def _host_reads_for_own_graphs(self, device: torch.device) -> bool:
+        """cuda_graphs without conditional nodes: steps decided on the device run split (head
+        replay, host read, tail replay), as with split_at_decision=True; said once."""
+        if self.replays is None or device.type not in own_graphs.CAPTURED_ON or own_graphs.conditional_nodes():
+            return False
+        self._warn_once(
+            "no conditional nodes",
+            "dittofx: cuda_graphs=True: this torch captures no CUDA-graph conditional nodes (%s), so %s's steps decided on "
+            "the device run as a head replay, the host's read of the decision, and a tail replay (as with "
+            "split_at_decision=True)", own_graphs.versions(), type(self.model).__name__,
+        )  # fmt: skip
+        return True
 
     def _run_head(self, entry: Entry, leading: list[torch.Tensor], leaves: list, branch: str, state: CacheState) -> tuple[torch.Tensor, ...]:
         """The split head (prologue, Fn, gates, diff), run here, before the forward: the forward

@@ -8,8 +8,9 @@ dynamo's guard check of the forward, cudagraph trees' input checks, the runtime 
 captured once into a torch.cuda.CUDAGraph; a call copies its varying inputs in and replays. No
 dynamo frame or cudagraph tree runs per call. A step decided on the device is one capture: the
 head, then each tail under a CUDA-graph conditional node that reads the decision on the device
-(CUDA >= 12.4), so no host read at all; with split_at_decision the host reads it between a head
-replay and a tail replay. Off CUDA the compiled graphs are called as they are.
+(CUDA >= 12.4 and torch's bindings), so no host read at all; with split_at_decision, or where
+there are no conditional nodes, the host reads it between a head replay and a tail replay. Off
+CUDA the compiled graphs are called as they are.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["DecidedStep", "GraphReplay", "Replays"]
+__all__ = ["DecidedStep", "GraphReplay", "Replays", "conditional_nodes"]
 
 # device types whose graphs are captured and replayed (elsewhere the compiled graph is called as it is)
 CAPTURED_ON = {"cuda"}
@@ -54,17 +55,26 @@ class DecidedStep:
         self.compute(*args, *head)
 
 
+def conditional_nodes() -> bool:
+    """Whether this torch captures CUDA-graph conditional nodes: CUDA >= 12.4 and its bindings
+    (torch 2.11 has none: they landed, then were reverted, in 2026-02/03)."""
+    cuda = torch.version.cuda
+    return (
+        cuda is not None and torch.torch_version.TorchVersion(cuda) >= (12, 4)
+        and all(hasattr(torch.cuda.CUDAGraph, f) for f in ("get_currently_capturing_graph", "begin_capture_to_if_node"))
+    )  # fmt: skip
+
+
+def versions() -> str:
+    return f"CUDA {torch.version.cuda}, torch {torch.__version__}"
+
+
 def if_else_on_device(pred: torch.Tensor, then: Callable[[], Any], otherwise: Callable[[], Any]) -> tuple:
     """`then()` captured under a CUDA-graph conditional node on `pred`, `otherwise()` under one on
     its negation, both writing one set of output tensors (what follows reads fixed addresses).
     `then`'s outputs are copied first: a tail's output may be one of its inputs."""
-    cuda = torch.version.cuda
-    if cuda is None or torch.torch_version.TorchVersion(cuda) < (12, 4) or not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
-        raise RuntimeError(
-            f"dittofx cuda_graphs: a step decided on the device is captured with CUDA-graph conditional nodes, which need "
-            f"CUDA >= 12.4 and a torch with CUDAGraph.begin_capture_to_if_node (here CUDA {torch.version.cuda}, torch "
-            f"{torch.__version__}): optimize with split_at_decision=True as well (the host reads each decision)"
-        )
+    if not conditional_nodes():
+        raise RuntimeError(f"dittofx cuda_graphs: no CUDA-graph conditional nodes here ({versions()})")
     graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
     graph.begin_capture_to_if_node(pred)
     try:
@@ -119,6 +129,12 @@ class GraphReplay:
         return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs) if self.owned_outputs else self.outputs
 
     def _capture(self, fixed: list[torch.Tensor], varying: list) -> None:
+        on_cpu = [i for i, t in enumerate(fixed) if t.device.type == "cpu" and t.dim() > 0]
+        if on_cpu and self.state[0].is_cuda:  # a pageable copy to the GPU syncs: no capture holds one
+            raise RuntimeError(
+                f"dittofx cuda_graphs: the model's weights or constants {on_cpu[:8]} (of the {len(fixed)} fixed inputs) are "
+                f"CPU tensors, whose copy to the GPU no CUDA graph can hold: move the whole model to {self.state[0].device}"
+            )
         self.inputs = [v.clone() if isinstance(v, torch.Tensor) and not self.replays.produced(v) else v for v in varying]
         args, warm_up = [*fixed, *self.inputs], getattr(self.compiled, "warm_up", self.compiled)
         saved = [t.clone() for t in self.state]
@@ -142,8 +158,9 @@ def record(run: Callable[[], tuple], warm_up: Callable[[], Any], pool: Any) -> t
             warm_up()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        outputs = run()
+    with torch.cuda.stream(torch.cuda.current_stream()):  # back on it even if an invalidated capture's end raises
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = run()
     return graph, outputs
 
 
