@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
+from dittofx.runtime.graphs import record  # noqa: E402
 
 
 def per_step_ms(model, spec, latents, inputs, repeats: int = 5) -> float:
@@ -31,15 +32,7 @@ def replay_ms(model, spec, latents, inputs, replays: int = 50) -> float:
     """One step captured into a torch.cuda.CUDAGraph, replayed back to back: device time per step."""
     t = torch.full((1,), 500.0, device="cuda", dtype=latents.dtype)
     call = lambda: model(hidden_states=latents, timestep=t, return_dict=False, **inputs)[0]  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    graph, _ = record(call, call, pool=None)
     for _ in range(5):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
