@@ -9,21 +9,20 @@ DITTOFX_TEST_DEVICE=cuda on a GPU (the runbook's `own-graphs-cuda` step) the sam
 real."""
 
 import logging
-import os
 
 import pytest
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 
 import dittofx
 import zoo
 from dittofx.runtime import graphs
 from dittofx.runtime.graphs import Replays, if_else_on_device
 from test_cfg_and_api import uncond
+from test_export import DEVICE, build, inputs  # DITTOFX_TEST_DEVICE: the runbook's GPU steps set "cuda" (real captures)
 from test_split import CASES, STEPS, steps
 
 
-DEVICE = os.environ.get("DITTOFX_TEST_DEVICE", "cpu")  # the runbook's GPU steps set "cuda": real captures
 needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs: DITTOFX_TEST_DEVICE=cuda on a GPU")
 CFG = {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "num_inference_steps": STEPS,
        "max_continuous_cached_steps": 2}  # fmt: skip  # forces device-decided computes: both tails run
@@ -64,10 +63,6 @@ def captures(monkeypatch):
     return made
 
 
-def on_device(kwargs):
-    return tree_map(lambda x: x.to(DEVICE) if isinstance(x, torch.Tensor) else x, kwargs)
-
-
 class _State:
     def __init__(self):
         self.t = [torch.zeros(2)]
@@ -91,7 +86,7 @@ def cfg_steps(model, z):
     """Both CFG branches' outputs of every step, all kept to the end (a replay's outputs must be
     the caller's: the next replay writes into the graph's own)."""
     with torch.no_grad():
-        return [model(**on_device(inputs))[0] for s in range(STEPS) for inputs in (z.inputs(s, 1 - s / STEPS), uncond(z.inputs(s, 1 - s / STEPS)))]
+        return [model(**kwargs)[0] for s in range(STEPS) for kwargs in (inputs(z, s, 1 - s / STEPS), uncond(inputs(z, s, 1 - s / STEPS)))]
 
 
 FORMS = ["conditional nodes", "no conditional nodes", "split_at_decision"]
@@ -112,8 +107,8 @@ def form(request, monkeypatch, caplog):
 def test_captured_replays_run_the_steps_of_the_cond_graph_on_both_cfg_branches(captures, form, caplog):
     z = zoo.get("pixart")
     cfg = {**CFG, "enable_separate_cfg": True}
-    in_graph = dittofx.optimize(z.build().to(DEVICE), cfg)
-    own = dittofx.optimize(z.build().to(DEVICE), cfg, cuda_graphs=True, split_at_decision=form == "split_at_decision")
+    in_graph = dittofx.optimize(build(z), cfg)
+    own = dittofx.optimize(build(z), cfg, cuda_graphs=True, split_at_decision=form == "split_at_decision")
     for _request in range(2):
         for want, got in zip(cfg_steps(in_graph, z), cfg_steps(own, z), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
@@ -137,10 +132,10 @@ def test_captured_steps_decided_on_the_device_match_the_cond_graph(captures, cas
         monkeypatch.setattr(graphs, "conditional_nodes", lambda: True)
     name, cfg = CASES[case]
     z, cfg = zoo.get(name), {**cfg, "num_inference_steps": STEPS}
-    in_graph, own = dittofx.optimize(z.build().to(DEVICE), cfg), dittofx.optimize(z.build().to(DEVICE), cfg, cuda_graphs=True)
+    in_graph, own = dittofx.optimize(build(z), cfg), dittofx.optimize(build(z), cfg, cuda_graphs=True)
     with torch.no_grad():
         for s in range(STEPS):
-            want, got = (tree_leaves(model(**on_device(z.inputs(s, 1 - s / STEPS)))) for model in (in_graph, own))
+            want, got = (tree_leaves(model(**inputs(z, s, 1 - s / STEPS))) for model in (in_graph, own))
             for w, g in zip(want, got, strict=True):
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
     want = dittofx.summary(in_graph)[0].cached_steps
@@ -152,13 +147,13 @@ def test_captured_steps_decided_on_the_device_match_the_cond_graph(captures, cas
 
 def test_a_replay_refuses_weights_moved_since_its_capture(captures):
     z = zoo.get("pixart")
-    model = dittofx.optimize(z.build().to(DEVICE), {"num_inference_steps": STEPS}, cuda_graphs=True)
+    model = dittofx.optimize(build(z), {"num_inference_steps": STEPS}, cuda_graphs=True)
     with torch.no_grad():
-        model(**on_device(z.inputs(0, 1.0)))
+        model(**inputs(z, 0, 1.0))
         weight = next(model.parameters())
         weight.data = weight.data.clone()
         with pytest.raises(RuntimeError, match=r"weights or cache state moved since its CUDA graph was captured.*optimize it again"):
-            model(**on_device(z.inputs(1, 0.9)))
+            model(**inputs(z, 1, 0.9))
 
 
 @needs_cuda

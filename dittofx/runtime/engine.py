@@ -637,9 +637,9 @@ class Engine:
             return False
         self._warn_once(
             "no conditional nodes",
-            "dittofx: cuda_graphs=True: this torch captures no CUDA-graph conditional nodes (%s), so %s's steps decided on "
-            "the device run as a head replay, the host's read of the decision, and a tail replay (as with "
-            "split_at_decision=True)", own_graphs.versions(), type(self.model).__name__,
+            "dittofx: cuda_graphs=True: this torch captures no CUDA-graph conditional nodes (CUDA %s, torch %s), so %s's "
+            "steps decided on the device run as a head replay, the host's read of the decision, and a tail replay (as "
+            "with split_at_decision=True)", torch.version.cuda, torch.__version__, type(self.model).__name__,
         )  # fmt: skip
         return True
 

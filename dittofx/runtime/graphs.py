@@ -15,6 +15,7 @@ CUDA the compiled graphs are called as they are.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -55,9 +56,10 @@ class DecidedStep:
         self.compute(*args, *head)
 
 
+@functools.cache
 def conditional_nodes() -> bool:
     """Whether this torch captures CUDA-graph conditional nodes: CUDA >= 12.4 and its bindings
-    (torch 2.11 has none: they landed, then were reverted, in 2026-02/03)."""
+    (torch 2.11 has none: they landed, then were reverted, in 2026-02/03). Asked per step: cached."""
     cuda = torch.version.cuda
     return (
         cuda is not None and torch.torch_version.TorchVersion(cuda) >= (12, 4)
@@ -65,16 +67,11 @@ def conditional_nodes() -> bool:
     )  # fmt: skip
 
 
-def versions() -> str:
-    return f"CUDA {torch.version.cuda}, torch {torch.__version__}"
-
-
 def if_else_on_device(pred: torch.Tensor, then: Callable[[], Any], otherwise: Callable[[], Any]) -> tuple:
     """`then()` captured under a CUDA-graph conditional node on `pred`, `otherwise()` under one on
     its negation, both writing one set of output tensors (what follows reads fixed addresses).
-    `then`'s outputs are copied first: a tail's output may be one of its inputs."""
-    if not conditional_nodes():
-        raise RuntimeError(f"dittofx cuda_graphs: no CUDA-graph conditional nodes here ({versions()})")
+    `then`'s outputs are copied first: a tail's output may be one of its inputs. Needs
+    `conditional_nodes()`: the engine reads decisions on the host where it is False."""
     graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
     graph.begin_capture_to_if_node(pred)
     try:
