@@ -62,22 +62,10 @@ class WeightReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_threshold_zero_is_bitwise_and_disable_restores(name):
-    z = zoo.get(name)
-    model = z.build()
-    ref = run(model, z, 4)
-    forward_before = model.__dict__.get("forward")
-    dittofx.optimize(model, {"residual_diff_threshold": 0.0, "max_warmup_steps": 0})
-    out = run(model, z, 4)
-    assert all(torch.equal(a, b) for a, b in zip(out, ref))
-    assert dittofx.summary(model)[0].cached_steps == []
-    dittofx.disable(model)
-    assert model.__dict__.get("forward") is forward_before and "_dittofx" not in model.__dict__
-    assert all(torch.equal(a, b) for a, b in zip(run(model, z, 4), ref))
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_dbcache_matches_naive_reference(name):
+def test_dbcache_matches_naive_reference_and_disable_restores(name):
+    """One capture per model (the capture is most of a zoo test's cost): the cached steps against
+    the naive reference, the computed ones bitwise against the model before optimize, then
+    disable restores the model exactly."""
     z = zoo.get(name)
     # threshold from the model's own diffs, so that some steps cache and some compute
     probe = NaiveDBCache(z.build(), z.block_lists, NaiveConfig(Fn=1, Bn=1, threshold=0.0))
@@ -91,6 +79,8 @@ def test_dbcache_matches_naive_reference(name):
     assert 0 < len(reference.cached_steps) < STEPS - 2, reference.cached_steps
 
     model = z.build()
+    uncached = run(model, z)
+    forward_before = model.__dict__.get("forward")
     dittofx.optimize(
         model,
         {
@@ -112,11 +102,17 @@ def test_dbcache_matches_naive_reference(name):
     assert stats.cached_steps == reference.cached_steps
     for got, want in zip(outputs, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # a computed step runs the model's own ops on the step's own inputs: bitwise the uncached output
+    assert [s for s in range(STEPS) if torch.equal(outputs[s], uncached[s])] == stats.computed_steps
     # on a cached step no middle block runs; on a computed step they all do
     for s in range(STEPS):
         assert (middle_reads[s] == 0) == (s in stats.cached_steps), (s, middle_reads)
     for got, want in zip(stats.diffs, reference.diffs):
         assert (got != got and want != want) or abs(got - want) <= 1e-5 * max(1.0, abs(want))
+
+    dittofx.disable(model)
+    assert model.__dict__.get("forward") is forward_before and "_dittofx" not in model.__dict__
+    assert all(torch.equal(a, b) for a, b in zip(run(model, z), uncached))
 
 
 def test_new_request_resets_state_by_step_count_and_by_timestep():
