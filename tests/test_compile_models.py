@@ -31,12 +31,7 @@ def test_fullgraph_compile_no_break_no_recompile(case):
     torch._dynamo.reset()
     compiled_model = dittofx.optimize(z.build(), cfg)
     eager_model = dittofx.optimize(z.build(), cfg)
-    with torch.no_grad():  # every step of a request, each graph variant: one graph, no break
-        explanations = [torch._dynamo.explain(compiled_model)(**z.inputs(s, 1 - s / STEPS)) for s in range(STEPS)]
-    assert all(e.graph_break_count == 0 and e.graph_count == 1 for e in explanations)
-    dittofx.reset(compiled_model)
-    torch._dynamo.reset()
-
+    # fullgraph=True raises at any graph break; the frame count below is one graph per variant
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(compiled_model, fullgraph=True, backend=counter)
     frames = []
