@@ -1,6 +1,7 @@
 """Bad input (SPEC §1): a clear ValueError/TypeError naming the field, the value and what is
 allowed, and the model left exactly as it was."""
 
+import logging
 import math
 
 import pytest
@@ -132,3 +133,25 @@ def test_already_optimized_and_refresh_errors(pixart):
         dittofx.refresh(model, num_inference_steps=0)
     with pytest.raises(ValueError, match="not optimized by dittofx"):
         dittofx.summary(pixart.build())
+
+
+@pytest.mark.parametrize(
+    "cfg, words",
+    [
+        ({"residual_diff_threshold": 0.0}, "can never cache a step: residual_diff_threshold=0"),
+        ({"max_continuous_cached_steps": 0}, "can never cache a step: max_cached_steps or max_continuous_cached_steps is 0"),
+        ({"max_warmup_steps": 8, "num_inference_steps": 8}, "can never cache a step: max_warmup_steps=8 >= num_inference_steps=8"),
+        ({"method": "teacache", "coefficients": [1.0, 0.0], "num_inference_steps": 2}, "can never cache a step: num_inference_steps=2"),
+        ({"method": "dbprune", "residual_diff_threshold": 0.0}, "can never prune a block: residual_diff_threshold=0"),
+    ],
+)
+def test_a_config_that_can_never_cache_warns(pixart, cfg, words, caplog):
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        dittofx.optimize(pixart.build(), cfg)
+    assert [r.getMessage() for r in caplog.records if words in r.getMessage()], caplog.text
+
+
+def test_a_config_that_can_cache_does_not_warn(pixart, caplog):
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        dittofx.optimize(pixart.build(), {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "num_inference_steps": 8})
+    assert "never" not in caplog.text
