@@ -11,4 +11,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import zoo`, `impor
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# two pytest-xdist workers share CI's two cores: one thread each (the models are tiny)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
