@@ -18,13 +18,14 @@ budget=${BUDGET_S:-570} # seconds for this call: the device tool stops a command
 log=$OUT/call.log
 
 # step -> "estimated seconds | command arguments"; FLUX rows hold one 22 GiB bf16 weight set.
+# pytest steps: `-o addopts=-ra` drops pyproject's `-n 2` (the GPU image has no pytest-xdist)
 # FLUX: cache-dit's compiled row is its regional compile only (issue 7's FLUX anchor; a full compile
 # of FLUX costs minutes of a call's ten); one FLUX step per call
 declare -A STEP=(
     [kernels]="115 | bench/kernels.py --sweep --reduce-config auto --rotate-l2 8"
     [step-overhead]="100 | bench/step_overhead.py"
-    [export-cuda]="100 | -m pytest -q -p no:cacheprovider tests/test_export.py"
-    [own-graphs-cuda]="100 | -m pytest -q -p no:cacheprovider tests/test_own_graphs.py"
+    [export-cuda]="100 | -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_export.py"
+    [own-graphs-cuda]="100 | -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_own_graphs.py"
     [pixart-static]="280 | bench/e2e.py --model pixart --only static --repeats 7"
     [pixart-dynamic]="450 | bench/e2e.py --model pixart --only dynamic --variants reduce-overhead,cuda_graphs --repeats 5"
     [split-gap]="150 | bench/split_gap.py"
