@@ -96,6 +96,12 @@ class Spec:
             torch.set_default_dtype(default_dtype)
         return model.to(device, dtype).eval()  # fp32 buffers (PixArt's pos_embed) too, as a bf16 load casts them
 
+    def request_inputs(self, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+        """A request's starting latents and its other call inputs, seeded, on `device` in `dtype`."""
+        g = torch.Generator().manual_seed(1)
+        latents = torch.randn(*self.latent, generator=g).to(device, dtype)
+        return latents, tree_map(lambda t: t.to(device, dtype) if isinstance(t, torch.Tensor) else t, self.conditioning(g))
+
 
 def _on_cpu(model: torch.nn.Module) -> bool:
     return next(model.parameters()).device.type == "cpu"
@@ -668,9 +674,7 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
 
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(*spec.latent, generator=g).to(device, dtype)
-    inputs = tree_map(lambda t: t.to(device, dtype) if isinstance(t, torch.Tensor) else t, spec.conditioning(g))
+    latents, inputs = spec.request_inputs(device, dtype)
     clock = Clock(device)
     with torch.no_grad():
         full = spec.build(device, dtype)

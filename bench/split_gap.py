@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
-from torch.utils._pytree import tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
@@ -101,9 +100,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     spec, dtype = e2e.SPECS["pixart"], torch.bfloat16
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(*spec.latent, generator=g).to("cuda", dtype)
-    inputs = tree_map(lambda t: t.to("cuda", dtype) if isinstance(t, torch.Tensor) else t, spec.conditioning(g))
+    latents, inputs = spec.request_inputs("cuda", dtype)
     cfg = dict(e2e.CONFIGS[CONFIG][0], Fn_compute_blocks=e2e.FN, Bn_compute_blocks=e2e.BN, num_inference_steps=e2e.STEPS)
     out = Path(args.out)
     rows = []

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._pytree import tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
@@ -50,9 +49,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     spec, dtype = e2e.SPECS[args.model], torch.bfloat16
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(*spec.latent, generator=g).to("cuda", dtype)
-    inputs = tree_map(lambda t: t.to("cuda", dtype) if isinstance(t, torch.Tensor) else t, spec.conditioning(g))
+    latents, inputs = spec.request_inputs("cuda", dtype)
     rows = []
     with torch.no_grad():
         models = {"Fn+Bn only": spec.build("cuda", dtype, **spec.fn_bn_layers), "baseline": spec.build("cuda", dtype)}
