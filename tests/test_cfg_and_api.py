@@ -156,3 +156,25 @@ def test_merge_config_keeps_the_method_unless_the_changes_name_another():
     assert prune == dittofx.DBPruneConfig(residual_diff_threshold=0.1)  # another method: its own defaults
     with pytest.raises(ValueError, match=r"unknown cache_config key 'Fn_compute_blocks'"):
         merge_config(dittofx.TeaCacheConfig(), {"Fn_compute_blocks": 2})
+
+
+@pytest.mark.parametrize("name", ["pixart", "lumina2"])  # the graph path; block by block (no graph)
+def test_a_request_under_inference_mode_leaves_the_model_usable_in_any_grad_mode(name):
+    """The state is made on the first call: made under torch.inference_mode, it would be inference
+    tensors, which refuse the updates of every later call (and reset) outside it."""
+    z = zoo.get(name)
+    cfg = {"residual_diff_threshold": 0.5, "max_warmup_steps": 1, "num_inference_steps": 4}
+    model, alone = dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg)
+
+    def request(m, mode):
+        with mode():
+            return [m(**z.inputs(s, 1 - s / 4))[0].detach() for s in range(4)]
+
+    want = request(alone, torch.no_grad)
+    for mode in (torch.inference_mode, torch.no_grad, torch.enable_grad, torch.inference_mode):
+        got = request(model, mode)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), mode
+        assert dittofx.summary(model, log_table=False)[0].cached_steps == dittofx.summary(alone, log_table=False)[0].cached_steps
+        dittofx.reset(model)
+    assert dittofx.summary(alone, log_table=False)[0].cached_steps, "test needs caching"
+

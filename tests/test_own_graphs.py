@@ -145,6 +145,21 @@ def test_captured_steps_decided_on_the_device_match_the_cond_graph(captures, cas
     assert decided in {name for name, *_ in replays} and len(captures) == len(replays), list(replays)
 
 
+def test_graphs_captured_under_inference_mode_take_later_calls_outside_it(captures):
+    """A capture's own input tensors take each later call's inputs: made under inference mode,
+    they would refuse the copies of a call outside it."""
+    z = zoo.get("pixart")
+    in_graph, own = dittofx.optimize(build(z), CFG), dittofx.optimize(build(z), CFG, cuda_graphs=True)
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            got = [own(**inputs(z, s, 1 - s / STEPS))[0] for s in range(STEPS)]
+        with torch.no_grad():
+            want = [in_graph(**inputs(z, s, 1 - s / STEPS))[0] for s in range(STEPS)]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+    assert captures and dittofx.summary(own)[0].cached_steps == dittofx.summary(in_graph)[0].cached_steps != []
+
+
 def test_a_replay_refuses_weights_moved_since_its_capture(captures):
     z = zoo.get("pixart")
     model = dittofx.optimize(build(z), {"num_inference_steps": STEPS}, cuda_graphs=True)

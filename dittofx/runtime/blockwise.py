@@ -150,14 +150,14 @@ def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: 
     def enter(module, args, kwargs):
         prov.depth += 1
         named = bind_arguments(inspect.signature(module.forward), args, kwargs)
-        entered.append({n: v._version for n, v in named.items() if isinstance(v, torch.Tensor)})
+        entered.append({n: _version(v) for n, v in named.items() if isinstance(v, torch.Tensor)})
 
     def leave(path: str, i: int):
         def record(module, args, kwargs, out):
             prov.depth -= 1
             named = bind_arguments(inspect.signature(module.forward), args, kwargs)
             sources = {n: prov.of(v) for n, v in named.items() if isinstance(v, torch.Tensor)}
-            versions = tuple(o._version if isinstance(o, torch.Tensor) else None for o in _outputs(out))
+            versions = tuple(_version(o) if isinstance(o, torch.Tensor) else None for o in _outputs(out))
             number = len(calls)
             calls.append(_Call(path, i, module, named, _outputs(out), isinstance(out, tuple), sources, entered.pop(), versions, number))
             prov.tag(out, frozenset([number]))
@@ -173,12 +173,19 @@ def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: 
     handles += [b.register_forward_pre_hook(enter, with_kwargs=True) for _, _, b in blocks]
     handles += [b.register_forward_hook(leave(path, i), with_kwargs=True) for path, i, b in blocks]
     try:
-        with torch.no_grad(), prov:
+        # inference_mode(False) turns grad mode on: no_grad after it. Tensors made here count their in-place changes
+        with torch.inference_mode(False), torch.no_grad(), prov:
             run()
     finally:
         for h in handles:
             h.remove()
     return calls
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """Its in-place version counter; None for an inference tensor (a model input made under
+    torch.inference_mode), which keeps none and is never a block's output."""
+    return None if t.is_inference() else t._version
 
 
 def _passes_on(prev: _Call, nxt: _Call) -> bool:

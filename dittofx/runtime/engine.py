@@ -544,7 +544,8 @@ class Engine:
         device = next(x.device for x in leaves if isinstance(x, torch.Tensor))
         captured = entry.captured
         if captured.constants and captured.constants[0].device != device:
-            captured.constants[:] = [c.to(device) for c in captured.constants]
+            with torch.inference_mode(False), torch.no_grad():  # kept across calls, whatever the first one ran under
+                captured.constants[:] = [c.to(device) for c in captured.constants]
         return entry, sizes, device
 
     def _fall_back_to_blocks(self, args: tuple, kwargs: dict, err: CaptureError | UnpairedOutputError) -> None:

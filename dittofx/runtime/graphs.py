@@ -125,6 +125,8 @@ class GraphReplay:
         self.graph.replay()
         return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs) if self.owned_outputs else self.outputs
 
+    @torch.inference_mode(False)  # its input tensors take copies at later calls, in any grad mode
+    @torch.no_grad()  # (inference_mode(False) turns grad mode on)
     def _capture(self, fixed: list[torch.Tensor], varying: list) -> None:
         on_cpu = [i for i, t in enumerate(fixed) if t.device.type == "cpu" and t.dim() > 0]
         if on_cpu and self.state[0].is_cuda:  # a pageable copy to the GPU syncs: no capture holds one

@@ -47,6 +47,8 @@ class CacheState(torch.nn.Module):
     residual of carried value j as `[levels, *shape]` (levels = 1, or k+1 Taylor derivatives).
     """
 
+    @torch.inference_mode(False)  # made on a call under inference mode, they still take updates outside it
+    @torch.no_grad()  # (inference_mode(False) turns grad mode on)
     def __init__(
         self,
         p_like: torch.Tensor,
