@@ -38,8 +38,14 @@ def _tune_dynamo() -> None:
             setattr(cfg, name, value)
 
 
+def _unwrapped(model: Any) -> Any:
+    """The module itself where `model` is what torch.compile returned for it (an OptimizedModule
+    forwards some attribute writes to its module and keeps others: dittofx's all go to the module)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def _find_engine(model: Any) -> Engine | None:
-    target = getattr(model, "_orig_mod", model)  # accept the module torch.compile returned
+    target = _unwrapped(model)
     return target.__dict__.get("_dittofx") if isinstance(target, torch.nn.Module) else None
 
 
@@ -102,18 +108,19 @@ def optimize(
         return _optimize_pipeline(model, cache_config, process_group, params_modifiers, split_at_decision, cuda_graphs)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model={type(model).__name__}: must be a torch.nn.Module (a diffusers transformer) or a DiffusionPipeline")
-    if "_dittofx" in model.__dict__:
+    module = _unwrapped(model)  # what torch.compile returned: its module gets the engine
+    if "_dittofx" in module.__dict__:
         raise ValueError(f"model={type(model).__name__}: already optimized; call dittofx.disable(model) first")
     if params_modifiers is not None:
         raise ValueError(f"params_modifiers: model={type(model).__name__} is one transformer; {_ONE_CONFIG_PER_TRANSFORMER}")
     cfg = parse_config({} if cache_config is None else cache_config)
     split = _split_option(split_at_decision, cfg)
-    group = _group_name(context_parallel_group(model) if process_group is None else process_group)
+    group = _group_name(context_parallel_group(module) if process_group is None else process_group)
     _check_cuda_graphs(cuda_graphs, split, cfg, group)
     if example_inputs is not None:
         _check_example_inputs(example_inputs)
     _warn_if_never_caches(cfg)
-    engine = Engine(model, cfg, group, split, cuda_graphs)
+    engine = Engine(module, cfg, group, split, cuda_graphs)
     if example_inputs is not None:
         engine.prepare(*example_inputs)  # captures now; raises before anything is attached
     engine.attach()
@@ -201,7 +208,7 @@ def _optimize_pipeline(
     names = pipeline_transformers(pipe)
     configs = _component_configs(pipe, names, cfg, params_modifiers)
     for name in names:
-        if "_dittofx" in getattr(pipe, name).__dict__:
+        if _find_engine(getattr(pipe, name)) is not None:
             raise ValueError(f"pipeline {type(pipe).__name__}.{name}: already optimized; call dittofx.disable on it first")
     done = []
     for name in names:
@@ -316,7 +323,7 @@ def disable(model: torch.nn.Module) -> torch.nn.Module:
     if modules[0][0]:  # a pipeline
         detach_refresh(model)
         return model
-    return getattr(model, "_orig_mod", model)
+    return _unwrapped(model)
 
 
 @dataclass

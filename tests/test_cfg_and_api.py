@@ -178,3 +178,22 @@ def test_a_request_under_inference_mode_leaves_the_model_usable_in_any_grad_mode
         dittofx.reset(model)
     assert dittofx.summary(alone, log_table=False)[0].cached_steps, "test needs caching"
 
+
+def test_optimize_takes_what_torch_compile_returned(pixart):
+    """torch.compile first, then optimize: the engine goes on the module inside, where `disable`,
+    `summary` and a second `optimize` look for it (the wrapper keeps some attribute writes)."""
+    plain = pixart.build()
+    compiled = torch.compile(pixart.build(), fullgraph=True, backend="eager")  # dynamo's tracing, no inductor
+    assert dittofx.optimize(compiled, CFG) is compiled
+    with pytest.raises(ValueError, match="already optimized"):
+        dittofx.optimize(compiled, CFG)
+    eager = dittofx.optimize(pixart.build(), CFG)
+    with torch.no_grad():
+        for s in range(STEPS):
+            torch.testing.assert_close(compiled(**pixart.inputs(s, 1 - s / STEPS))[0], eager(**pixart.inputs(s, 1 - s / STEPS))[0])
+    assert dittofx.summary(compiled)[0].cached_steps == dittofx.summary(eager)[0].cached_steps != []
+    module = dittofx.disable(compiled)
+    assert module is compiled._orig_mod and not {"forward", "_dittofx", "cache_context"} & module.__dict__.keys()
+    assert not module._forward_pre_hooks and "_dittofx_states" not in module._modules
+    with torch.no_grad():
+        assert torch.equal(module(**pixart.inputs(0, 1.0))[0], plain(**pixart.inputs(0, 1.0))[0])
