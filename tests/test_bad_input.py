@@ -4,6 +4,7 @@ allowed, and the model left exactly as it was."""
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,9 @@ CASES = [
     ({"scm_steps_policy": "always"}, ValueError, ["scm_steps_policy='always'", "'dynamic' or 'static'"]),
     ({"steps_computation_mask": [1, 2, 0]}, ValueError, ["steps_computation_mask=(1, 2, 0)", "0/1 ints"]),
     ({"steps_computation_mask": [1, 0], "scm_steps_mask_policy": "fast"}, ValueError, ["give one of them"]),
+    ({"steps_computation_mask": np.array([1, 0, 1])}, TypeError, ["steps_computation_mask=array([1, 0, 1])", "ndarray", ".tolist()"]),
+    ({"steps_computation_mask": torch.tensor([1, 0])}, TypeError, ["steps_computation_mask=tensor([1, 0])", "Tensor", "0/1 ints"]),
+    ({"steps_computation_mask": "101"}, TypeError, ["steps_computation_mask='101'", "list of 0/1 ints"]),
     ({"scm_steps_policy": "static", "steps_computation_policy": "dynamic"}, ValueError, ["the same setting twice"]),
     ([("Fn_compute_blocks", 1)], TypeError, ["cache_config=", "must be one of ['DBCacheConfig', 'TeaCacheConfig', 'DBPruneConfig'] or a dict"]),
 ]
