@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
+
 from .masks import PRESETS
 
 __all__ = ["DBCacheConfig", "DBPruneConfig", "TeaCacheConfig", "merge_config", "parse_config"]
@@ -232,8 +234,26 @@ def _validate_dbprune(cfg: DBPruneConfig) -> DBPruneConfig:
     return cfg
 
 
+def _python_numbers(cfg: CacheConfig) -> CacheConfig:
+    """`cfg` with numpy scalars (a threshold computed with numpy, a count read from an array), alone
+    or in a list field, as the Python numbers the checks and the graph take."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, (list, tuple)) and any(isinstance(v, np.generic) for v in value):
+            return type(value)(plain(v) for v in value)
+        return value
+
+    changes = {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    changes = {name: value for name, value in changes.items() if value is not getattr(cfg, name)}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def validate(cfg: CacheConfig) -> CacheConfig:
-    """Raise a ValueError/TypeError naming the field, the value and what is allowed."""
+    """Raise a ValueError/TypeError naming the field, the value and what is allowed; numpy scalars
+    become Python numbers."""
+    cfg = _python_numbers(cfg)
     if isinstance(cfg, TeaCacheConfig):
         return _validate_teacache(cfg)
     if isinstance(cfg, DBPruneConfig):

@@ -159,3 +159,23 @@ def test_a_config_that_can_cache_does_not_warn(pixart, caplog):
     with caplog.at_level(logging.WARNING, logger="dittofx"):
         dittofx.optimize(pixart.build(), {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "num_inference_steps": 8})
     assert "never" not in caplog.text
+
+
+def test_numpy_scalars_are_taken_as_the_python_numbers_they_hold():
+    """A threshold computed with numpy or a count read from an array (np.float32 and np.int64 are
+    not float and int subclasses): the config equals the one with Python numbers."""
+    from dittofx.config import parse_config
+
+    plain = {"residual_diff_threshold": 0.25, "Fn_compute_blocks": 2, "max_warmup_steps": 3, "enable_taylorseer": True,
+             "steps_computation_mask": [1, 0, 1]}  # fmt: skip
+    given = {"residual_diff_threshold": np.float32(0.25), "Fn_compute_blocks": np.int64(2), "max_warmup_steps": np.int32(3),
+             "enable_taylorseer": np.bool_(True), "steps_computation_mask": [np.int64(1), np.int64(0), np.int64(1)]}  # fmt: skip
+    got, want = parse_config(given), parse_config(plain)
+    assert got == want and type(got.residual_diff_threshold) is float and type(got.Fn_compute_blocks) is int
+    assert all(type(m) is int for m in got.steps_computation_mask)
+    assert parse_config(dittofx.DBCacheConfig(residual_diff_threshold=np.float32(0.25), Fn_compute_blocks=np.int64(2), max_warmup_steps=3,
+                                              enable_taylorseer=True, steps_computation_mask=(1, 0, 1))) == want  # fmt: skip
+    tea = parse_config({"method": "teacache", "rel_l1_thresh": np.float32(0.5), "coefficients": list(np.array([2.0, 0.5], dtype=np.float32))})
+    assert tea == parse_config({"method": "teacache", "rel_l1_thresh": 0.5, "coefficients": [2.0, 0.5]})
+    with pytest.raises(TypeError, match=r"residual_diff_threshold=tensor\(0.2500\) \(Tensor\): must be a float"):
+        parse_config({"residual_diff_threshold": torch.tensor(0.25)})
