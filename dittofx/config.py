@@ -277,7 +277,7 @@ def validate(cfg: CacheConfig) -> CacheConfig:
     if cfg.steps_computation_mask is not None:
         mask = cfg.steps_computation_mask
         if not isinstance(mask, (list, tuple)):  # an array's truth value would raise, naming no field
-            raise TypeError(f"steps_computation_mask={mask!r} ({type(mask).__name__}): must be a list of 0/1 ints (an array: pass .tolist())")
+            raise TypeError(f"steps_computation_mask={mask!r} ({type(mask).__name__}): must be a list of 0/1 ints (an array or a tensor: pass .tolist())")
         if not mask or not all(m in (0, 1) and not isinstance(m, float) for m in mask):
             raise ValueError(f"steps_computation_mask={mask!r}: must be a non-empty list of 0/1 ints")
         if cfg.steps_mask_policy is not None:
