@@ -76,12 +76,13 @@ def _scaled(policy: str, total_steps: int) -> list[int]:
 
 
 def steps_mask(
-    mask_policy: str | None = None,
-    total_steps: int | None = None,
     compute_bins: list[int] | None = None,
     cache_bins: list[int] | None = None,
+    total_steps: int | None = None,
+    mask_policy: str | None = "medium",
 ) -> list[int]:
-    """A steps computation mask: a preset (`mask_policy`) for `total_steps`, or explicit bins."""
+    """A steps computation mask: explicit bins, else a preset (`mask_policy`) for `total_steps`.
+    cache-dit's signature: its positional order and its default preset."""
     if compute_bins is not None or cache_bins is not None:
         for name, bins in (("compute_bins", compute_bins), ("cache_bins", cache_bins)):
             if not isinstance(bins, (list, tuple)) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in bins):

@@ -38,6 +38,13 @@ def test_preset_masks_equal_the_spec_at_28_and_cache_dit_at_28_and_50(policy):
         )
 
 
+def test_steps_mask_takes_cache_dits_positional_order_and_default_preset():
+    assert dittofx.steps_mask([6, 1], [1, 3], 11) == cache_dit.steps_mask([6, 1], [1, 3], 11)
+    assert dittofx.steps_mask(None, None, 28, "fast") == cache_dit.steps_mask(None, None, 28, "fast")
+    for steps in (28, 50):
+        assert dittofx.steps_mask(total_steps=steps) == cache_dit.steps_mask(total_steps=steps) == dittofx.steps_mask(mask_policy="medium", total_steps=steps)
+
+
 def test_explicit_bins_are_taken_literally():
     assert dittofx.steps_mask(compute_bins=[6, 1], cache_bins=[1, 3], total_steps=11) == [1] * 6 + [0] + [1] + [0] * 3
     assert dittofx.steps_mask(compute_bins=[2, 1], cache_bins=[2, 3]) == [1, 1, 0, 0, 1, 0, 0, 0]

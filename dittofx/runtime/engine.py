@@ -526,7 +526,7 @@ class Engine:
                 f"scm_steps_mask_policy={cfg.steps_mask_policy!r} needs the request length: set num_inference_steps "
                 f"in the config or call dittofx.refresh(model, num_inference_steps=T) before the first call"
             )
-        return steps_mask(cfg.steps_mask_policy, self.num_steps)
+        return steps_mask(mask_policy=cfg.steps_mask_policy, total_steps=self.num_steps)
 
     def prepare(self, args: tuple, kwargs: dict) -> tuple[Entry, tuple, torch.device] | None:
         """The graph for these inputs (captured if needed); no step is counted. None: the forward
