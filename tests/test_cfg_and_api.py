@@ -176,6 +176,10 @@ def test_a_request_under_inference_mode_leaves_the_model_usable_in_any_grad_mode
         assert all(torch.equal(g, w) for g, w in zip(got, want)), mode
         assert dittofx.summary(model, log_table=False)[0].cached_steps == dittofx.summary(alone, log_table=False)[0].cached_steps
         dittofx.reset(model)
+    with torch.inference_mode():  # .to / .double remake the buffers: still not as inference tensors
+        model.double().float()
+    dittofx.reset(model)
+    assert all(torch.equal(g, w) for g, w in zip(request(model, torch.no_grad), want))
     assert dittofx.summary(alone, log_table=False)[0].cached_steps, "test needs caching"
 
 

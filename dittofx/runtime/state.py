@@ -88,6 +88,11 @@ class CacheState(torch.nn.Module):
         for t in self.buffers():  # fixed addresses for CUDA graphs, however a graph is handed them
             mark_static(t)
 
+    def _apply(self, fn, recurse=True):
+        """model.to / .half / .cuda remake the buffers: with inference mode off, as at their making."""
+        with torch.inference_mode(False), torch.no_grad():
+            return super()._apply(fn, recurse)
+
     def tensors(self) -> list[torch.Tensor]:
         """The flat list the rewritten graph takes, in its placeholder order."""
         return [getattr(self, n) for n in state_names(len(self.residual_names), self.has_norms)]
