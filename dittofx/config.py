@@ -211,6 +211,11 @@ def _validate_teacache(cfg: TeaCacheConfig) -> TeaCacheConfig:
     coefficients = cfg.coefficients
     if coefficients is None or isinstance(coefficients, str):
         return cfg  # resolved against the model's class (or the table) by `teacache.coefficients_for`
+    if not isinstance(coefficients, (list, tuple)):  # an array's truth value would raise, naming no field
+        raise TypeError(
+            f"coefficients={coefficients!r} ({type(coefficients).__name__}): must be a list of numbers, a name from "
+            f"dittofx.teacache.COEFFICIENTS, or None (numpy.polyfit's array: pass .tolist())"
+        )
     if not coefficients or not all(
         isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coefficients
     ):

@@ -62,6 +62,7 @@ CASES = [
     ({"steps_computation_mask": np.array([1, 0, 1])}, TypeError, ["steps_computation_mask=array([1, 0, 1])", "ndarray", ".tolist()"]),
     ({"steps_computation_mask": torch.tensor([1, 0])}, TypeError, ["steps_computation_mask=tensor([1, 0])", "Tensor", "0/1 ints"]),
     ({"steps_computation_mask": "101"}, TypeError, ["steps_computation_mask='101'", "list of 0/1 ints"]),
+    ({"method": "teacache", "coefficients": np.array([1.0, 0.0])}, TypeError, ["coefficients=array([1., 0.])", "ndarray", ".tolist()"]),
     ({"scm_steps_policy": "static", "steps_computation_policy": "dynamic"}, ValueError, ["the same setting twice"]),
     ([("Fn_compute_blocks", 1)], TypeError, ["cache_config=", "must be one of ['DBCacheConfig', 'TeaCacheConfig', 'DBPruneConfig'] or a dict"]),
 ]
