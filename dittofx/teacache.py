@@ -104,7 +104,9 @@ def estimate_coefficients(
     `numpy.polyfit` of output on input gives the coefficients."""
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise ValueError(f"degree={degree!r}: must be an int >= 1")
-    if "_dittofx" in model.__dict__:
+    from .api import _find_engine  # (api imports this module)
+
+    if _find_engine(model) is not None:  # also through the module torch.compile returned
         raise ValueError(
             f"model: {type(model).__name__} is optimized (its steps would advance its cache state and be cached); "
             f"fit on the plain model: dittofx.disable(model) first"

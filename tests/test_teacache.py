@@ -397,3 +397,5 @@ def test_estimate_coefficients_fits_the_pairs_collected_by_hand(name):
     with pytest.raises(ValueError, match=r"is optimized .* dittofx.disable\(model\) first"):
         dittofx.teacache.estimate_coefficients(model, requests)
     assert dittofx.summary(model) == [] or not dittofx.summary(model)[0].computed_steps  # no step ran
+    with pytest.raises(ValueError, match=r"is optimized .* dittofx.disable\(model\) first"):  # and through torch.compile's wrapper
+        dittofx.teacache.estimate_coefficients(torch.compile(model, backend="eager"), requests)
