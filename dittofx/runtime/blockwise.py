@@ -101,7 +101,7 @@ class _Call:
     outputs: tuple
     tuple_out: bool
     sources: dict[str, frozenset]  # per tensor input: the block calls (their numbers) and model inputs (-k-1) it comes from
-    versions: dict[str, int]  # per tensor input: its in-place version counter on entry
+    versions: dict[str, int | None]  # per tensor input: its in-place version counter on entry (None: an inference tensor)
     out_versions: tuple  # per output: its version counter on return
     number: int  # its place in the recorded calls (the tag of its outputs)
 
@@ -174,6 +174,7 @@ def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: 
     handles += [b.register_forward_hook(leave(path, i), with_kwargs=True) for path, i, b in blocks]
     try:
         # inference_mode(False) turns grad mode on: no_grad after it. Tensors made here count their in-place changes
+        # (a forward that changed an inference-mode input in place would raise here: none in the zoo does)
         with torch.inference_mode(False), torch.no_grad(), prov:
             run()
     finally:
