@@ -316,7 +316,9 @@ def reset(model: torch.nn.Module) -> None:
 
 
 def disable(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the original forward exactly (and drop all cache state)."""
+    """Restore the original forward exactly (and drop all cache state). Returns the pipeline, or
+    the module: for what torch.compile returned, the module inside it (the wrapper, still compiled,
+    runs the restored module)."""
     modules = _modules(model)
     for _, module in modules:
         _engine(module).detach()
