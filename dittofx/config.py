@@ -177,6 +177,12 @@ def _check_float(name: str, value: Any, what: str, allow_none: bool = False) -> 
         raise ValueError(f"{name}={value!r}: must be {what}")
 
 
+def _check_list(name: str, value: Any, what: str) -> None:
+    """A list or tuple: an array's (or a tensor's) truth value would raise its own error, naming no field."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}): must be {what} (an array or a tensor: pass .tolist())")
+
+
 def _check_optional_bool(name: str, value: Any, allow_none: bool) -> None:
     if value is None and allow_none:
         return
@@ -211,11 +217,7 @@ def _validate_teacache(cfg: TeaCacheConfig) -> TeaCacheConfig:
     coefficients = cfg.coefficients
     if coefficients is None or isinstance(coefficients, str):
         return cfg  # resolved against the model's class (or the table) by `teacache.coefficients_for`
-    if not isinstance(coefficients, (list, tuple)):  # an array's truth value would raise, naming no field
-        raise TypeError(
-            f"coefficients={coefficients!r} ({type(coefficients).__name__}): must be a list of numbers, a name from "
-            f"dittofx.teacache.COEFFICIENTS, or None (numpy.polyfit's array: pass .tolist())"
-        )
+    _check_list("coefficients", coefficients, "a list of numbers, a name from dittofx.teacache.COEFFICIENTS, or None")
     if not coefficients or not all(
         isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coefficients
     ):
@@ -281,8 +283,7 @@ def validate(cfg: CacheConfig) -> CacheConfig:
     _check_common(cfg)
     if cfg.steps_computation_mask is not None:
         mask = cfg.steps_computation_mask
-        if not isinstance(mask, (list, tuple)):  # an array's truth value would raise, naming no field
-            raise TypeError(f"steps_computation_mask={mask!r} ({type(mask).__name__}): must be a list of 0/1 ints (an array or a tensor: pass .tolist())")
+        _check_list("steps_computation_mask", mask, "a list of 0/1 ints")
         if not mask or not all(m in (0, 1) and not isinstance(m, float) for m in mask):
             raise ValueError(f"steps_computation_mask={mask!r}: must be a non-empty list of 0/1 ints")
         if cfg.steps_mask_policy is not None:

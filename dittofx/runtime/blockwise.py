@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 from ..passes.partition import fn_bn_too_large
 from ..patterns.modulation import call_name, run_finding_modulation
 from . import gates
+from .state import normal_tensors
 
 __all__ = ["BlockChain", "Blockwise", "BlockwiseError", "bind_arguments", "close_at_scale", "learn_chain"]
 
@@ -173,9 +174,9 @@ def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: 
     handles += [b.register_forward_pre_hook(enter, with_kwargs=True) for _, _, b in blocks]
     handles += [b.register_forward_hook(leave(path, i), with_kwargs=True) for path, i, b in blocks]
     try:
-        # inference_mode(False) turns grad mode on: no_grad after it. Tensors made here count their in-place changes
-        # (a forward that changed an inference-mode input in place would raise here: none in the zoo does)
-        with torch.inference_mode(False), torch.no_grad(), prov:
+        # tensors made here count their in-place changes (a forward that changed an inference-mode
+        # input in place would raise here: none in the zoo does)
+        with normal_tensors(), prov:
             run()
     finally:
         for h in handles:

@@ -39,7 +39,7 @@ from ..masks import steps_mask
 from .blockwise import Blockwise, BlockwiseConfigError, BlockwiseError, bind_arguments, close_at_scale, learn_chain
 from . import graphs as own_graphs
 from .graphs import Replays
-from .state import SCALARS, CacheState, mark_static
+from .state import SCALARS, CacheState, mark_static, normal_tensors
 
 __all__ = ["Engine", "Entry", "CaptureError", "context_parallel_group"]
 
@@ -544,7 +544,7 @@ class Engine:
         device = next(x.device for x in leaves if isinstance(x, torch.Tensor))
         captured = entry.captured
         if captured.constants and captured.constants[0].device != device:
-            with torch.inference_mode(False), torch.no_grad():  # kept across calls, whatever the first one ran under
+            with normal_tensors():  # kept across calls, whatever mode the first one ran in
                 captured.constants[:] = [c.to(device) for c in captured.constants]
         return entry, sizes, device
 

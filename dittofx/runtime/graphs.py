@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .state import normal_tensors
+
 __all__ = ["DecidedStep", "GraphReplay", "Replays", "conditional_nodes"]
 
 # device types whose graphs are captured and replayed (elsewhere the compiled graph is called as it is)
@@ -125,8 +127,7 @@ class GraphReplay:
         self.graph.replay()
         return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs) if self.owned_outputs else self.outputs
 
-    @torch.inference_mode(False)  # its input tensors take copies at later calls, in any grad mode
-    @torch.no_grad()  # (inference_mode(False) turns grad mode on)
+    @normal_tensors()  # its input tensors take copies at later calls, in any mode
     def _capture(self, fixed: list[torch.Tensor], varying: list) -> None:
         on_cpu = [i for i, t in enumerate(fixed) if t.device.type == "cpu" and t.dim() > 0]
         if on_cpu and self.state[0].is_cuda:  # a pageable copy to the GPU syncs: no capture holds one

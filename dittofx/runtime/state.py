@@ -7,11 +7,12 @@ fixed addresses. Buffers are non-persistent: `state_dict()` is unchanged by `opt
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
-__all__ = ["CacheState", "HISTORY", "SCALARS", "mark_static", "state_names"]
+__all__ = ["CacheState", "HISTORY", "SCALARS", "mark_static", "normal_tensors", "state_names"]
 
 HISTORY = 1024  # steps of per-request history kept for `summary()`
 
@@ -33,6 +34,15 @@ def mark_static(t: torch.Tensor) -> None:
     torch._dynamo.mark_static_address(t, guard=torch._dynamo.utils.is_parameter_freezing())
 
 
+@contextlib.contextmanager
+def normal_tensors():
+    """Tensors made here are normal ones whatever mode the call is in (a context or a decorator):
+    kept across calls, they must take updates outside inference mode too. Grad off as well, which
+    inference_mode(False) turns on."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def state_names(num_residuals: int, norms: bool = False) -> list[str]:
     """The state tensors in the order the rewritten graph takes them (its leading placeholders).
     `norms`: DBPrune's per-block input norms."""
@@ -47,8 +57,7 @@ class CacheState(torch.nn.Module):
     residual of carried value j as `[levels, *shape]` (levels = 1, or k+1 Taylor derivatives).
     """
 
-    @torch.inference_mode(False)  # made on a call under inference mode, they still take updates outside it
-    @torch.no_grad()  # (inference_mode(False) turns grad mode on)
+    @normal_tensors()  # made on the first call, whatever mode it runs in
     def __init__(
         self,
         p_like: torch.Tensor,
@@ -89,8 +98,8 @@ class CacheState(torch.nn.Module):
             mark_static(t)
 
     def _apply(self, fn, recurse=True):
-        """model.to / .half / .cuda remake the buffers: with inference mode off, as at their making."""
-        with torch.inference_mode(False), torch.no_grad():
+        """model.to / .half / .cuda remake the buffers: as normal tensors, as at their making."""
+        with normal_tensors():
             return super()._apply(fn, recurse)
 
     def tensors(self) -> list[torch.Tensor]:
