@@ -93,6 +93,24 @@ def test_refresh_reset_summary_and_explain(pixart, caplog):
         assert words in text
 
 
+@pytest.mark.parametrize("name", ["pixart", "lumina2"])  # the graph, and block by block (Lumina2's t runs 0 -> 1)
+@pytest.mark.parametrize("timesteps, length, warns", [("rising", None, True), ("falling", None, False), ("rising", 6, False)])
+def test_timesteps_that_rise_within_a_request_of_unknown_length_warn_that_nothing_caches(name, timesteps, length, warns, caplog):
+    """SPEC §3, length unknown: a call whose timestep rose starts a new request. Rising at every call
+    (Lumina2), every call is a new request's first step and computes: said once, with the fix."""
+    z = zoo.get(name)
+    model = dittofx.optimize(z.build(), {"residual_diff_threshold": 10.0, "max_warmup_steps": 1, "num_inference_steps": length})
+    with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
+        for s in range(6):
+            model(**z.inputs(s, s / 6 if timesteps == "rising" else 1 - s / 6))
+    said = [r.getMessage() for r in caplog.records if "timestep rose" in r.getMessage()]
+    stats = dittofx.summary(model)[0]
+    if warns:
+        assert len(said) == 1 and type(model).__name__ in said[0] and "nothing caches" in said[0] and "num_inference_steps" in said[0]
+        assert stats.cached_steps == [] and stats.computed_steps == [0]  # the 6th call: a request's first step
+    else:
+        assert said == [] and stats.cached_steps == [1, 2, 3, 4, 5]
+
 def test_two_models_keep_separate_state(pixart):
     a = dittofx.optimize(pixart.build(), dict(CFG, residual_diff_threshold=10.0))
     b = dittofx.optimize(pixart.build(), dict(CFG, residual_diff_threshold=0.0))

@@ -16,6 +16,7 @@ import copy
 import functools
 import inspect
 import logging
+import math
 import sys
 import traceback
 import types
@@ -147,6 +148,36 @@ class _CacheContext:
             engine.context_name = prev
 
 
+class _TimestepWatch:
+    """A branch's first three timesteps, copied to the host as they come, without a sync."""
+
+    def __init__(self) -> None:
+        self.copies: list[torch.Tensor] = []
+        self.copied: Any = None  # on CUDA: an event after the last copy
+        self.done = False
+
+    def add(self, timestep: Any) -> None:
+        if not isinstance(timestep, torch.Tensor) or timestep.numel() == 0 or timestep.device.type == "meta":
+            self.done = True  # nothing to watch
+            return
+        on_cuda = timestep.is_cuda
+        with normal_tensors():
+            host = torch.empty(1, dtype=torch.float32, pin_memory=on_cuda)
+            host.copy_(timestep.detach().reshape(-1)[:1], non_blocking=on_cuda)
+        self.copies.append(host)
+        if on_cuda and len(self.copies) == 3:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def ready(self) -> bool:
+        """All three copied (the values are then read once, and the watch is done)."""
+        return len(self.copies) == 3 and (self.copied is None or self.copied.query())
+
+    def values(self) -> list[float]:
+        self.done = True
+        return [float(c.numpy()[0]) for c in self.copies]  # read from host memory: no dispatch, no sync
+
+
 class Engine:
     def __init__(
         self, model: torch.nn.Module, cfg: CacheConfig, group: str | None = None, split: dict | None = None, cuda_graphs: bool = False
@@ -177,6 +208,7 @@ class Engine:
         self.calls = 0
         self.pipeline_call: str | None = None  # the class of the pipeline whose call is running (optimize(pipe))
         self._warned: set[str] = set()  # the warnings said once per model
+        self._first_timesteps: dict[str, _TimestepWatch] = {}  # per branch, request length unknown: see _watch_timesteps
         self.ran = False  # a call got through the pre-hook (till then a failure detaches)
         self.capturing = False
         self.path = "torch.export graph"
@@ -411,6 +443,31 @@ class Engine:
             self._warned.add(key)
             log.warning(message, *args)
 
+    def _watch_timesteps(self, branch: str, args: tuple, kwargs: dict) -> None:
+        """Request length unknown: SPEC §3 starts a new request at every call whose timestep rose.
+        A model whose timesteps rise within a request (Lumina2 runs t from 0 to 1) then starts one
+        at every call, and nothing caches: said when the timestep rose at both of a branch's second
+        and third calls. The timesteps are copied to the host without a sync (non-blocking, into
+        pinned memory on CUDA) and read once the copies are done, at a later call."""
+        watch = self._first_timesteps.setdefault(branch, _TimestepWatch())
+        if self.num_steps is not None or watch.done:
+            return
+        if not watch.ready():
+            if self._forward_signature is None:
+                self._forward_signature = inspect.signature(self._forward_of_model())
+            watch.add(bind_arguments(self._forward_signature, args, kwargs).get("timestep"))
+            return
+        seen = watch.values()
+        if seen[0] < seen[1] < seen[2]:
+            self._warn_once(
+                "rising timesteps",
+                "dittofx: %s's timestep rose at each of its first calls on branch %r (%s) and the request length is unknown: "
+                "SPEC §3 then starts a new request at every call whose timestep rose, so every call starts one and nothing "
+                "caches. Set num_inference_steps in the config, or call dittofx.refresh(model, num_inference_steps=T) before "
+                "each request (dittofx.optimize(pipe) does it at every pipeline call).",
+                type(self.model).__name__, branch, ", ".join(f"{t:.4g}" for t in seen),
+            )  # fmt: skip
+
     def _warn_restart(self, branch: str, step: int) -> None:
         """A fresh state in the middle of a request (calls of one step at different sizes on one
         branch restart it at every call, and nothing caches)."""
@@ -587,7 +644,9 @@ class Engine:
                 "own graphs", "dittofx: cuda_graphs=True has no graph to capture: %s runs block by block in eager Python.",
                 type(self.model).__name__,
             )  # fmt: skip
-        decision, counted = self._host_decision(branch := self._branch())
+        branch = self._branch()
+        self._watch_timesteps(branch, args, kwargs)
+        decision, counted = self._host_decision(branch)
         timestep = bind_arguments(self._forward_signature, args, kwargs).get("timestep") if self.options.timestep_input else None
         self.blockwise.start(branch, decision, timestep if isinstance(timestep, torch.Tensor) else None, counted)
         self.ran = True
@@ -606,6 +665,7 @@ class Engine:
         # resolution's fresh state would recompile; list items get automatic dynamic shapes), and
         # walking entry.slots there cost ~6 guards per weight, evaluated on every call
         leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
+        self._watch_timesteps(branch, args, kwargs)
         (decision, counted), head = self._host_decision(branch), ()
         leaves = pytree.tree_leaves((args, kwargs)) if self.split is not None or self.replays is not None else []  # for a head or a replay
         if decision == "device" and (self.split is not None or self._host_reads_for_own_graphs(device)):
