@@ -231,9 +231,10 @@ class Engine:
 
     def __deepcopy__(self, memo: dict) -> "Engine":
         """The engine of a deep copy of the model: the copy's own state, graphs captured again on
-        its first call (a captured graph holds fake tensors, which do not copy)."""
+        its first call (a captured graph holds fake tensors, which do not copy), its first
+        timesteps watched again (a CUDA event does not copy)."""
         new = memo[id(self)] = object.__new__(type(self))
-        fresh = {"entries": [], "current": None, "replays": None if self.replays is None else Replays()}
+        fresh = {"entries": [], "current": None, "replays": None if self.replays is None else Replays(), "_first_timesteps": {}}
         for name, value in self.__dict__.items():
             setattr(new, name, fresh[name] if name in fresh else copy.deepcopy(value, memo))
         return new
