@@ -28,6 +28,8 @@ __all__ = ["DecidedStep", "GraphReplay", "Replays", "conditional_nodes"]
 
 # device types whose graphs are captured and replayed (elsewhere the compiled graph is called as it is)
 CAPTURED_ON = {"cuda"}
+# all(t.data_ptr() == p for t, p at the indices), in C: in torch's CUDA builds only
+_same_addresses = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 
 def compiled(graph: fx.GraphModule) -> Callable[..., Any]:
@@ -116,7 +118,7 @@ class GraphReplay:
             if self.state[0].device.type not in CAPTURED_ON:
                 return tuple(self.compiled(*fixed, *varying))
             self._capture(fixed, varying)
-        elif self.replays.addresses(fixed) != self.addresses:
+        elif not self.replays.unmoved(fixed, self.addresses):
             raise RuntimeError(
                 "dittofx cuda_graphs: the model's weights or cache state moved since its CUDA graph was captured (moved, "
                 "cast, or weights' .data swapped): dittofx.disable the model and optimize it again"
@@ -177,6 +179,7 @@ class Replays:
         self._pool: Any = None
         self._fixed: list[torch.Tensor] | None = None  # the last call's fixed inputs, and their addresses
         self._addresses: list[int] = []
+        self._indices: list[int] = []  # 0..n-1 for the C comparison
 
     def get(self, name: str, graphs: dict[str, fx.GraphModule], branch: str, state: Any, varying: list) -> GraphReplay:
         """The replay of graph `name` ("device": a DecidedStep of the split graphs) for this call."""
@@ -203,11 +206,20 @@ class Replays:
 
     def addresses(self, fixed: list[torch.Tensor]) -> list[int]:
         """The addresses of a call's fixed inputs, read once per call: a split step's head and tail
-        get the same list, and the tail's read (~600 tensors) would sit between the decision read
+        get the same list, and the tail's read (~700 tensors) would sit between the decision read
         and the tail's launch, where the GPU waits."""
         if fixed is not self._fixed:
             self._fixed, self._addresses = fixed, [t.data_ptr() for t in fixed]
         return self._addresses
+
+    def unmoved(self, fixed: list[torch.Tensor], captured: list[int]) -> bool:
+        """Whether `fixed` sit where they were captured: compared in C where torch has it (its CUDA
+        builds, for cudagraph trees' own check), else from the call's addresses read once."""
+        if _same_addresses is None:
+            return self.addresses(fixed) == captured
+        if len(self._indices) != len(fixed):
+            self._indices = list(range(len(fixed)))
+        return len(fixed) == len(captured) and _same_addresses(fixed, captured, self._indices)
 
     def pool(self) -> Any:
         if self._pool is None:
