@@ -110,7 +110,7 @@ def export_program(
             f"model={type(engine.model).__name__}: its forward cannot be captured as one graph (dittofx caches it "
             f"block by block in eager Python), so there is no program to export"
         )
-    entry, sizes, device = prepared
+    entry, sizes, device, _ = prepared
     program = _Program(entry, engine.new_state(entry, sizes, device))
     with torch.no_grad():
         ep = torch.export.export(program, args, kwargs, strict=False)

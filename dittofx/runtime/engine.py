@@ -592,9 +592,10 @@ class Engine:
             )
         return steps_mask(mask_policy=cfg.steps_mask_policy, total_steps=self.num_steps)
 
-    def prepare(self, args: tuple, kwargs: dict) -> tuple[Entry, tuple, torch.device] | None:
-        """The graph for these inputs (captured if needed); no step is counted. None: the forward
-        cannot be captured and runs block by block (decided on the first call)."""
+    def prepare(self, args: tuple, kwargs: dict) -> tuple[Entry, tuple, torch.device, list] | None:
+        """The graph for these inputs (captured if needed), their sizes, device and leaves; no step
+        is counted. None: the forward cannot be captured and runs block by block (decided on the
+        first call)."""
         if self.blockwise is not None:
             return None
         leaves = pytree.tree_leaves((args, kwargs))
@@ -610,7 +611,7 @@ class Engine:
         if captured.constants and captured.constants[0].device != device:
             with normal_tensors():  # kept across calls, whatever mode the first one ran in
                 captured.constants[:] = [c.to(device) for c in captured.constants]
-        return entry, sizes, device
+        return entry, sizes, device, leaves
 
     def _fall_back_to_blocks(self, args: tuple, kwargs: dict, err: CaptureError | UnpairedOutputError) -> None:
         """Cache block by block in eager Python (`blockwise.py`), or raise `err` saying why not."""
@@ -664,7 +665,7 @@ class Engine:
         prepared = self.prepare(args, kwargs)
         if prepared is None:
             return self._blockwise_call(args, kwargs)
-        entry, sizes, device = prepared
+        entry, sizes, device, leaves = prepared
         branch = self._branch()
         state = self._state_for(branch, entry, sizes, device)
         # state, weights and constants go to the graph as one plain list, gathered here rather than
@@ -674,7 +675,6 @@ class Engine:
         leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
         self._watch_timesteps(branch, args, kwargs)
         (decision, counted), head = self._host_decision(branch), ()
-        leaves = pytree.tree_leaves((args, kwargs)) if self.split is not None or self.replays is not None else []  # for a head or a replay
         if decision == "device" and (self.split is not None or self._host_reads_for_own_graphs(device)):
             head = self._run_head(entry, leading, leaves, branch, state)
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
