@@ -22,7 +22,8 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from . import kernels
-from .runtime.engine import Engine, Entry
+from .passes.partition import UnpairedOutputError
+from .runtime.engine import CaptureError, Engine, Entry
 from .runtime.state import CacheState
 
 __all__ = ["export_program"]
@@ -104,13 +105,15 @@ def export_program(
     if engine.group is not None:
         raise ValueError(f"process_group={engine.group!r}: export supports one process only (optimize without process_group)")
     args, kwargs = example_inputs
-    prepared = engine.prepare(args, kwargs)
-    if prepared is None:
+    if engine.blockwise is not None:
         raise ValueError(
             f"model={type(engine.model).__name__}: its forward cannot be captured as one graph (dittofx caches it "
             f"block by block in eager Python), so there is no program to export"
         )
-    entry, sizes, device, _ = prepared
+    try:
+        entry, sizes, device = engine.static_entry(args, kwargs)
+    except (CaptureError, UnpairedOutputError) as err:
+        raise ValueError(f"model={type(engine.model).__name__}: no program to export: {err}") from err
     program = _Program(entry, engine.new_state(entry, sizes, device))
     with torch.no_grad():
         ep = torch.export.export(program, args, kwargs, strict=False)

@@ -116,6 +116,16 @@ def _symbol_bindings(entry: Entry, leaves: list) -> dict:
     return bindings
 
 
+def _constants_on_inputs_device(entry: Entry, leaves: list) -> torch.device:
+    """The inputs' device, where the graph's lifted constants are moved if they are elsewhere."""
+    device = next(x.device for x in leaves if isinstance(x, torch.Tensor))
+    captured = entry.captured
+    if captured.constants and captured.constants[0].device != device:
+        with normal_tensors():  # kept across calls, whatever mode the first one ran in
+            captured.constants[:] = [c.to(device) for c in captured.constants]
+    return device
+
+
 def context_parallel_group(model: torch.nn.Module) -> Any:
     """The group diffusers' own context parallelism shards the sequence over
     (`model.enable_parallelism(config=ContextParallelConfig(...))`), or None."""
@@ -606,12 +616,18 @@ class Engine:
                 raise
             self._fall_back_to_blocks(args, kwargs, err)
             return None
-        device = next(x.device for x in leaves if isinstance(x, torch.Tensor))
-        captured = entry.captured
-        if captured.constants and captured.constants[0].device != device:
-            with normal_tensors():  # kept across calls, whatever mode the first one ran in
-                captured.constants[:] = [c.to(device) for c in captured.constants]
-        return entry, sizes, device, leaves
+        return entry, sizes, _constants_on_inputs_device(entry, leaves), leaves
+
+    def static_entry(self, args: tuple, kwargs: dict) -> tuple[Entry, tuple, torch.device]:
+        """A graph of these inputs' shapes only, kept apart from the engine's own, and its sizes and
+        device: for export, which specializes the program to its example shapes anyway. (From a
+        symbolic capture, sizes pass between the regions as SymInt operands of the cond; at static
+        shapes export makes them ints, and its placeholder naming then fails: FLUX, SD3, ...)"""
+        leaves = pytree.tree_leaves((args, kwargs))
+        entry = self._build(args, kwargs, dynamic=False)
+        sizes = input_key(args, kwargs, {})
+        entry.state_shapes[sizes] = _state_shapes(entry, leaves)
+        return entry, sizes, _constants_on_inputs_device(entry, leaves)
 
     def _fall_back_to_blocks(self, args: tuple, kwargs: dict, err: CaptureError | UnpairedOutputError) -> None:
         """Cache block by block in eager Python (`blockwise.py`), or raise `err` saying why not."""
