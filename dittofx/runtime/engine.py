@@ -39,6 +39,7 @@ from ..teacache import coefficients_for
 from ..masks import steps_mask
 from .blockwise import Blockwise, BlockwiseConfigError, BlockwiseError, bind_arguments, close_at_scale, learn_chain
 from . import graphs as own_graphs
+from . import structure
 from .graphs import Replays
 from .state import SCALARS, CacheState, mark_static, normal_tensors
 
@@ -234,6 +235,10 @@ class Engine:
         # instance attributes we replace, as they were (None: not set on the instance)
         self._saved = {attr: model.__dict__.get(attr) for attr in ("forward", "cache_context")}
         self._hook = None
+        # the model changed in a way its graphs cannot see (structure.py): why, until the next call captures again
+        self.changed: str | None = None
+        self._stateful: list[torch.nn.Module] = []  # the modules whose Python switches the graphs baked in
+        self._baked: tuple = ()  # and those switches, at the capture
 
     # ---- attach / detach -------------------------------------------------------------------
     def attach(self) -> None:
@@ -250,13 +255,17 @@ class Engine:
         its first call (a captured graph holds fake tensors, which do not copy), its first
         timesteps watched again (a CUDA event does not copy)."""
         new = memo[id(self)] = object.__new__(type(self))
-        fresh = {"entries": [], "current": None, "replays": None if self.replays is None else Replays(), "_first_timesteps": {}}
+        fresh = {
+            "entries": [], "current": None, "replays": None if self.replays is None else Replays(), "_first_timesteps": {},
+            "changed": None, "_stateful": [], "_baked": (),
+        }  # fmt: skip
         for name, value in self.__dict__.items():
             setattr(new, name, fresh[name] if name in fresh else copy.deepcopy(value, memo))
         return new
 
     def detach(self) -> None:
         model = self.model
+        structure.unwatch(model)
         if self.blockwise is not None:
             self.blockwise.remove()
         self._hook.remove()
@@ -367,6 +376,9 @@ class Engine:
                 f"allows enable_parallelism once per model, so start from a freshly loaded one)"
             )
         captured = self._capture(args, kwargs, dynamic)
+        structure.watch(self.model, self)
+        self._stateful = structure.stateful_modules(self.model)
+        self._baked = structure.python_state(self._stateful)
         gm = captured.gm
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         n_state = len(captured.state_fqns) + len(captured.constants)
@@ -650,6 +662,7 @@ class Engine:
         except (BlockwiseError, ModulationNotFound) as why:
             raise type(err)(f"{err} Caching block by block in eager Python instead is not possible either: {why}.") from err.__cause__
         self.blockwise = blockwise
+        structure.watch(self.model, self)  # a block swapped would run unwrapped
         captured = isinstance(err, UnpairedOutputError)
         self.path = "eager, block by block " + ("(the graph's middle cannot be paired)" if captured else "(the forward cannot be captured)")
         reason = f"{type(self.model).__name__}'s graph: {err}." if captured else str(err).split(" Data-dependent Python")[0]
@@ -678,6 +691,7 @@ class Engine:
     def pre_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
         """Pick this call's graph and gather its leading inputs; for a step split at its decision,
         run the head and return its tensors."""
+        self._capture_again_if_changed()
         prepared = self.prepare(args, kwargs)
         if prepared is None:
             return self._blockwise_call(args, kwargs)
@@ -713,6 +727,33 @@ class Engine:
         self.current = (graph, entry, leading, len(head))
         self.ran = True
         return head or None
+
+    def structure_changed(self, why: str) -> None:
+        """A submodule was registered anew in the model (structure.watch)."""
+        self.changed = self.changed or why
+
+    def _capture_again_if_changed(self) -> None:
+        """Drop the graphs (and the blocks' wrappers) when the model changed in a way they cannot
+        see (structure.py); the call then captures again. The switches are read at a request's
+        start only (each call where the length is unknown): peft's layers can be hundreds."""
+        why = self.changed
+        starting = self.num_steps is None or not self.host or any(s == 0 or s >= self.num_steps for s, _ in self.host.values())
+        if why is None and self._stateful and starting and structure.python_state(self._stateful) != self._baked:
+            why = "adapters (peft) or attention processors switched"
+        if why is None:
+            return
+        if self.entries or self.blockwise is not None:
+            self._warn_once(
+                "captured again",
+                "dittofx: %s changed since its graph was captured (%s): capturing it again at this call (said once; under "
+                "torch.compile a recompile follows)", type(self.model).__name__, why,
+            )  # fmt: skip
+        if self.blockwise is not None:
+            self.blockwise.remove()
+            self.blockwise, self.path = None, "torch.export graph"
+        self.entries, self.current, self.changed, self._stateful, self._baked = [], None, None, [], ()
+        if self.replays is not None:
+            self.replays = Replays()
 
     def _host_reads_for_own_graphs(self, device: torch.device) -> bool:
         """cuda_graphs without conditional nodes: steps decided on the device run split (head

@@ -1,0 +1,114 @@
+"""Changes a captured graph cannot see (dittofx/runtime/structure.py): a LoRA loaded, switched,
+fused or removed after the first call, a block or a layer swapped, an attention processor set.
+Each is checked at threshold 0 (every step computes) against a plain model given the same
+changes: SPEC §1 makes the outputs bitwise equal, so a stale graph shows as any difference."""
+
+import logging
+
+import pytest
+import torch
+from peft import LoraConfig
+
+import dittofx
+import zoo
+
+CFG = {"residual_diff_threshold": 0.0, "max_warmup_steps": 0, "num_inference_steps": 2}
+LORA = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_out"], init_lora_weights=False)
+
+
+def request(model, z, steps: int = 2) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(**z.inputs(s, 1 - s / steps), return_dict=False)[0] for s in range(steps)]
+
+
+def add_lora(model, name: str, seed: int) -> None:
+    """An adapter with the same random (non-zero) weights in every model it is added to."""
+    model.add_adapter(LORA, adapter_name=name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if ".lora_" in n and f".{name}." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+class HalfOutput:
+    """A user's attention processor: the default one, its output halved."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        return tuple(o * 0.5 for o in out) if isinstance(out, tuple) else out * 0.5
+
+
+def half_output(model) -> None:
+    model.set_attn_processor({name: HalfOutput(p) for name, p in model.attn_processors.items()})
+
+
+def other_block(model, name: str, blocks: str, i: int) -> None:
+    """Block i of `blocks` replaced by a new one, with other weights (from zoo model `name`)."""
+    block = getattr(zoo.get(name).build(), blocks)[i]
+    with torch.no_grad():
+        for p in block.parameters():
+            p.mul_(0.9)
+    getattr(model, blocks)[i] = block
+
+
+CHANGES = {  # each runs on both models, in order; a request after each
+    "lora": [
+        ("add an adapter", lambda m: add_lora(m, "a", 1)),
+        ("set_adapters weight 0.5", lambda m: m.set_adapters(["a"], weights=[0.5])),
+        ("a second adapter, both on", lambda m: (add_lora(m, "b", 2), m.set_adapters(["a", "b"], weights=[1.0, 0.7]))),
+        ("disable_adapters", lambda m: m.disable_adapters()),
+        ("enable_adapters", lambda m: m.enable_adapters()),
+        ("fuse_lora", lambda m: m.fuse_lora()),
+        ("unfuse_lora", lambda m: m.unfuse_lora()),
+        ("delete_adapters", lambda m: m.delete_adapters(["a", "b"])),
+    ],
+    "processor": [("set_attn_processor", half_output)],
+    "swap": [
+        ("a block", lambda m: other_block(m, "flux", "transformer_blocks", 1)),
+        ("a linear layer", lambda m: setattr(m.single_transformer_blocks[0], "proj_out", torch.nn.Linear(*m.single_transformer_blocks[0].proj_out.weight.shape[::-1]))),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(CHANGES))
+def test_a_change_after_the_first_call_is_run_as_the_plain_model_runs_it(kind, caplog):
+    z = zoo.get("flux")
+    plain, optimized = z.build(), dittofx.optimize(z.build(), CFG)
+    steps = [("nothing", None), *CHANGES[kind]]
+    for what, change in steps:
+        for model in (plain, optimized) if change else ():
+            torch.manual_seed(0)  # the layers a change makes
+            change(model)
+        with caplog.at_level(logging.WARNING, logger="dittofx"):
+            got, want = request(optimized, z), request(plain, z)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), (what, max((g - w).abs().max().item() for g, w in zip(got, want)))
+    assert "changed since its graph was captured" in caplog.text
+
+
+def test_a_block_swapped_on_the_block_by_block_path_is_wrapped_again():
+    """Lumina2 runs block by block, with wrappers on the blocks it found: a new block needs its own."""
+    z = zoo.get("lumina2")
+    cfg = {"residual_diff_threshold": 0.5, "max_warmup_steps": 1, "num_inference_steps": 8}
+    reference, optimized = dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg)
+    request(optimized, z, 8)
+    for model in (reference, optimized):
+        other_block(model, "lumina2", "layers", 2)
+    want, got = request(reference, z, 8), request(optimized, z, 8)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert dittofx.summary(optimized)[0].cached_steps == dittofx.summary(reference)[0].cached_steps != []
+
+
+def test_nothing_changed_keeps_the_graph(caplog):
+    z = zoo.get("flux")
+    model = dittofx.optimize(z.build(), CFG)
+    add_lora(model, "a", 1)  # before the first call: in the first capture
+    request(model, z)
+    graph = model._dittofx.entries[0]
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        for _ in range(3):
+            request(model, z)
+    assert model._dittofx.entries == [graph] and "changed since" not in caplog.text
