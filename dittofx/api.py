@@ -300,6 +300,7 @@ def refresh(model: torch.nn.Module, num_inference_steps: int | None = None) -> N
         engine = _engine(module)
         engine.num_steps = num_inference_steps
         engine.host.clear()
+        engine.calls = 0  # enable_separate_cfg=True: the next call is the first branch's again
         mask = engine.mask()  # a preset mask is regenerated for the new length
         for state in engine.states.values():
             state.reset(num_steps=num_inference_steps or 0)
@@ -311,6 +312,7 @@ def reset(model: torch.nn.Module) -> None:
     for _, module in _modules(model):
         engine = _engine(module)
         engine.host.clear()
+        engine.calls = 0
         for state in engine.states.values():
             state.reset()
 
@@ -344,10 +346,17 @@ class CacheStats:
         return len(self.cached_steps) / total if total else 0.0
 
 
+class Summary(list):
+    """What `summary` returns: a list of CacheStats, printed as the table it logs."""
+
+    def __str__(self) -> str:
+        return _table(self)
+
+
 def summary(model: torch.nn.Module, log_table: bool = True) -> list[CacheStats]:
     """Stats of the latest request, one entry per cached region and CFG branch (and, for a
-    pipeline, per transformer: names like `transformer_2:blocks`)."""
-    stats = []
+    pipeline, per transformer: names like `transformer_2:blocks`); `print` shows the table."""
+    stats = Summary()
     for component, module in _modules(model):
         stats += _stats(_engine(module), f"{component}:" if component else "")
     if log_table:

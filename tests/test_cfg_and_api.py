@@ -219,3 +219,60 @@ def test_optimize_takes_what_torch_compile_returned(pixart):
     assert not module._forward_pre_hooks and "_dittofx_states" not in module._modules
     with torch.no_grad():
         assert torch.equal(module(**pixart.inputs(0, 1.0))[0], plain(**pixart.inputs(0, 1.0))[0])
+
+
+class _NoTimestep(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, hidden_states):
+        for block in self.blocks:
+            hidden_states = hidden_states + torch.tanh(block(hidden_states))
+        return (hidden_states,)
+
+
+@pytest.mark.parametrize("length", [None, 4])
+def test_no_timestep_input_and_no_request_length_warns(length, caplog):
+    """SPEC §3 tells a new request of unknown length by the timestep: without one, said once."""
+    model = dittofx.optimize(_NoTimestep(), {"residual_diff_threshold": 0.1, "num_inference_steps": length})
+    with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
+        model(torch.randn(1, 5, 8))
+        model(torch.randn(1, 5, 8))
+    said = [r.getMessage() for r in caplog.records if "has no timestep input" in r.getMessage()]
+    assert len(said) == (1 if length is None else 0) and all("_NoTimestep" in m and "num_inference_steps" in m for m in said)
+
+
+@pytest.mark.parametrize("length", [None, 4])
+def test_teacache_without_a_request_length_warns_that_the_last_step_may_cache(length, caplog):
+    z = zoo.get("flux")
+    model = dittofx.optimize(z.build(), {"method": "teacache", "rel_l1_thresh": 0.3, "num_inference_steps": length})
+    with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
+        for s in range(3):
+            model(**z.inputs(s, 1 - s / 3))
+    said = [r.getMessage() for r in caplog.records if "TeaCache on FluxTransformer2DModel with the request length unknown" in r.getMessage()]
+    assert len(said) == (1 if length is None else 0)
+
+
+def test_refresh_and_reset_start_the_call_parity_again(pixart):
+    """enable_separate_cfg=True without names: even calls are cond. A stray call, then refresh or
+    reset: the next call is a new request's first, so cond's."""
+    model = dittofx.optimize(pixart.build(), dict(CFG, enable_separate_cfg=True))
+    for restart in (dittofx.reset, lambda m: dittofx.refresh(m, num_inference_steps=STEPS)):
+        with torch.no_grad():
+            model(**pixart.inputs(0, 1.0))  # cond, and no uncond after it
+            restart(model)
+            model(**pixart.inputs(0, 1.0))
+        ran = {s.branch: s.computed_steps + s.cached_steps for s in dittofx.summary(model)}
+        assert ran["cond"] == [0] and not ran.get("uncond"), ran
+
+
+def test_summary_prints_as_its_table(pixart):
+    model = dittofx.optimize(pixart.build(), dict(CFG, residual_diff_threshold=10.0))
+    with torch.no_grad():
+        for s in range(3):
+            model(**pixart.inputs(s, 1 - s / STEPS))
+    stats = dittofx.summary(model, log_table=False)
+    assert isinstance(stats, list) and str(stats) == str(stats).strip()
+    assert str(stats).splitlines()[0] == "dittofx summary" and "[default] DBCache_F1B0_W1" in str(stats) and "P50=" in str(stats)
+    assert "cached 2/3 steps [1, 2]" in str(stats)

@@ -115,8 +115,9 @@ def test_dbcache_matches_naive_reference_and_disable_restores(name):
     assert all(torch.equal(a, b) for a, b in zip(run(model, z), uncached))
 
 
-def test_new_request_resets_state_by_step_count_and_by_timestep():
-    z = zoo.get("pixart")
+@pytest.mark.parametrize("name", ["pixart", "zimage", "hidream"])  # the timestep input: timestep, t, timesteps (block by block)
+def test_new_request_resets_state_by_step_count_and_by_timestep(name):
+    z = zoo.get(name)
     base = dict(residual_diff_threshold=10.0, max_warmup_steps=1)
     for extra in ({"num_inference_steps": 4}, {}):
         model = dittofx.optimize(z.build(), {**base, **extra})

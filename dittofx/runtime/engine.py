@@ -47,6 +47,11 @@ __all__ = ["Engine", "Entry", "CaptureError", "context_parallel_group"]
 
 log = logging.getLogger("dittofx")
 
+# what diffusers' transformers name their timestep input (most: timestep; Z-Image: t; HiDream:
+# timesteps; Cosmos 3: vision_timesteps), first match wins: new requests of unknown length are told
+# by it (SPEC §3), and TaylorSeer's gap can be measured in it
+TIMESTEP_INPUTS = ("timestep", "timesteps", "t", "vision_timesteps")
+
 OWN_GRAPHS = (
     "dittofx.optimize(..., cuda_graphs=True) compiles the model's graphs and replays them from CUDA graphs of its own: "
     "call the model without torch.compile"
@@ -438,7 +443,7 @@ class Engine:
             warmup_interval=cfg.warmup_interval,
             max_cached_steps=cfg.max_cached_steps,
             max_continuous_cached_steps=cfg.max_continuous_cached_steps,
-            timestep_input="timestep" if "timestep" in input_names else None,
+            timestep_input=next((n for n in TIMESTEP_INPUTS if n in input_names), None),
             has_mask=cfg.has_mask,
             static_mask=cfg.steps_computation_policy == "static",
             group=self.group,
@@ -449,9 +454,18 @@ class Engine:
         )
         if opts.gap_in_timesteps and opts.timestep_input is None:
             raise ValueError(
-                f"taylorseer_gap='timestep': {type(self.model).__name__}.forward has no `timestep` input "
-                f"(inputs: {input_names}); allowed here: 'steps'"
+                f"taylorseer_gap='timestep': {type(self.model).__name__}.forward has no timestep input (named one of "
+                f"{TIMESTEP_INPUTS}; inputs: {input_names}); allowed here: 'steps'"
             )
+        if opts.timestep_input is None and self.num_steps is None:
+            self._warn_once(
+                "no timestep",
+                "dittofx: %s.forward has no timestep input (named one of %s; inputs: %s) and the request length is unknown: "
+                "a new request cannot be told, so its first steps may be served from the last request's residuals. Set "
+                "num_inference_steps in the config, or call dittofx.refresh(model, num_inference_steps=T) (or dittofx.reset) "
+                "before each request (dittofx.optimize(pipe) does it at every pipeline call).",
+                type(self.model).__name__, TIMESTEP_INPUTS, input_names,
+            )  # fmt: skip
         return opts
 
     def _state_for(self, branch: str, entry: Entry, sizes: tuple, device: torch.device) -> CacheState:
@@ -484,7 +498,8 @@ class Engine:
         if not watch.ready():
             if self._forward_signature is None:
                 self._forward_signature = inspect.signature(self._forward_of_model())
-            watch.add(bind_arguments(self._forward_signature, args, kwargs).get("timestep"))
+            name = next((n for n in TIMESTEP_INPUTS if n in self._forward_signature.parameters), None)
+            watch.add(bind_arguments(self._forward_signature, args, kwargs).get(name) if name else None)
             return
         seen = watch.values()
         if seen[0] < seen[1] < seen[2]:
@@ -559,6 +574,14 @@ class Engine:
         once this step has run (None: not counted), for the caller to keep when it does run."""
         cfg, steps = self.cfg, self.num_steps
         if steps is None:
+            if self.teacache:
+                self._warn_once(
+                    "teacache length",
+                    "dittofx: TeaCache on %s with the request length unknown: SPEC §6 computes the last step, which cannot be "
+                    "told, so only a request's first step is sure to compute. Set num_inference_steps in the config, or call "
+                    "dittofx.refresh(model, num_inference_steps=T) before each request (dittofx.optimize(pipe) does it at every "
+                    "pipeline call).", type(self.model).__name__,
+                )  # fmt: skip
             return "device", None
         step, stored = self.host.get(branch, (0, False))
         if step >= steps:  # the device state resets itself at the same point
@@ -684,7 +707,8 @@ class Engine:
         branch = self._branch()
         self._watch_timesteps(branch, args, kwargs)
         decision, counted = self._host_decision(branch)
-        timestep = bind_arguments(self._forward_signature, args, kwargs).get("timestep") if self.options.timestep_input else None
+        name = self.options.timestep_input
+        timestep = bind_arguments(self._forward_signature, args, kwargs).get(name) if name else None
         self.blockwise.start(branch, decision, timestep if isinstance(timestep, torch.Tensor) else None, counted)
         self.ran = True
 
