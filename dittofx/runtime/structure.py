@@ -38,7 +38,7 @@ _hook: Any = None
 
 def _registered(module: torch.nn.Module, name: str, submodule: Any) -> None:
     listener = _listeners.get(module)
-    if listener is not None and module._modules.get(name) is not submodule and listener() is not None:
+    if listener is not None and name != OWN and module._modules.get(name) is not submodule and listener() is not None:
         kind = type(submodule)
         listener().structure_changed(f"{type(module).__name__}.{name} set to a {kind.__module__}.{kind.__qualname__}")
 
