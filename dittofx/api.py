@@ -301,6 +301,7 @@ def refresh(model: torch.nn.Module, num_inference_steps: int | None = None) -> N
         engine.num_steps = num_inference_steps
         engine.host.clear()
         engine.calls = 0  # enable_separate_cfg=True: the next call is the first branch's again
+        engine.latest.clear()
         mask = engine.mask()  # a preset mask is regenerated for the new length
         for state in engine.states.values():
             state.reset(num_steps=num_inference_steps or 0)
@@ -313,6 +314,7 @@ def reset(model: torch.nn.Module) -> None:
         engine = _engine(module)
         engine.host.clear()
         engine.calls = 0
+        engine.latest.clear()
         for state in engine.states.values():
             state.reset()
 

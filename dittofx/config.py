@@ -196,10 +196,11 @@ def _check_common(cfg: CacheConfig) -> None:
     _check_optional_bool("enable_separate_cfg", cfg.enable_separate_cfg, allow_none=True)
     _check_optional_bool("cfg_compute_first", cfg.cfg_compute_first, allow_none=False)
     _check_optional_bool("cfg_diff_compute_separate", cfg.cfg_diff_compute_separate, allow_none=False)
-    if not cfg.cfg_diff_compute_separate:
+    if not cfg.cfg_diff_compute_separate and not isinstance(cfg, DBCacheConfig):
+        method = "teacache" if isinstance(cfg, TeaCacheConfig) else "dbprune"
         raise ValueError(
-            "cfg_diff_compute_separate=False: reusing one CFG branch's decision in the other is not "
-            "available in this release; allowed: True"
+            f"cfg_diff_compute_separate=False: reusing one CFG branch's decision in the other is available for "
+            f"method='dbcache' only (here: method='{method}'); allowed: True"
         )
     if cfg.num_inference_steps is not None:
         _check_int("num_inference_steps", cfg.num_inference_steps, 1, ">= 1 or None")

@@ -52,7 +52,7 @@ CASES = [
     ({"num_inference_steps": 0}, ValueError, ["num_inference_steps=0", ">= 1"]),
     ({"method": "fastcache"}, ValueError, ["method='fastcache'", "dbcache"]),
     ({"blocks": "transformer_blocks"}, TypeError, ["blocks='transformer_blocks'", "list of ModuleList"]),
-    ({"cfg_diff_compute_separate": False}, ValueError, ["cfg_diff_compute_separate=False", "not available in this release"]),
+    ({"method": "dbprune", "cfg_diff_compute_separate": False}, ValueError, ["cfg_diff_compute_separate=False", "method='dbcache' only"]),
     ({"taylorseer_order": 0}, ValueError, ["taylorseer_order=0", ">= 1"]),
     ({"enable_taylorseer": 1}, TypeError, ["enable_taylorseer=1", "True or False"]),
     ({"scm_steps_mask_policy": "turbo"}, ValueError, ["scm_steps_mask_policy='turbo'", "'fast'"]),

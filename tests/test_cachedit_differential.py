@@ -27,7 +27,9 @@ Deliberate differences, kept out of the configs below:
   current diff, with `>`. Not comparable; not set here.
 * `residual_diff_threshold >= 1.0`: cache-dit's `similarity()` caches unconditionally without
   measuring (`if threshold >= 1.0: ... return True`); SPEC compares the diff. Thresholds here are < 1.
-* `cfg_diff_compute_separate=False`: dittofx rejects it (not available in this release); not tested.
+* `cfg_diff_compute_separate=False`: dittofx follows SPEC §3 (the second branch of a step reuses the first
+  branch's decision of that step; tested against an independent expectation in test_cfg_and_api); not compared
+  with cache-dit here.
 * cache-dit's transformer-only enable defaults `enable_separate_cfg` from its adapter registry (True for
   Wan/Qwen-Image) and then splits calls by parity; dittofx defaults to one shared state when no
   `cache_context` name is set. Both sides are given `enable_separate_cfg` explicitly.

@@ -18,9 +18,9 @@ def uncond(kwargs):
     return {k: torch.zeros_like(v) if k.startswith("encoder_hidden_states") else v for k, v in kwargs.items()}
 
 
-def single_branch_run(z, make_inputs):
+def single_branch_run(z, make_inputs, cfg=CFG):
     """One optimized model fed only one branch's inputs: the independent expectation."""
-    model = dittofx.optimize(z.build(), CFG)
+    model = dittofx.optimize(z.build(), cfg)
     with torch.no_grad():
         outs = [model(**make_inputs(z.inputs(s, 1 - s / STEPS)))[0] for s in range(STEPS)]
     return outs, dittofx.summary(model)[0].cached_steps
@@ -276,3 +276,33 @@ def test_summary_prints_as_its_table(pixart):
     assert isinstance(stats, list) and str(stats) == str(stats).strip()
     assert str(stats).splitlines()[0] == "dittofx summary" and "[default] DBCache_F1B0_W1" in str(stats) and "P50=" in str(stats)
     assert "cached 2/3 steps [1, 2]" in str(stats)
+
+
+@pytest.mark.parametrize("length", [STEPS, None], ids=["length known", "length unknown"])
+@pytest.mark.parametrize("compute_first", [False, True], ids=["cond first", "uncond first"])
+# thresholds at which the branches alone cache differently (PixArt: between their step-3 diffs,
+# 0.0422 and 0.0431); HiDream runs block by block
+@pytest.mark.parametrize("name, threshold", [("pixart", 0.0426), ("hidream", 0.3)])
+def test_the_second_cfg_branch_reuses_the_first_branchs_decisions(name, threshold, length, compute_first):
+    """cfg_diff_compute_separate=False (SPEC §3): the second branch of each step takes the first's
+    decision and measures no diff. Expected: the first branch as it runs alone; the second alone,
+    given the first's schedule as a static mask."""
+    pixart = zoo.get(name)
+    first, second = ("uncond", "cond") if compute_first else ("cond", "uncond")
+    inputs = {"cond": lambda k: k, "uncond": uncond}
+    alone = {b: single_branch_run(pixart, inputs[b], dict(CFG, residual_diff_threshold=threshold)) for b in (first, second)}
+    assert alone[first][1] != alone[second][1], alone
+    cfg = dict(CFG, residual_diff_threshold=threshold, num_inference_steps=length, enable_separate_cfg=True,
+               cfg_compute_first=compute_first, cfg_diff_compute_separate=False)  # fmt: skip
+    model = dittofx.optimize(pixart.build(), cfg)
+    outs = {"cond": [], "uncond": []}
+    with torch.no_grad():
+        for s in range(STEPS):
+            for branch in (first, second):  # by call parity
+                outs[branch].append(model(**inputs[branch](pixart.inputs(s, 1 - s / STEPS)))[0])
+    stats = {s.branch: s for s in dittofx.summary(model)}
+    assert stats[first].cached_steps == alone[first][1] and all(torch.equal(g, w) for g, w in zip(outs[first], alone[first][0]))
+    assert stats[second].cached_steps == stats[first].cached_steps and all(d != d for d in stats[second].diffs)
+    mask = [0 if s in stats[first].cached_steps else 1 for s in range(STEPS)]
+    told, _ = single_branch_run(pixart, inputs[second], dict(CFG, steps_computation_mask=mask, steps_computation_policy="static"))
+    assert all(torch.equal(g, w) for g, w in zip(outs[second], told))

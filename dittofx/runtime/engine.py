@@ -41,7 +41,7 @@ from .blockwise import Blockwise, BlockwiseConfigError, BlockwiseError, bind_arg
 from . import graphs as own_graphs
 from . import structure
 from .graphs import Replays
-from .state import SCALARS, CacheState, mark_static, normal_tensors
+from .state import HISTORY, SCALARS, CacheState, mark_static, normal_tensors
 
 __all__ = ["Engine", "Entry", "CaptureError", "context_parallel_group"]
 
@@ -132,6 +132,14 @@ def _constants_on_inputs_device(entry: Entry, leaves: list) -> torch.device:
     return device
 
 
+def _decision_in(state: CacheState) -> str | None:
+    """The decision the state's latest step made ("compute" or "cache"), read on the host; None
+    past the history it keeps."""
+    step = state.step
+    flag, count = torch.stack([state.hist_cached[(step - 1).clamp(0, HISTORY - 1)].to(step.dtype), step]).tolist()
+    return None if count > HISTORY else "cache" if flag > 0 else "compute"
+
+
 def context_parallel_group(model: torch.nn.Module) -> Any:
     """The group diffusers' own context parallelism shards the sequence over
     (`model.enable_parallelism(config=ContextParallelConfig(...))`), or None."""
@@ -168,6 +176,15 @@ class _CacheContext:
                 yield
         finally:
             engine.context_name = prev
+
+
+@dataclass
+class _Call:
+    """A CFG branch's latest call (cfg_diff_compute_separate=False)."""
+
+    number: int  # the branch's calls so far, this one included
+    decision: str  # "compute", "cache", or "device" (made in the graph: read from the state)
+    state: Any
 
 
 class _TimestepWatch:
@@ -228,6 +245,7 @@ class Engine:
         self._masks: dict[int | None, list[int] | None] = {}
         self.context_name: str | None = None
         self.calls = 0
+        self.latest: dict[str, _Call] = {}  # per CFG branch: its latest call (cfg_diff_compute_separate=False)
         self.pipeline_call: str | None = None  # the class of the pipeline whose call is running (optimize(pipe))
         self._warned: set[str] = set()  # the warnings said once per model
         self._first_timesteps: dict[str, _TimestepWatch] = {}  # per branch, request length unknown: see _watch_timesteps
@@ -707,6 +725,9 @@ class Engine:
         branch = self._branch()
         self._watch_timesteps(branch, args, kwargs)
         decision, counted = self._host_decision(branch)
+        state = self.states[branch] if branch in self.states else None  # (the step may make a new one: it computes)
+        decision = self._reuse_first_branch(branch, decision, state)
+        self._remember(branch, decision, state)
         name = self.options.timestep_input
         timestep = bind_arguments(self._forward_signature, args, kwargs).get(name) if name else None
         self.blockwise.start(branch, decision, timestep if isinstance(timestep, torch.Tensor) else None, counted)
@@ -729,6 +750,7 @@ class Engine:
         leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
         self._watch_timesteps(branch, args, kwargs)
         (decision, counted), head = self._host_decision(branch), ()
+        decision = self._reuse_first_branch(branch, decision, state)
         if decision == "device" and (self.split is not None or self._host_reads_for_own_graphs(device)):
             head = self._run_head(entry, leading, leaves, branch, state)
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
@@ -745,12 +767,34 @@ class Engine:
             )  # fmt: skip
         if counted is not None:  # the step runs (a head that raised did not): the host counts it
             self.host[branch] = counted
+        self._remember(branch, decision, state)
         graph = entry.graphs[decision]
         if self.replays is not None:
             graph = self.replays.get(decision, entry.graphs, branch, state, [*leaves, *head])
         self.current = (graph, entry, leading, len(head))
         self.ran = True
         return head or None
+
+    def _reuse_first_branch(self, branch: str, decision: str, state: Any) -> str:
+        """cfg_diff_compute_separate=False (SPEC §3): a step of the second CFG branch takes the
+        first branch's decision of the same step, with no diff of its own (the first is cond, or
+        uncond with cfg_compute_first). Only for steps the device would decide (the host decides
+        the others alike for both), where the first branch made this step (it ran once more than
+        this one) and this branch's state is the one of its last call (a new state computes). A
+        decision the first made in its graph is read from its state: the sync this step's own
+        decision would have cost."""
+        first_name = "uncond" if self.cfg.cfg_compute_first else "cond"
+        if self.cfg.cfg_diff_compute_separate or decision != "device" or branch not in ("cond", "uncond") or branch == first_name:
+            return decision
+        first, mine = self.latest.get(first_name), self.latest.get(branch)
+        if first is None or mine is None or first.number != mine.number + 1 or mine.state not in (None, state):
+            return decision  # (None: block by block, the state was made during that call)
+        return first.decision if first.decision != "device" else _decision_in(first.state) or decision
+
+    def _remember(self, branch: str, decision: str, state: Any) -> None:
+        if not self.cfg.cfg_diff_compute_separate:
+            mine = self.latest.get(branch)
+            self.latest[branch] = _Call((mine.number if mine else 0) + 1, decision.removeprefix("split-"), state)
 
     def structure_changed(self, why: str) -> None:
         """A submodule was registered anew in the model (structure.watch)."""
