@@ -83,8 +83,11 @@ def run(model, z):
          {"mask": "ultra", "static_mask": True, "taylor_order": 1}),
         ("sd3", {"steps_computation_mask": [1, 1, 0, 0, 1, 0, 0, 0, 1], "steps_computation_policy": "static"},
          {"mask": [1, 1, 0, 0, 1, 0, 0, 0, 1], "static_mask": True}),
+        # gate 6 binds at 0.3 (3 of the 10 steps that would cache compute), its sum reset on compute
+        ("wan", {"max_accumulated_residual_diff_threshold": 0.3}, {"max_accumulated": 0.3}),
         # forwards that cannot be captured, cached block by block
         ("lumina2", {"enable_taylorseer": True, "taylorseer_order": 2}, {"taylor_order": 2}),
+        ("lumina2", {"max_accumulated_residual_diff_threshold": 0.3}, {"max_accumulated": 0.3}),
         ("omnigen", {"enable_taylorseer": True, "taylorseer_order": 1, "taylorseer_gap": "timestep"},
          {"taylor_order": 1, "taylor_gap": "timestep"}),
         ("bria_fibo2_mask", {"scm_steps_mask_policy": "fast", "scm_steps_policy": "dynamic"}, {"mask": "fast"}),
