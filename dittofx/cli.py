@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-# Caching configs the demo compares (DBCache on the fixture's 6-block chain, 28 steps). SCM masks
-# and TaylorSeer are not accepted by dittofx.optimize in this release, so none are listed here.
+# Caching configs the demo compares (DBCache on the fixture's 6-block chain, 28 steps; the last two
+# with a steps mask, one of them with TaylorSeer).
 DEMO_CONFIGS: list[dict[str, Any]] = [
     {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.08, "max_warmup_steps": 4},
     {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.12, "max_warmup_steps": 4},
@@ -51,7 +51,12 @@ class Row:
 
 
 def config_label(cfg: dict[str, Any]) -> str:
-    """Short, file-name safe tag of a dict config, e.g. ``F1B0_W4_R0.12_MC2``."""
+    """Short, file-name safe tag of a dict config, e.g. ``F1B0_W4_R0.12_MC2`` (other methods:
+    their config's short name, e.g. ``TeaCache_R0.2``)."""
+    if cfg.get("method", "dbcache") != "dbcache":
+        from dittofx.config import parse_config
+
+        return parse_config(cfg).short_name()
     tag = f"F{cfg.get('Fn_compute_blocks', 1)}B{cfg.get('Bn_compute_blocks', 0)}_W{cfg.get('max_warmup_steps', 0)}"
     tag += f"_R{cfg.get('residual_diff_threshold', 0)}"
     if cfg.get("max_continuous_cached_steps", -1) >= 0:
@@ -63,6 +68,18 @@ def config_label(cfg: dict[str, Any]) -> str:
     if cfg.get("scm_steps_mask_policy"):
         tag += f"_SCM{cfg['scm_steps_mask_policy']}{cfg.get('scm_steps_policy', 'dynamic')[0].upper()}"
     return tag
+
+
+def run_labels(configs: list[dict[str, Any]]) -> list[str]:
+    """Each config's label, made unique with a suffix (_2, _3, ...): a run's images and results are
+    filed under its label."""
+    labels: list[str] = []
+    for cfg in configs:
+        label, n = config_label(cfg), 2
+        while label in (UNCACHED, *labels):
+            label, n = f"{config_label(cfg)}_{n}", n + 1
+        labels.append(label)
+    return labels
 
 
 def run_demo(
@@ -89,8 +106,8 @@ def run_demo(
     seeds = list(range(num_prompts))
     names = [f"{i:02d}_{p.replace(' ', '_')}" for i, p in enumerate(prompts)]
     runs: list[tuple[str, dict[str, Any] | None, Fixture]] = [(UNCACHED, None, base)]
-    for cfg in configs:
-        runs.append((config_label(cfg), cfg, Fixture(dittofx.optimize(copy.deepcopy(base.transformer), cfg), base.encoder)))
+    for label, cfg in zip(run_labels(configs), configs):
+        runs.append((label, cfg, Fixture(dittofx.optimize(copy.deepcopy(base.transformer), cfg), base.encoder)))
     warmup_steps = 2
     bar = tqdm(total=len(runs) * (warmup_steps + repeats * num_inference_steps), desc="dittofx demo", unit="step")
 
@@ -199,9 +216,38 @@ def _save_plot(path: Path, rows: list[Row], num_inference_steps: int) -> None:
     plt.close(fig)
 
 
+def _configs(parser: argparse.ArgumentParser, given: list[str] | None) -> list[dict[str, Any]]:
+    """The --config JSON dicts, each checked by dittofx's own validation before anything runs."""
+    from dittofx.config import parse_config
+
+    configs = []
+    for text in given or []:
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as err:
+            parser.error(f"--config {text!r}: not JSON ({err})")
+        if not isinstance(cfg, dict):
+            parser.error(f"--config {text!r}: must be a JSON object (a dict of cache config fields)")
+        try:
+            parse_config(cfg)
+        except (ValueError, TypeError) as err:
+            parser.error(f"--config {text!r}: {err}")
+        configs.append(cfg)
+    return configs or DEMO_CONFIGS
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        args.parser.error(f"--out {args.out}: a file, not a folder")
+    configs = _configs(args.parser, args.config)
     torch.set_num_threads(args.threads)
-    configs = [json.loads(c) for c in args.config] if args.config else DEMO_CONFIGS
     start = time.perf_counter()
     rows = run_demo(args.out, configs, args.prompts, args.steps, args.cfg_mode, args.repeats)
     print(format_table(rows, args.prompts))
@@ -213,6 +259,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _metrics(args: argparse.Namespace) -> int:
     from dittofx.metrics import compare_dirs
 
+    for folder in (args.dir_a, args.dir_b):
+        if not folder.is_dir():
+            args.parser.error(f"{folder}: no such folder")
     result = compare_dirs(args.dir_a, args.dir_b)
     print(f"images {result['images']}  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}")
     return 0
@@ -224,18 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the fixture DiT uncached and cached; table, grid, plot")
     demo.add_argument("--out", type=Path, default=Path("dittofx-demo"), help="output folder (default ./dittofx-demo)")
-    demo.add_argument("--prompts", type=int, default=8, help="images per run (default 8)")
-    demo.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
+    demo.add_argument("--prompts", type=_positive_int, default=8, help="images per run (default 8)")
+    demo.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
     demo.add_argument("--cfg-mode", choices=["separate", "batched"], default="separate")
-    demo.add_argument("--repeats", type=int, default=3, help="timed repeats per run; the fastest counts")
-    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    demo.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats per run; the fastest counts")
+    demo.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
     demo.add_argument("--config", action="append", metavar="JSON",
                       help="a cache config as a JSON dict; repeat for several (default: the demo's list)")  # fmt: skip
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, parser=demo)
     metrics = sub.add_parser("metrics", help="PSNR/SSIM between same-named PNGs of two folders")
     metrics.add_argument("dir_a", type=Path)
     metrics.add_argument("dir_b", type=Path)
-    metrics.set_defaults(func=_metrics)
+    metrics.set_defaults(func=_metrics, parser=metrics)
     args = parser.parse_args(argv)
     return args.func(args)
 

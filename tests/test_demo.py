@@ -63,3 +63,36 @@ def test_default_demo_configs_are_accepted_by_optimize():
         assert dittofx.optimize(model, cfg) is model
         dittofx.disable(model)
     assert len({config_label(c) for c in DEMO_CONFIGS}) == len(DEMO_CONFIGS)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["demo", "--config", "{bad json"], "not JSON"),
+        (["demo", "--config", "[1, 2]"], "must be a JSON object"),
+        (["demo", "--config", '{"residual_diff_threshold": -1}'], "residual_diff_threshold=-1"),
+        (["demo", "--repeats", "0"], "--repeats: 0: must be >= 1"),
+        (["demo", "--prompts", "0"], "--prompts: 0: must be >= 1"),
+        (["demo", "--steps", "0"], "--steps: 0: must be >= 1"),
+        (["demo", "--threads", "0"], "--threads: 0: must be >= 1"),
+        (["demo", "--out", "__file__"], "a file, not a folder"),
+        (["metrics", "no-such-a", "no-such-b"], "no-such-a: no such folder"),
+    ],
+)
+def test_bad_cli_arguments_stop_before_any_work_naming_the_argument(args, words, capsys, tmp_path):
+    args = [str(tmp_path / "file") if a == "__file__" else a for a in args]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_demo_labels_stay_apart_where_two_configs_share_one():
+    """A run's images and results are filed under its label: two runs under one would mix."""
+    from dittofx.cli import run_labels
+
+    tea = [{"method": "teacache", "rel_l1_thresh": t, "coefficients": "flux"} for t in (0.05, 2.0)]
+    assert config_label(tea[0]) == "TeaCache_R0.05" != config_label(tea[1])
+    same = [{"residual_diff_threshold": 0.1, "warmup_interval": 2}, {"residual_diff_threshold": 0.1}, {"residual_diff_threshold": 0.1}]
+    assert len({config_label(c) for c in same}) == 1
+    assert run_labels(same) == ["F1B0_W0_R0.1", "F1B0_W0_R0.1_2", "F1B0_W0_R0.1_3"]
