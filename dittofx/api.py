@@ -119,6 +119,7 @@ def optimize(
     _check_cuda_graphs(cuda_graphs, split, cfg, group)
     if example_inputs is not None:
         _check_example_inputs(example_inputs)
+    _check_block_lists(module, cfg)
     _warn_if_never_caches(cfg)
     engine = Engine(module, cfg, group, split, cuda_graphs)
     if example_inputs is not None:
@@ -268,6 +269,29 @@ def _in_pipeline_call(module: torch.nn.Module, pipeline: str | None) -> None:
     engine = _find_engine(module)  # also through the module torch.compile put in the pipeline
     if engine is not None:
         engine.pipeline_call = pipeline
+
+
+def _check_block_lists(module: torch.nn.Module, cfg: CacheConfig) -> None:
+    """What can be told of the block chain before a capture: it is made of ModuleLists (the named
+    ones, if `blocks` names them), so it has no more blocks than they hold. The rest is checked
+    in the captured graph, at the first call (or at once with `example_inputs`)."""
+    lists = {name: len(m) for name, m in module.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)}
+    if not lists:
+        raise ValueError(
+            f"no transformer block chain found in {type(module).__name__}: it has no nn.ModuleList (the chain is the "
+            f"children of one or more nn.ModuleLists run one after another in index order)"
+        )
+    if cfg.blocks is not None:
+        missing = [b for b in cfg.blocks if b not in lists]
+        if missing:
+            raise ValueError(f"blocks={list(cfg.blocks)!r}: {missing} not found as non-empty ModuleLists; ModuleLists: {sorted(lists)}")
+        lists = {b: lists[b] for b in cfg.blocks}
+    fn, bn = cfg.Fn_compute_blocks, cfg.Bn_compute_blocks
+    if fn + bn > sum(lists.values()):
+        raise ValueError(
+            f"Fn_compute_blocks + Bn_compute_blocks = {fn} + {bn} = {fn + bn}: must be <= the number of blocks in the "
+            f"chain, at most {sum(lists.values())} here (all blocks of {sorted(lists)})"
+        )
 
 
 def _warn_if_never_caches(cfg: CacheConfig) -> None:

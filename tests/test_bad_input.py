@@ -122,10 +122,18 @@ class NoBlocks(torch.nn.Module):
         return self.proj(hidden_states)
 
 
+class UnusedList(NoBlocks):
+    """A ModuleList the forward never runs: no chain, found only in the captured graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+
 def test_model_without_block_chain_explains_what_was_searched():
-    model = NoBlocks()
+    model = UnusedList()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"no transformer block chain found in NoBlocks: searched .*nn.ModuleList"):
+    with pytest.raises(ValueError, match=r"no transformer block chain found in UnusedList: searched .*nn.ModuleList"):
         dittofx.optimize(model, {}, example_inputs=((torch.randn(1, 3, 4),), {}))
     assert_untouched(model, before)
 
@@ -180,3 +188,24 @@ def test_numpy_scalars_are_taken_as_the_python_numbers_they_hold():
     assert tea == parse_config({"method": "teacache", "rel_l1_thresh": 0.5, "coefficients": [2.0, 0.5]})
     with pytest.raises(TypeError, match=r"residual_diff_threshold=tensor\(0.2500\) \(Tensor\): must be a float"):
         parse_config({"residual_diff_threshold": torch.tensor(0.25)})
+
+
+@pytest.mark.parametrize(
+    "make, cfg, words",
+    [
+        (NoBlocks, {}, ["no transformer block chain found in NoBlocks", "has no nn.ModuleList"]),
+        (None, {"blocks": ["nope"]}, ["blocks=['nope']", "['nope'] not found", "transformer_blocks"]),
+        (None, {"blocks": ["transformer_blocks"], "Fn_compute_blocks": 3, "Bn_compute_blocks": 2},
+         ["Fn_compute_blocks + Bn_compute_blocks = 3 + 2 = 5", "at most 4 here (all blocks of ['transformer_blocks'])"]),
+    ],
+)  # fmt: skip
+def test_what_can_be_told_before_a_capture_raises_at_optimize(pixart, make, cfg, words):
+    """No ModuleList, a named list missing, more Fn + Bn blocks than the named lists hold: known
+    without a capture, so raised by optimize itself (no example inputs, no call)."""
+    model = make() if make else pixart.build()
+    before = snapshot(model)
+    with pytest.raises(ValueError) as info:
+        dittofx.optimize(model, cfg)
+    for word in words:
+        assert word in str(info.value)
+    assert_untouched(model, before)
