@@ -13,6 +13,7 @@ import torch
 
 from .aot import export_program
 from .config import CacheConfig, DBPruneConfig, TeaCacheConfig, merge_config, parse_config
+from .patterns.chain import module_lists
 from .runtime.engine import Engine, context_parallel_group
 from .runtime.pipeline import attach_refresh, detach_refresh, is_pipeline, pipeline_transformers
 
@@ -275,7 +276,7 @@ def _check_block_lists(module: torch.nn.Module, cfg: CacheConfig) -> None:
     """What can be told of the block chain before a capture: it is made of ModuleLists (the named
     ones, if `blocks` names them), so it has no more blocks than they hold. The rest is checked
     in the captured graph, at the first call (or at once with `example_inputs`)."""
-    lists = {name: len(m) for name, m in module.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)}
+    lists = module_lists(module)
     if not lists:
         raise ValueError(
             f"no transformer block chain found in {type(module).__name__}: it has no nn.ModuleList (the chain is the "

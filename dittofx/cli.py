@@ -51,22 +51,22 @@ class Row:
 
 
 def config_label(cfg: dict[str, Any]) -> str:
-    """Short, file-name safe tag of a dict config, e.g. ``F1B0_W4_R0.12_MC2`` (other methods:
-    their config's short name, e.g. ``TeaCache_R0.2``)."""
-    if cfg.get("method", "dbcache") != "dbcache":
-        from dittofx.config import parse_config
+    """Short, file-name safe tag of a dict config, its defaults filled in, e.g. ``F1B0_W4_R0.12_MC2``
+    (other methods: their config's short name, e.g. ``TeaCache_R0.2``)."""
+    from dittofx.config import DBCacheConfig, parse_config
 
-        return parse_config(cfg).short_name()
-    tag = f"F{cfg.get('Fn_compute_blocks', 1)}B{cfg.get('Bn_compute_blocks', 0)}_W{cfg.get('max_warmup_steps', 0)}"
-    tag += f"_R{cfg.get('residual_diff_threshold', 0)}"
-    if cfg.get("max_continuous_cached_steps", -1) >= 0:
-        tag += f"_MC{cfg['max_continuous_cached_steps']}"
-    if cfg.get("max_cached_steps", -1) >= 0:
-        tag += f"_M{cfg['max_cached_steps']}"
-    if cfg.get("enable_taylorseer"):
-        tag += f"_T{cfg.get('taylorseer_order', 1)}"
-    if cfg.get("scm_steps_mask_policy"):
-        tag += f"_SCM{cfg['scm_steps_mask_policy']}{cfg.get('scm_steps_policy', 'dynamic')[0].upper()}"
+    c = parse_config(cfg)
+    if not isinstance(c, DBCacheConfig):
+        return c.short_name()
+    tag = f"F{c.Fn_compute_blocks}B{c.Bn_compute_blocks}_W{c.max_warmup_steps}_R{c.residual_diff_threshold}"
+    if c.max_continuous_cached_steps >= 0:
+        tag += f"_MC{c.max_continuous_cached_steps}"
+    if c.max_cached_steps >= 0:
+        tag += f"_M{c.max_cached_steps}"
+    if c.enable_taylorseer:
+        tag += f"_T{c.taylorseer_order}"
+    if c.steps_mask_policy:
+        tag += f"_SCM{c.steps_mask_policy}{c.steps_computation_policy[0].upper()}"
     return tag
 
 
@@ -237,7 +237,10 @@ def _configs(parser: argparse.ArgumentParser, given: list[str] | None) -> list[d
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an int >= 1") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
     return value

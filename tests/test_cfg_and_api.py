@@ -94,22 +94,29 @@ def test_refresh_reset_summary_and_explain(pixart, caplog):
 
 
 @pytest.mark.parametrize("name", ["pixart", "lumina2"])  # the graph, and block by block (Lumina2's t runs 0 -> 1)
-@pytest.mark.parametrize("timesteps, length, warns", [("rising", None, True), ("falling", None, False), ("rising", 6, False)])
-def test_timesteps_that_rise_within_a_request_of_unknown_length_warn_that_nothing_caches(name, timesteps, length, warns, caplog):
-    """SPEC §3, length unknown: a call whose timestep rose starts a new request. Rising at every call
-    (Lumina2), every call is a new request's first step and computes: said once, with the fix."""
+@pytest.mark.parametrize(
+    "timesteps, length, calls, warns",
+    [("rising", None, 1, True), ("rising", None, 2, True), ("falling", None, 1, False), ("falling", None, 2, False), ("rising", 6, 1, False)],
+)  # fmt: skip
+def test_timesteps_that_rise_within_a_request_of_unknown_length_warn_that_nothing_caches(name, timesteps, length, calls, warns, caplog):
+    """SPEC §3, length unknown: a call whose timestep rose starts a new request. Rising at every step
+    (Lumina2), every step starts a new request and computes: said once, with the fix. `calls`: per
+    step, on one shared state (a pipeline's cond and uncond, unnamed)."""
     z = zoo.get(name)
     model = dittofx.optimize(z.build(), {"residual_diff_threshold": 10.0, "max_warmup_steps": 1, "num_inference_steps": length})
     with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
         for s in range(6):
-            model(**z.inputs(s, s / 6 if timesteps == "rising" else 1 - s / 6))
+            for _ in range(calls):
+                model(**z.inputs(s, s / 6 if timesteps == "rising" else 1 - s / 6))
     said = [r.getMessage() for r in caplog.records if "timestep rose" in r.getMessage()]
-    stats = dittofx.summary(model)[0]
+    ran = dittofx.summary(model)[0]
     if warns:
         assert len(said) == 1 and type(model).__name__ in said[0] and "nothing caches" in said[0] and "num_inference_steps" in said[0]
-        assert stats.cached_steps == [] and stats.computed_steps == [0]  # the 6th call: a request's first step
+        assert ran.computed_steps == [0] and ran.cached_steps == list(range(1, calls))  # the 6th step: a request's first
+    elif length is None:
+        assert said == [] and ran.cached_steps == list(range(1, 6 * calls))
     else:
-        assert said == [] and stats.cached_steps == [1, 2, 3, 4, 5]
+        assert said == [] and ran.cached_steps == [1, 2, 3, 4, 5]
 
 def test_two_models_keep_separate_state(pixart):
     a = dittofx.optimize(pixart.build(), dict(CFG, residual_diff_threshold=10.0))
@@ -306,3 +313,18 @@ def test_the_second_cfg_branch_reuses_the_first_branchs_decisions(name, threshol
     mask = [0 if s in stats[first].cached_steps else 1 for s in range(STEPS)]
     told, _ = single_branch_run(pixart, inputs[second], dict(CFG, steps_computation_mask=mask, steps_computation_policy="static"))
     assert all(torch.equal(g, w) for g, w in zip(outs[second], told))
+
+
+def test_the_timestep_watch_waits_for_its_copies_without_taking_more(pixart, monkeypatch, caplog):
+    """On CUDA the host may run ahead of the copies (no sync in a step): the watch keeps its five
+    and reads them once they are done."""
+    from dittofx.runtime import engine
+
+    pending, real = iter([False] * 3), engine._TimestepWatch.ready
+    monkeypatch.setattr(engine._TimestepWatch, "ready", lambda self: real(self) and next(pending, True))
+    model = dittofx.optimize(pixart.build(), {"residual_diff_threshold": 0.1})
+    with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
+        for s in range(10):
+            model(**pixart.inputs(s, s / 10))
+    watch = model._dittofx._first_timesteps["default"]
+    assert len(watch.copies) == watch.COUNT and watch.done and sum("timestep rose" in r.getMessage() for r in caplog.records) == 1

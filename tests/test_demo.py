@@ -95,4 +95,5 @@ def test_demo_labels_stay_apart_where_two_configs_share_one():
     assert config_label(tea[0]) == "TeaCache_R0.05" != config_label(tea[1])
     same = [{"residual_diff_threshold": 0.1, "warmup_interval": 2}, {"residual_diff_threshold": 0.1}, {"residual_diff_threshold": 0.1}]
     assert len({config_label(c) for c in same}) == 1
-    assert run_labels(same) == ["F1B0_W0_R0.1", "F1B0_W0_R0.1_2", "F1B0_W0_R0.1_3"]
+    assert run_labels(same) == ["F1B0_W8_R0.1", "F1B0_W8_R0.1_2", "F1B0_W8_R0.1_3"]  # max_warmup_steps: 8 by default
+    assert config_label({}) == "F1B0_W8_R0.08"  # what the empty config runs

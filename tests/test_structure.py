@@ -116,3 +116,51 @@ def test_nothing_changed_keeps_the_graph(capture, caplog):
         for _ in range(3):
             request(model, z)
     assert model._dittofx.entries == [graph] and "changed since" not in caplog.text
+
+
+@pytest.mark.parametrize("how", ["del", "insert"])
+def test_a_block_deleted_or_inserted_is_run_as_the_plain_model_runs_it(how, caplog):
+    """ModuleList's del and insert register nothing: the chain's blocks are compared at a request's start."""
+    z = zoo.get("pixart")
+    plain, optimized = z.build(), dittofx.optimize(z.build(), CFG)
+    request(optimized, z)
+    for model in (plain, optimized):
+        blocks = model.transformer_blocks
+        if how == "del":
+            del blocks[2]
+        else:
+            blocks.insert(0, blocks[1])
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        got, want = request(optimized, z), request(plain, z)
+    assert all(torch.equal(g, w) for g, w in zip(got, want)) and "blocks added to or removed" in caplog.text
+
+
+def test_a_deep_copy_on_the_block_by_block_path_sees_a_block_swapped(caplog):
+    """The copy keeps its wrapped blocks (no second fallback) and watches them from its first call."""
+    import copy
+
+    z = zoo.get("lumina2")
+    cfg = {"residual_diff_threshold": 0.5, "max_warmup_steps": 1, "num_inference_steps": 8}
+    reference, original = dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg)
+    request(original, z, 8)
+    duplicate = copy.deepcopy(original)
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        request(duplicate, z, 8)
+    assert "changed since" not in caplog.text
+    for model in (reference, duplicate):
+        other_block(model, "lumina2", "layers", 2)
+    want, got = request(reference, z, 8), request(duplicate, z, 8)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_an_export_between_a_switch_and_the_next_call_leaves_the_switch_seen():
+    """dittofx.export captures the model as it is now, apart from the engine's graphs: the engine
+    still sees that its own graphs predate the switch."""
+    z = zoo.get("flux")
+    plain, optimized = z.build(), dittofx.optimize(z.build(), CFG)
+    request(optimized, z)
+    for model in (plain, optimized):
+        half_output(model)
+    dittofx.export(optimized, ((), z.inputs(0, 1.0)))
+    got, want = request(optimized, z), request(plain, z)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

@@ -24,7 +24,7 @@ try:
 except ImportError:  # torch < 2.12 names it size_hint (same signature)
     from torch.fx.experimental.symbolic_shapes import size_hint as int_hint
 
-__all__ = ["Block", "Chain", "ChainNotFound", "carried_inputs", "find_chain"]
+__all__ = ["Block", "Chain", "ChainNotFound", "carried_inputs", "find_chain", "module_lists"]
 
 
 class ChainNotFound(ValueError):
@@ -53,7 +53,8 @@ class Chain:
         return len(self.blocks)
 
 
-def _module_lists(model: torch.nn.Module) -> dict[str, int]:
+def module_lists(model: torch.nn.Module) -> dict[str, int]:
+    """The non-empty ModuleLists of `model` and their lengths: where block chains are looked for."""
     return {name: len(m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)}
 
 
@@ -136,7 +137,7 @@ def find_chain(
     nodes = list(gm.graph.nodes)
     for pos, node in enumerate(nodes):
         node.meta["dittofx_pos"] = pos
-    lists = _module_lists(model)
+    lists = module_lists(model)
     per_list = _blocks_per_list(nodes, lists)
     candidates = {name: len(bl) for name, bl in per_list.items()}
     if block_lists is not None:

@@ -16,7 +16,6 @@ import copy
 import functools
 import inspect
 import logging
-import math
 import sys
 import traceback
 import types
@@ -82,6 +81,9 @@ class Entry:
     # concrete input shapes the graph is known to be right for -> the state shapes they need
     # (p, then each carried middle output): worked out once per size, not per step
     state_shapes: dict[tuple, tuple] = field(default_factory=dict)
+    # what the graph baked in besides the weights (structure.py), at its capture
+    blocks: tuple | None = ()
+    switches: tuple = ()
 
     def __post_init__(self) -> None:
         # each slot's dict (the owner's _parameters or _buffers) looked up once: live_state runs at
@@ -188,7 +190,9 @@ class _Call:
 
 
 class _TimestepWatch:
-    """A branch's first three timesteps, copied to the host as they come, without a sync."""
+    """A branch's first timesteps, copied to the host as they come, without a sync."""
+
+    COUNT = 5
 
     def __init__(self) -> None:
         self.copies: list[torch.Tensor] = []
@@ -204,13 +208,16 @@ class _TimestepWatch:
             host = torch.empty(1, dtype=torch.float32, pin_memory=on_cuda)
             host.copy_(timestep.detach().reshape(-1)[:1], non_blocking=on_cuda)
         self.copies.append(host)
-        if on_cuda and len(self.copies) == 3:
+        if on_cuda and self.full():
             self.copied = torch.cuda.Event()
             self.copied.record()
 
+    def full(self) -> bool:
+        return len(self.copies) == self.COUNT
+
     def ready(self) -> bool:
-        """All three copied (the values are then read once, and the watch is done)."""
-        return len(self.copies) == 3 and (self.copied is None or self.copied.query())
+        """All copies done (the values are then read once, and the watch is done)."""
+        return self.full() and (self.copied is None or self.copied.query())
 
     def values(self) -> list[float]:
         self.done = True
@@ -260,8 +267,9 @@ class Engine:
         self._hook = None
         # the model changed in a way its graphs cannot see (structure.py): why, until the next call captures again
         self.changed: str | None = None
-        self._stateful: list[torch.nn.Module] = []  # the modules whose Python switches the graphs baked in
-        self._baked: tuple = ()  # and those switches, at the capture
+        self.watched = False  # structure.watch has seen the model (a deep copy's engine: not yet)
+        self._stateful: list[torch.nn.Module] = []  # the modules whose Python switches the graphs read
+        self._blockwise_blocks: tuple | None = ()  # the block-by-block path's chain, as it was wrapped
 
     # ---- attach / detach -------------------------------------------------------------------
     def attach(self) -> None:
@@ -280,7 +288,7 @@ class Engine:
         new = memo[id(self)] = object.__new__(type(self))
         fresh = {
             "entries": [], "current": None, "replays": None if self.replays is None else Replays(), "_first_timesteps": {},
-            "changed": None, "_stateful": [], "_baked": (),
+            "changed": None, "watched": False, "_stateful": [],
         }  # fmt: skip
         for name, value in self.__dict__.items():
             setattr(new, name, fresh[name] if name in fresh else copy.deepcopy(value, memo))
@@ -399,9 +407,9 @@ class Engine:
                 f"allows enable_parallelism once per model, so start from a freshly loaded one)"
             )
         captured = self._capture(args, kwargs, dynamic)
-        structure.watch(self.model, self)
+        self._watch()
         self._stateful = structure.stateful_modules(self.model)
-        self._baked = structure.python_state(self._stateful)
+        switches = structure.python_state(self._stateful)
         gm = captured.gm
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         n_state = len(captured.state_fqns) + len(captured.constants)
@@ -448,6 +456,8 @@ class Engine:
             state_nodes=state_nodes,
             region_counts=counts,
             pruned_blocks=[b.index for b in blocks],
+            blocks=structure.block_ids(self.model, chain.lists),
+            switches=switches,
         )
 
     def _options(self, input_names: list[str]) -> RewriteOptions:
@@ -507,24 +517,31 @@ class Engine:
     def _watch_timesteps(self, branch: str, args: tuple, kwargs: dict) -> None:
         """Request length unknown: SPEC §3 starts a new request at every call whose timestep rose.
         A model whose timesteps rise within a request (Lumina2 runs t from 0 to 1) then starts one
-        at every call, and nothing caches: said when the timestep rose at both of a branch's second
-        and third calls. The timesteps are copied to the host without a sync (non-blocking, into
-        pinned memory on CUDA) and read once the copies are done, at a later call."""
-        watch = self._first_timesteps.setdefault(branch, _TimestepWatch())
-        if self.num_steps is not None or watch.done:
+        at every call, and nothing caches: said when a branch's first calls' timesteps never fell and
+        rose (two or more calls a step on one shared state see t0, t0, t1, ...). They are copied
+        to the host without a sync (non-blocking, into pinned memory on CUDA) and read once the
+        copies are done, at a later call."""
+        if self.num_steps is not None:
             return
-        if not watch.ready():
+        watch = self._first_timesteps.get(branch)
+        if watch is None:
+            watch = self._first_timesteps[branch] = _TimestepWatch()
+        if watch.done:
+            return
+        if not watch.full():
             if self._forward_signature is None:
                 self._forward_signature = inspect.signature(self._forward_of_model())
             name = next((n for n in TIMESTEP_INPUTS if n in self._forward_signature.parameters), None)
             watch.add(bind_arguments(self._forward_signature, args, kwargs).get(name) if name else None)
             return
+        if not watch.ready():
+            return
         seen = watch.values()
-        if seen[0] < seen[1] < seen[2]:
+        if all(b >= a for a, b in zip(seen, seen[1:])) and seen[-1] > seen[0]:
             self._warn_once(
                 "rising timesteps",
-                "dittofx: %s's timestep rose at each of its first calls on branch %r (%s) and the request length is unknown: "
-                "SPEC §3 then starts a new request at every call whose timestep rose, so every call starts one and nothing "
+                "dittofx: %s's timestep rose over its first calls on branch %r (%s) and the request length is unknown: "
+                "SPEC §3 then starts a new request at every call whose timestep rose, so every step starts one and nothing "
                 "caches. Set num_inference_steps in the config, or call dittofx.refresh(model, num_inference_steps=T) before "
                 "each request (dittofx.optimize(pipe) does it at every pipeline call).",
                 type(self.model).__name__, branch, ", ".join(f"{t:.4g}" for t in seen),
@@ -703,7 +720,8 @@ class Engine:
         except (BlockwiseError, ModulationNotFound) as why:
             raise type(err)(f"{err} Caching block by block in eager Python instead is not possible either: {why}.") from err.__cause__
         self.blockwise = blockwise
-        structure.watch(self.model, self)  # a block swapped would run unwrapped
+        self._blockwise_blocks = structure.block_ids(self.model, chain.lists)
+        self._watch()  # a block swapped would run unwrapped
         captured = isinstance(err, UnpairedOutputError)
         self.path = "eager, block by block " + ("(the graph's middle cannot be paired)" if captured else "(the forward cannot be captured)")
         reason = f"{type(self.model).__name__}'s graph: {err}." if captured else str(err).split(" Data-dependent Python")[0]
@@ -781,8 +799,9 @@ class Engine:
         uncond with cfg_compute_first). Only for steps the device would decide (the host decides
         the others alike for both), where the first branch made this step (it ran once more than
         this one) and this branch's state is the one of its last call (a new state computes). A
-        decision the first made in its graph is read from its state: the sync this step's own
-        decision would have cost."""
+        decision the first made in its graph is read from its state: on the torch.cond and split
+        paths that is the sync the second's own decision would have cost; with cuda_graphs'
+        conditional nodes, where a decision costs none, it adds one."""
         first_name = "uncond" if self.cfg.cfg_compute_first else "cond"
         if self.cfg.cfg_diff_compute_separate or decision != "device" or branch not in ("cond", "uncond") or branch == first_name:
             return decision
@@ -796,18 +815,40 @@ class Engine:
             mine = self.latest.get(branch)
             self.latest[branch] = _Call((mine.number if mine else 0) + 1, decision.removeprefix("split-"), state)
 
-    def structure_changed(self, why: str) -> None:
-        """A submodule was registered anew in the model (structure.watch)."""
-        self.changed = self.changed or why
+    def _watch(self) -> None:
+        structure.watch(self.model, self)
+        self.watched = True
+
+    def structure_changed(self, module: torch.nn.Module, submodule: Any, why: str) -> None:
+        """A submodule was registered anew in the model (structure.watch). Block by block, only
+        the block lists matter: every other module runs as it is."""
+        if self.blockwise is None or isinstance(module, torch.nn.ModuleList) or isinstance(submodule, torch.nn.ModuleList):
+            self.changed = self.changed or why
+
+    def _stale(self) -> str | None:
+        """What changed since the graphs (or the block-by-block wrappers) were made, of what the
+        registration hook cannot see: blocks deleted or inserted, peft's and the processors' switches."""
+        if self.blockwise is not None:
+            changed = structure.block_ids(self.model, self.blockwise.chain.lists) != self._blockwise_blocks
+            return "blocks added to or removed from its block lists" if changed else None
+        switches = structure.python_state(self._stateful) if self.entries else ()
+        for entry in self.entries:
+            if structure.block_ids(self.model, entry.chain.lists) != entry.blocks:
+                return "blocks added to or removed from its block lists"
+            if entry.switches != switches:
+                return "adapters (peft) or attention processors switched"
+        return None
 
     def _capture_again_if_changed(self) -> None:
         """Drop the graphs (and the blocks' wrappers) when the model changed in a way they cannot
-        see (structure.py); the call then captures again. The switches are read at a request's
-        start only (each call where the length is unknown): peft's layers can be hundreds."""
-        why = self.changed
-        starting = self.num_steps is None or not self.host or any(s == 0 or s >= self.num_steps for s, _ in self.host.values())
-        if why is None and self._stateful and starting and structure.python_state(self._stateful) != self._baked:
-            why = "adapters (peft) or attention processors switched"
+        see (structure.py); the call then captures again. What the hook cannot tell is read at a
+        request's start only (each call where the length is unknown): peft's layers can be hundreds."""
+        if not self.watched and (self.entries or self.blockwise is not None):  # a deep copy's first call
+            self._watch()
+            if self.blockwise is not None:
+                self._blockwise_blocks = structure.block_ids(self.model, self.blockwise.chain.lists)
+        starting = self.num_steps is None or not self.host or any(s >= self.num_steps for s, _ in self.host.values())
+        why = self.changed or (self._stale() if starting else None)
         if why is None:
             return
         if self.entries or self.blockwise is not None:
@@ -819,7 +860,7 @@ class Engine:
         if self.blockwise is not None:
             self.blockwise.remove()
             self.blockwise, self.path = None, "torch.export graph"
-        self.entries, self.current, self.changed, self._stateful, self._baked = [], None, None, [], ()
+        self.entries, self.current, self.changed, self._stateful = [], None, None, []
         if self.replays is not None:
             self.replays = Replays()
 

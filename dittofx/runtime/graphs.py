@@ -205,9 +205,9 @@ class Replays:
         return isinstance(value, torch.Tensor) and self.outputs.get(id(value)) is value
 
     def addresses(self, fixed: list[torch.Tensor]) -> list[int]:
-        """The addresses of a call's fixed inputs, read once per call: a split step's head and tail
-        get the same list, and the tail's read (~700 tensors) would sit between the decision read
-        and the tail's launch, where the GPU waits."""
+        """The addresses of a call's fixed inputs (where torch has no C comparison), read once per
+        call: a split step's head and tail get the same list, and the tail's read (~700 tensors)
+        would sit between the decision read and the tail's launch, where the GPU waits."""
         if fixed is not self._fixed:
             self._fixed, self._addresses = fixed, [t.data_ptr() for t in fixed]
         return self._addresses

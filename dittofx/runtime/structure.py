@@ -5,7 +5,10 @@ picked up), but the module tree and the Python state the forward branches on are
 capture. A graph captured before one of these changes would go on running the old model:
 - submodules registered anew anywhere in the tree: a LoRA injected or unloaded (peft swaps its
   layers in), a block or a layer swapped. torch's global module-registration hook tells the engine,
-  at no cost per call; the block-by-block path, which wraps the blocks it found, needs it too.
+  at no cost per call; the block-by-block path, which wraps the blocks it found, needs it for its
+  block lists (it runs every other module as it is).
+- blocks deleted from or inserted into a block list (`del`, `insert`, `pop` register nothing): the
+  identities of the chain's blocks, compared at each request's start.
 - the switches peft's layers and diffusers' attention modules read in Python: active, disabled and
   merged adapters (`set_adapters`, `disable_lora`, `fuse_lora`, `delete_adapters`) and their
   scaling; the attention processor, its backend and fused projections. Read as a fingerprint of
@@ -22,13 +25,13 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["watch", "unwatch", "stateful_modules", "python_state"]
+__all__ = ["watch", "unwatch", "block_ids", "stateful_modules", "python_state"]
 
 OWN = "_dittofx_states"  # the engine's own submodule (its states come and go): not watched
 
 
 class Listener(Protocol):
-    def structure_changed(self, why: str) -> None: ...
+    def structure_changed(self, module: torch.nn.Module, submodule: Any, why: str) -> None: ...
 
 
 # module -> the engine of the model it belongs to (weakly both ways: the engine holds the model)
@@ -40,7 +43,7 @@ def _registered(module: torch.nn.Module, name: str, submodule: Any) -> None:
     listener = _listeners.get(module)
     if listener is not None and name != OWN and module._modules.get(name) is not submodule and listener() is not None:
         kind = type(submodule)
-        listener().structure_changed(f"{type(module).__name__}.{name} set to a {kind.__module__}.{kind.__qualname__}")
+        listener().structure_changed(module, submodule, f"{type(module).__name__}.{name} set to a {kind.__module__}.{kind.__qualname__}")
 
 
 def watch(model: torch.nn.Module, listener: Listener) -> None:
@@ -57,6 +60,14 @@ def watch(model: torch.nn.Module, listener: Listener) -> None:
 def unwatch(model: torch.nn.Module) -> None:
     for module in model.modules():
         _listeners.pop(module, None)
+
+
+def block_ids(model: torch.nn.Module, lists: list[str]) -> tuple | None:
+    """The identities of the blocks in the chain's lists, in order (None: a list is gone)."""
+    try:
+        return tuple(tuple(map(id, model.get_submodule(name))) for name in lists)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _tuner_layer_class() -> type | None:
