@@ -116,7 +116,9 @@ def test_disable_unwraps_the_blocks():
         ({"method": "dbprune"}, RuntimeError, "The block-by-block fallback serves method='dbcache' and 'teacache' only"),
         # the config does not fit the chain: a ValueError naming the field, as on the graph path
         ({"Fn_compute_blocks": 3, "Bn_compute_blocks": 2}, ValueError, "Fn_compute_blocks + Bn_compute_blocks = 3 + 2 = 5: must be <= the number of blocks in the chain (4"),
-        ({"blocks": ["nope"]}, ValueError, "blocks=['nope']: ['nope'] not found as block lists of Lumina2Transformer2DModel"),
+        # a ModuleList, so optimize takes it (a name that is none is refused there: test_bad_input), but of no blocks
+        ({"blocks": ["layers.0.attn.to_out"]}, ValueError,
+         "blocks=['layers.0.attn.to_out']: ['layers.0.attn.to_out'] not found as block lists of Lumina2Transformer2DModel"),
     ],
 )  # fmt: skip
 def test_what_the_fallback_refuses_leaves_the_model_untouched(cfg, error, words):
