@@ -13,6 +13,7 @@ import torch
 
 from .aot import export_program
 from .config import CacheConfig, DBPruneConfig, TeaCacheConfig, merge_config, parse_config
+from .passes.partition import fn_bn_too_large
 from .patterns.chain import module_lists
 from .runtime.engine import Engine, context_parallel_group
 from .runtime.pipeline import attach_refresh, detach_refresh, is_pipeline, pipeline_transformers
@@ -287,12 +288,8 @@ def _check_block_lists(module: torch.nn.Module, cfg: CacheConfig) -> None:
         if missing:
             raise ValueError(f"blocks={list(cfg.blocks)!r}: {missing} not found as non-empty ModuleLists; ModuleLists: {sorted(lists)}")
         lists = {b: lists[b] for b in cfg.blocks}
-    fn, bn = cfg.Fn_compute_blocks, cfg.Bn_compute_blocks
-    if fn + bn > sum(lists.values()):
-        raise ValueError(
-            f"Fn_compute_blocks + Bn_compute_blocks = {fn} + {bn} = {fn + bn}: must be <= the number of blocks in the "
-            f"chain, at most {sum(lists.values())} here (all blocks of {sorted(lists)})"
-        )
+    if cfg.Fn_compute_blocks + cfg.Bn_compute_blocks > sum(lists.values()):
+        raise ValueError(fn_bn_too_large(cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, sum(lists.values()), sorted(lists), upper_bound=True))
 
 
 def _warn_if_never_caches(cfg: CacheConfig) -> None:

@@ -134,11 +134,13 @@ class PartitionPass(PassBase):
         return PassResult(gm, False)
 
 
-def fn_bn_too_large(fn_blocks: int, bn_blocks: int, n: int, lists: list[str]) -> str:
-    """The error for an Fn + Bn the chain cannot hold (both the graph and the block-by-block path)."""
+def fn_bn_too_large(fn_blocks: int, bn_blocks: int, n: int, lists: list[str], upper_bound: bool = False) -> str:
+    """The error for an Fn + Bn the chain cannot hold (the graph and the block-by-block path; with
+    `upper_bound`, optimize's check before a capture, where `n` is all the blocks `lists` hold)."""
+    count = f", at most {n} here (all blocks of {lists})" if upper_bound else f" ({n}: {lists})"
     return (
         f"Fn_compute_blocks + Bn_compute_blocks = {fn_blocks} + {bn_blocks} = {fn_blocks + bn_blocks}: "
-        f"must be <= the number of blocks in the chain ({n}: {lists})"
+        f"must be <= the number of blocks in the chain{count}"
     )
 
 

@@ -51,6 +51,11 @@ log = logging.getLogger("dittofx")
 # by it (SPEC §3), and TaylorSeer's gap can be measured in it
 TIMESTEP_INPUTS = ("timestep", "timesteps", "t", "vision_timesteps")
 
+
+def timestep_input(names: Any) -> str | None:
+    """Which of the forward's inputs `names` is its timestep (TIMESTEP_INPUTS), if any."""
+    return next((n for n in TIMESTEP_INPUTS if n in names), None)
+
 OWN_GRAPHS = (
     "dittofx.optimize(..., cuda_graphs=True) compiles the model's graphs and replays them from CUDA graphs of its own: "
     "call the model without torch.compile"
@@ -269,7 +274,6 @@ class Engine:
         self.changed: str | None = None
         self.watched = False  # structure.watch has seen the model (a deep copy's engine: not yet)
         self._stateful: list[torch.nn.Module] = []  # the modules whose Python switches the graphs read
-        self._blockwise_blocks: tuple | None = ()  # the block-by-block path's chain, as it was wrapped
 
     # ---- attach / detach -------------------------------------------------------------------
     def attach(self) -> None:
@@ -471,7 +475,7 @@ class Engine:
             warmup_interval=cfg.warmup_interval,
             max_cached_steps=cfg.max_cached_steps,
             max_continuous_cached_steps=cfg.max_continuous_cached_steps,
-            timestep_input=next((n for n in TIMESTEP_INPUTS if n in input_names), None),
+            timestep_input=timestep_input(input_names),
             has_mask=cfg.has_mask,
             static_mask=cfg.steps_computation_policy == "static",
             group=self.group,
@@ -531,7 +535,7 @@ class Engine:
         if not watch.full():
             if self._forward_signature is None:
                 self._forward_signature = inspect.signature(self._forward_of_model())
-            name = next((n for n in TIMESTEP_INPUTS if n in self._forward_signature.parameters), None)
+            name = timestep_input(self._forward_signature.parameters)
             watch.add(bind_arguments(self._forward_signature, args, kwargs).get(name) if name else None)
             return
         if not watch.ready():
@@ -720,7 +724,6 @@ class Engine:
         except (BlockwiseError, ModulationNotFound) as why:
             raise type(err)(f"{err} Caching block by block in eager Python instead is not possible either: {why}.") from err.__cause__
         self.blockwise = blockwise
-        self._blockwise_blocks = structure.block_ids(self.model, chain.lists)
         self._watch()  # a block swapped would run unwrapped
         captured = isinstance(err, UnpairedOutputError)
         self.path = "eager, block by block " + ("(the graph's middle cannot be paired)" if captured else "(the forward cannot be captured)")
@@ -828,9 +831,10 @@ class Engine:
     def _stale(self) -> str | None:
         """What changed since the graphs (or the block-by-block wrappers) were made, of what the
         registration hook cannot see: blocks deleted or inserted, peft's and the processors' switches."""
-        if self.blockwise is not None:
-            changed = structure.block_ids(self.model, self.blockwise.chain.lists) != self._blockwise_blocks
-            return "blocks added to or removed from its block lists" if changed else None
+        if self.blockwise is not None:  # its chain holds the blocks it wrapped (a deep copy's, its own)
+            now = structure.block_ids(self.model, self.blockwise.chain.lists)
+            wrapped = sorted(map(id, self.blockwise.chain.modules))
+            return "blocks added to or removed from its block lists" if now is None or sorted(sum(now, ())) != wrapped else None
         switches = structure.python_state(self._stateful) if self.entries else ()
         for entry in self.entries:
             if structure.block_ids(self.model, entry.chain.lists) != entry.blocks:
@@ -845,8 +849,6 @@ class Engine:
         request's start only (each call where the length is unknown): peft's layers can be hundreds."""
         if not self.watched and (self.entries or self.blockwise is not None):  # a deep copy's first call
             self._watch()
-            if self.blockwise is not None:
-                self._blockwise_blocks = structure.block_ids(self.model, self.blockwise.chain.lists)
         starting = self.num_steps is None or not self.host or any(s >= self.num_steps for s, _ in self.host.values())
         why = self.changed or (self._stale() if starting else None)
         if why is None:
