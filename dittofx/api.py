@@ -107,6 +107,11 @@ def optimize(
     compiled graphs run without capture. Its outputs are copies. DBCache and TeaCache.
     """
     if is_pipeline(model):
+        if example_inputs is not None:
+            raise ValueError(
+                f"example_inputs: model={type(model).__name__} is a pipeline, whose transformers are captured at their "
+                f"first call; to capture now, optimize each transformer with its own inputs (e.g. pipe.transformer)"
+            )
         return _optimize_pipeline(model, cache_config, process_group, params_modifiers, split_at_decision, cuda_graphs)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model={type(model).__name__}: must be a torch.nn.Module (a diffusers transformer) or a DiffusionPipeline")

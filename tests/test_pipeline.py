@@ -148,6 +148,8 @@ def test_pipeline_errors():
         dittofx.optimize(pipe, {}, params_modifiers=per_region)
     with pytest.raises(ValueError, match="params_modifiers: model=FluxTransformer2DModel is one transformer"):
         dittofx.optimize(pipe.transformer, {}, params_modifiers={"single_transformer_blocks": {}})
+    with pytest.raises(ValueError, match="example_inputs: model=FluxPipeline is a pipeline"):
+        dittofx.optimize(pipe, {}, example_inputs=((), {}))
     assert "_dittofx" not in pipe.transformer.__dict__ and type(pipe) is FluxPipeline
     dittofx.optimize(pipe, {})
     with pytest.raises(ValueError, match="already optimized"):
