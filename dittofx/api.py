@@ -22,8 +22,9 @@ __all__ = ["CacheStats", "optimize", "refresh", "reset", "summary", "explain", "
 
 log = logging.getLogger("dittofx")
 
-# Each CFG branch and each input structure / static shape is its own dynamo graph of the model's
-# forward; the default limit (8) is hit by e.g. 2 branches x 4 resolutions. We only ever raise it.
+# Each graph variant of the engine (compute, cache, device decision: shared by the CFG branches,
+# whose states are inputs) and each input structure / static shape is its own dynamo graph of the
+# model's forward; the default limit (8) is hit by e.g. 3 variants x 4 resolutions. Only raised.
 _RECOMPILE_LIMIT = 64
 _ACCUMULATED_RECOMPILE_LIMIT = 512
 
