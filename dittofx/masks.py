@@ -87,7 +87,7 @@ def steps_mask(
         for name, bins in (("compute_bins", compute_bins), ("cache_bins", cache_bins)):
             if not isinstance(bins, (list, tuple)) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in bins):
                 raise ValueError(f"{name}={bins!r}: must be a list of ints >= 0 (and given together with the other bins)")
-        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
             raise ValueError(f"total_steps={total_steps!r}: must be an int >= 1 or None")
         return _from_bins(list(compute_bins), list(cache_bins), total_steps)
     if mask_policy not in PRESETS:

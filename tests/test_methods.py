@@ -50,6 +50,8 @@ def test_explicit_bins_are_taken_literally():
     assert dittofx.steps_mask(compute_bins=[2, 1], cache_bins=[2, 3]) == [1, 1, 0, 0, 1, 0, 0, 0]
     with pytest.raises(ValueError, match="must cover total_steps=20"):
         dittofx.steps_mask(compute_bins=[2], cache_bins=[2], total_steps=20)
+    with pytest.raises(ValueError, match="total_steps=True: must be an int >= 1 or None"):
+        dittofx.steps_mask([2, 1], [1], total_steps=True)
 
 
 @settings(max_examples=200, deadline=None)
