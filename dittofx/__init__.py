@@ -8,9 +8,10 @@ from . import kernels  # registers the torch.ops.dittofx custom ops
 from . import teacache
 from .api import CacheStats, disable, explain, export, optimize, refresh, reset, summary
 from .masks import steps_mask
-from .config import DBCacheConfig, DBPruneConfig, TeaCacheConfig
+from .config import CacheConfig, DBCacheConfig, DBPruneConfig, TeaCacheConfig
 
 __all__ = [
+    "CacheConfig",
     "CacheStats",
     "DBCacheConfig",
     "DBPruneConfig",

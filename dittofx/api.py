@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -17,6 +17,9 @@ from .passes.partition import fn_bn_too_large
 from .patterns.chain import module_lists
 from .runtime.engine import Engine, context_parallel_group
 from .runtime.pipeline import attach_refresh, detach_refresh, is_pipeline, pipeline_transformers
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 __all__ = ["CacheStats", "optimize", "refresh", "reset", "summary", "explain", "disable", "export"]
 
@@ -66,7 +69,7 @@ def _modules(obj: Any) -> list[tuple[str, torch.nn.Module]]:
 
 
 def optimize(
-    model: Any,
+    model: torch.nn.Module | DiffusionPipeline,
     cache_config: CacheConfig | dict[str, Any] | None = None,
     *,
     example_inputs: tuple[tuple, dict] | None = None,
@@ -74,7 +77,7 @@ def optimize(
     params_modifiers: Mapping[str, Any] | list[Any] | None = None,
     split_at_decision: bool | dict[str, Any] = False,
     cuda_graphs: bool = False,
-) -> Any:
+) -> torch.nn.Module | DiffusionPipeline:
     """Enable step caching on `model` in place and return it.
 
     `model` is a transformer (any `nn.Module` with a chain of blocks) or a diffusers pipeline: then
@@ -320,7 +323,7 @@ def _warn_if_never_caches(cfg: CacheConfig) -> None:
         log.warning("dittofx: this config can never cache a step: %s", "; ".join(reasons))
 
 
-def refresh(model: torch.nn.Module, num_inference_steps: int | None = None) -> None:
+def refresh(model: torch.nn.Module | DiffusionPipeline, num_inference_steps: int | None = None) -> None:
     """Set the request length (None: detect new requests from the timestep) and reset state."""
     if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps={num_inference_steps!r}: must be an int >= 1 or None")
@@ -336,7 +339,7 @@ def refresh(model: torch.nn.Module, num_inference_steps: int | None = None) -> N
             state.set_mask(mask)
 
 
-def reset(model: torch.nn.Module) -> None:
+def reset(model: torch.nn.Module | DiffusionPipeline) -> None:
     """Forget all cached state (a new request of the same length)."""
     for _, module in _modules(model):
         engine = _engine(module)
@@ -347,7 +350,7 @@ def reset(model: torch.nn.Module) -> None:
             state.reset()
 
 
-def disable(model: torch.nn.Module) -> torch.nn.Module:
+def disable(model: torch.nn.Module | DiffusionPipeline) -> torch.nn.Module | DiffusionPipeline:
     """Restore the original forward exactly (and drop all cache state). Returns the pipeline, or
     the module: for what torch.compile returned, the module inside it (the wrapper, still compiled,
     runs the restored module)."""
@@ -362,6 +365,8 @@ def disable(model: torch.nn.Module) -> torch.nn.Module:
 
 @dataclass
 class CacheStats:
+    """One cached region and CFG branch in the latest request (SPEC §8); steps count from 0."""
+
     name: str
     branch: str
     config: str
@@ -369,11 +374,6 @@ class CacheStats:
     computed_steps: list[int]
     diffs: list[float]  # per step, NaN where not measured (DBPrune: the largest over its blocks)
     pruned_blocks: list[int] | None = None  # DBPrune: blocks pruned per step (cached_steps: steps with any)
-
-    @property
-    def cache_ratio(self) -> float:
-        total = len(self.cached_steps) + len(self.computed_steps)
-        return len(self.cached_steps) / total if total else 0.0
 
 
 class Summary(list):
@@ -383,7 +383,7 @@ class Summary(list):
         return _table(self)
 
 
-def summary(model: torch.nn.Module, log_table: bool = True) -> list[CacheStats]:
+def summary(model: torch.nn.Module | DiffusionPipeline, log_table: bool = True) -> list[CacheStats]:
     """Stats of the latest request, one entry per cached region and CFG branch (and, for a
     pipeline, per transformer: names like `transformer_2:blocks`); `print` shows the table."""
     stats = Summary()
@@ -434,7 +434,7 @@ def _table(stats: list[CacheStats]) -> str:
     return "\n".join(lines)
 
 
-def explain(model: torch.nn.Module) -> str:
+def explain(model: torch.nn.Module | DiffusionPipeline) -> str:
     """Human-readable account of what the passes found and decided."""
     return "\n".join(_explain(_engine(module), component) for component, module in _modules(model))
 

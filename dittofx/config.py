@@ -60,7 +60,7 @@ class DBCacheConfig:
     last_step_computes = False  # (not a field) SPEC §3 has no such gate; TeaCache has
 
     def short_name(self) -> str:
-        """cache-dit style tag, e.g. `DBCache_F1B0_W4I1M-1MC3_R0.12`."""
+        """cache-dit style tag, e.g. `DBCache_F1B0_W4I1M-1MC3_R0.12_T0O0`."""
         return (
             f"DBCache_F{self.Fn_compute_blocks}B{self.Bn_compute_blocks}_"
             f"W{self.max_warmup_steps}I{self.warmup_interval}M{self.max_cached_steps}"
