@@ -330,9 +330,7 @@ def refresh(model: torch.nn.Module | DiffusionPipeline, num_inference_steps: int
     for _, module in _modules(model):
         engine = _engine(module)
         engine.num_steps = num_inference_steps
-        engine.host.clear()
-        engine.calls = 0  # enable_separate_cfg=True: the next call is the first branch's again
-        engine.latest.clear()
+        engine.start_request()
         mask = engine.mask()  # a preset mask is regenerated for the new length
         for state in engine.states.values():
             state.reset(num_steps=num_inference_steps or 0)
@@ -343,9 +341,7 @@ def reset(model: torch.nn.Module | DiffusionPipeline) -> None:
     """Forget all cached state (a new request of the same length)."""
     for _, module in _modules(model):
         engine = _engine(module)
-        engine.host.clear()
-        engine.calls = 0
-        engine.latest.clear()
+        engine.start_request()
         for state in engine.states.values():
             state.reset()
 
@@ -475,7 +471,7 @@ def _explain(engine: Engine, component: str) -> str:
         if part.glue:
             lines.append(f"  code between middle blocks kept on cached steps: {[n.name for n in part.glue]}")
         lines.append(f"  carried into the middle: {[i.name for i in part.carried_inputs]}")
-        weights = set(entry.captured.gm.graph.find_nodes(op="placeholder")[: len(entry.slots) + len(entry.captured.constants)])
+        weights = set(entry.captured.weight_placeholders())
         invariant = [i.name for i in part.middle_inputs if i not in part.carried_inputs and i not in weights]
         lines.append(f"  loop-invariant inputs of the middle (besides weights): {invariant}")
         if part.hoisted:

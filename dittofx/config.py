@@ -229,12 +229,17 @@ def _validate_teacache(cfg: TeaCacheConfig) -> TeaCacheConfig:
     return cfg
 
 
-def _validate_dbprune(cfg: DBPruneConfig) -> DBPruneConfig:
+def _check_blocks_threshold_warmup(cfg: DBCacheConfig | DBPruneConfig) -> None:
+    """The fields DBCache and DBPrune share."""
     _check_int("Fn_compute_blocks", cfg.Fn_compute_blocks, 1, ">= 1")
     _check_int("Bn_compute_blocks", cfg.Bn_compute_blocks, 0, ">= 0")
     _check_float("residual_diff_threshold", cfg.residual_diff_threshold, "a finite number >= 0")
     _check_int("max_warmup_steps", cfg.max_warmup_steps, 0, ">= 0")
     _check_int("warmup_interval", cfg.warmup_interval, 1, ">= 1")
+
+
+def _validate_dbprune(cfg: DBPruneConfig) -> DBPruneConfig:
+    _check_blocks_threshold_warmup(cfg)
     ids = cfg.non_prune_block_ids
     if isinstance(ids, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise ValueError(f"non_prune_block_ids={ids!r}: must be a list of block indices >= 0 (positions in the chain)")
@@ -266,11 +271,7 @@ def validate(cfg: CacheConfig) -> CacheConfig:
         return _validate_teacache(cfg)
     if isinstance(cfg, DBPruneConfig):
         return _validate_dbprune(cfg)
-    _check_int("Fn_compute_blocks", cfg.Fn_compute_blocks, 1, ">= 1")
-    _check_int("Bn_compute_blocks", cfg.Bn_compute_blocks, 0, ">= 0")
-    _check_float("residual_diff_threshold", cfg.residual_diff_threshold, "a finite number >= 0")
-    _check_int("max_warmup_steps", cfg.max_warmup_steps, 0, ">= 0")
-    _check_int("warmup_interval", cfg.warmup_interval, 1, ">= 1")
+    _check_blocks_threshold_warmup(cfg)
     _check_int("max_cached_steps", cfg.max_cached_steps, -1, ">= 0, or -1 for no limit")
     _check_int(
         "max_continuous_cached_steps", cfg.max_continuous_cached_steps, -1, ">= 0, or -1 for no limit"

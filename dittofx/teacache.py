@@ -142,7 +142,7 @@ def estimate_coefficients(
 def _graph_probe(model: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[[tuple, dict], tuple[torch.Tensor, Any]] | None:
     """Block 0's modulated input and the outputs, from the captured graph (as `optimize` finds the
     signal); None where the forward cannot be captured."""
-    from .passes.capture import capture
+    from .passes.capture import capture, resolve_state
     from .patterns.chain import find_chain
     from .patterns.modulation import find_modulated_input
 
@@ -151,12 +151,11 @@ def _graph_probe(model: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[
     except Exception:  # no graph: the block-by-block path's rule (`_eager_probe`)
         return None
     gm = captured.gm
-    placeholders = gm.graph.find_nodes(op="placeholder")
-    params = set(placeholders[: len(captured.state_fqns) + len(captured.constants)])
+    params = set(captured.weight_placeholders())
     probe = _probe(gm, find_modulated_input(list(gm.graph.nodes), find_chain(gm, model, params, None), params))
 
     def run(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
-        live = [model.get_parameter(f) if _is_param(model, f) else model.get_buffer(f) for f in captured.state_fqns]
+        live = [getattr(owner, name) for owner, name, _ in (resolve_state(model, f) for f in captured.state_fqns)]
         *outs, m = probe(*live, *captured.constants, *pytree.tree_leaves((args, kwargs)))
         return m, outs
 
@@ -195,11 +194,6 @@ def _eager_probe(model: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[
         return seen["m"], outs
 
     return run
-
-
-def _is_param(model: torch.nn.Module, fqn: str) -> bool:
-    owner, _, name = fqn.rpartition(".")
-    return name in (model.get_submodule(owner) if owner else model)._parameters
 
 
 def _probe(gm: fx.GraphModule, signal: fx.Node) -> fx.GraphModule:

@@ -21,7 +21,7 @@ from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
 
-__all__ = ["CapturedGraph", "InputKey", "capture", "input_key"]
+__all__ = ["CapturedGraph", "InputKey", "capture", "input_key", "resolve_state"]
 
 
 @dataclass
@@ -35,6 +35,22 @@ class CapturedGraph:
     num_user_inputs: int
     out_spec: pytree.TreeSpec
     dynamic_dims: dict[int, tuple[int, ...]]  # user-input index -> dims kept symbolic
+
+    def weight_placeholders(self) -> list[fx.Node]:
+        """The placeholders fed from the model (parameters, buffers, lifted constants)."""
+        return self.gm.graph.find_nodes(op="placeholder")[: len(self.state_fqns) + len(self.constants)]
+
+    def user_placeholders(self) -> list[fx.Node]:
+        """The placeholders fed from the call's inputs (its flattened args and kwargs)."""
+        placeholders = self.gm.graph.find_nodes(op="placeholder")
+        return placeholders[len(placeholders) - self.num_user_inputs :]
+
+
+def resolve_state(model: torch.nn.Module, fqn: str) -> tuple[torch.nn.Module, str, bool]:
+    """Where a state placeholder's tensor lives now: (owner module, attribute, is_parameter)."""
+    owner_path, _, name = fqn.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    return owner, name, name in owner._parameters
 
 
 # One key per graph: what the capture specialized on (structure, dtypes, ranks, devices, the

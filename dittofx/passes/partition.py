@@ -1,13 +1,16 @@
 """Split the captured graph into prologue | Fn | middle | Bn | epilogue.
 
-Every node gets `meta["dittofx_region"]`. Code between blocks belongs to the block it follows.
+Every node gets `meta["dittofx_region"]`. Code between blocks belongs to the block it follows,
+but code after the middle's last block is Bn's (a cached step runs it on the carried values plus
+the residual, as it would eagerly), and code after the chain's last block is the epilogue.
 Nodes inside the chain that do not depend on the carried values (e.g. a rope table built lazily
 in block 0 and reused later) are moved to the prologue when something outside their region reads
 them, so that skipping the middle never leaves a later region without its inputs.
 
-The analysis also finds the carried values at the boundaries and pairs every middle output with
-the middle input it updates (same shape and dtype, ties broken along the residual stream), which
-is what the cache branch needs: `out = in + stored residual`.
+The analysis also finds the carried values at the boundaries and gives every middle output the
+base it is cached from, `out = base + stored residual`: the middle input it updates (same shape
+and dtype, ties broken along the residual stream), or, where code between middle blocks reshapes
+the streams, that glue code run on the inputs (`Partition.glue`, kept on cached steps).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..patterns.chain import Chain, carried_inputs, numel_hint
+from ..patterns.chain import Chain, carried_inputs, numel_hint, op_name
 
 __all__ = ["Partition", "PartitionPass", "REGIONS"]
 
@@ -62,13 +65,6 @@ class Partition:
         return [n for n, r in self.region.items() if r == name]
 
 
-def _op_name(node: fx.Node) -> str:
-    if node.target is operator.getitem:
-        return "getitem"
-    name = getattr(node.target, "__name__", str(node.target))
-    return name.split(".")[0]
-
-
 def _shape_key(node: fx.Node) -> tuple | None:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
@@ -87,7 +83,7 @@ def _residual_sources(out: fx.Node, inputs: set[fx.Node]) -> set[fx.Node]:
         if node in inputs:
             found.add(node)
             continue
-        if node.op == "call_function" and _op_name(node) in _RESIDUAL_OPS:
+        if node.op == "call_function" and op_name(node) in _RESIDUAL_OPS:
             stack.extend(node.all_input_nodes)
     return found
 
@@ -257,7 +253,7 @@ def _entry_views(block_nodes: list[fx.Node], chain_inputs: list[fx.Node]) -> lis
     hidden state the blocks update is such a shard, not the chain input itself."""
     views, known = [], set(chain_inputs)
     for node in block_nodes:
-        if node.op == "call_function" and _op_name(node) in _VIEW_OPS and node.all_input_nodes and all(a in known for a in node.all_input_nodes):
+        if node.op == "call_function" and op_name(node) in _VIEW_OPS and node.all_input_nodes and all(a in known for a in node.all_input_nodes):
             known.add(node)
             if isinstance(node.meta.get("val"), torch.Tensor):
                 views.append(node)

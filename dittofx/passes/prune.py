@@ -22,7 +22,8 @@ from ..patterns.chain import Block, numel_hint
 from ..runtime import gates
 from ..runtime.state import state_names
 from .partition import Partition, PartitionError, pair_carried
-from .rewrite import _branch, _copy_meta, _flat, _is_view, begin_graph
+from .fx_utils import cond_branch, copy_meta, flat, is_view
+from .rewrite import begin_graph
 
 __all__ = ["PruneRewritePass", "PrunableBlock", "prunable_blocks"]
 
@@ -39,9 +40,13 @@ class PrunableBlock:
 
 
 def prunable_blocks(gm: fx.GraphModule, part: Partition, non_prune: tuple[int, ...]) -> list[PrunableBlock]:
-    """The middle blocks that may be pruned, with their carried inputs and outputs paired."""
+    """The middle blocks that may be pruned, with their carried inputs and outputs paired; raises
+    where `non_prune` (the config's `non_prune_block_ids`) names a block past the chain or leaves none."""
     nodes = list(gm.graph.nodes)
     chain, n = part.chain, len(part.chain)
+    outside = [i for i in non_prune if i >= n]
+    if outside:
+        raise ValueError(f"non_prune_block_ids={list(non_prune)}: {outside} past the chain; allowed: 0..{n - 1} ({n} blocks: {chain.lists})")
     found = []
     for index in range(part.fn_blocks, n - part.bn_blocks):
         if index in non_prune:
@@ -56,6 +61,11 @@ def prunable_blocks(gm: fx.GraphModule, part: Partition, non_prune: tuple[int, .
         carried = [i for i in inputs if part.region.get(i) in ("Fn", "middle")]  # the rest: weights, invariants
         pairs = pair_carried(outputs, carried)
         found.append(PrunableBlock(block, index, inside, inputs, outputs, pairs, max(pairs.values(), key=numel_hint)))
+    if not found:
+        raise ValueError(
+            f"non_prune_block_ids={list(non_prune)} with Fn_compute_blocks={part.fn_blocks}, Bn_compute_blocks={part.bn_blocks}: "
+            f"no block of the {n} in the chain is left to prune"
+        )
     return found
 
 
@@ -121,22 +131,22 @@ class PruneRewritePass(PassBase):
         def run_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
             local: dict[fx.Node, fx.Node] = {}
             for nd in b.nodes:
-                local[nd] = _copy_meta(graph.node_copy(nd, lambda a: local[a] if a in members else benv[to_parent[a]]), nd)
+                local[nd] = copy_meta(graph.node_copy(nd, lambda a: local[a] if a in members else benv[to_parent[a]]), nd)
             return [
-                _flat(graph, graph.call_function(torch.ops.aten.clone.default, (local[o],), {"memory_format": torch.contiguous_format}))
-                if _is_view(o) or not o.meta["val"].is_contiguous()
-                else _flat(graph, local[o])
+                flat(graph, graph.call_function(torch.ops.aten.clone.default, (local[o],), {"memory_format": torch.contiguous_format}))
+                if is_view(o) or not o.meta["val"].is_contiguous()
+                else flat(graph, local[o])
                 for o in b.outputs
             ]
 
         def prune_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
             return [
-                _flat(graph, graph.call_function(gates.add_residual, (benv[to_parent[b.pairs[o]]], benv[r])))
+                flat(graph, graph.call_function(gates.add_residual, (benv[to_parent[b.pairs[o]]], benv[r])))
                 for o, r in zip(b.outputs, res)
             ]
 
-        prune_gm = _branch(gm, operands, prune_body, f"PruneBranch{j}")
-        run_gm = _branch(gm, operands, run_body, f"RunBranch{j}")
+        prune_gm = cond_branch(gm, operands, prune_body, f"PruneBranch{j}")
+        run_gm = cond_branch(gm, operands, run_body, f"RunBranch{j}")
         gm.add_submodule(f"dittofx_prune_{j}", prune_gm)
         gm.add_submodule(f"dittofx_run_{j}", run_gm)
         pred = g.call_function(torch.ops.aten.select.int, (on_host, 0, j))
@@ -145,7 +155,7 @@ class PruneRewritePass(PassBase):
             (pred, g.get_attr(f"dittofx_prune_{j}"), g.get_attr(f"dittofx_run_{j}"), tuple(operands)),
         )
         for k, o in enumerate(b.outputs):  # back from 1-D (see rewrite._flat) to the paired input's shape
-            env[o] = _copy_meta(g.call_method("view_as", (g.call_function(operator.getitem, (cond, k)), env[b.pairs[o]])), o)
+            env[o] = copy_meta(g.call_method("view_as", (g.call_function(operator.getitem, (cond, k)), env[b.pairs[o]])), o)
         g.call_function(
             gates.prune_store,
             (pruned, j, res, [env[o] for o in b.outputs], [env[b.pairs[o]] for o in b.outputs],

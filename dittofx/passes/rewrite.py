@@ -23,6 +23,7 @@ from ..patterns.chain import int_hint
 from ..runtime import gates
 from ..runtime.state import SCALARS, state_names
 from .partition import Partition, PartitionError
+from .fx_utils import cond_branch, copy_meta, flat, is_view
 from .sizes import cond_operands
 
 __all__ = ["CacheRewritePass", "DECISIONS", "RewriteOptions", "begin_graph"]
@@ -60,27 +61,6 @@ class RewriteOptions:
         )
 
 
-def _copy_meta(dst: fx.Node, src: fx.Node) -> fx.Node:
-    dst.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
-    return dst
-
-
-def _is_view(node: fx.Node) -> bool:
-    """Whether the op returns an alias of an input (aten view ops, and items of split/chunk)."""
-    if node.target is operator.getitem:
-        return _is_view(node.args[0])
-    return isinstance(node.target, torch._ops.OpOverload) and node.target.is_view
-
-
-def _branch(gm: fx.GraphModule, operands: list[fx.Node], body, name: str) -> fx.GraphModule:
-    """A cond branch taking `operands` (as placeholders) and returning `body(env)`'s nodes."""
-    graph = fx.Graph()
-    env = {op: _copy_meta(graph.placeholder(op.name), op) for op in operands}
-    outs = body(graph, env)
-    graph.output(tuple(outs))
-    return fx.GraphModule(gm, graph, class_name=name)
-
-
 DECISIONS = ("device", "compute", "cache")
 
 
@@ -112,10 +92,10 @@ def begin_graph(gm: fx.GraphModule, part: Partition, names: list[str], timestep_
     env: dict[fx.Node, fx.Node] = {}
     for node in nodes:
         if node.op == "placeholder":
-            env[node] = _copy_meta(g.placeholder(node.name), node)
+            env[node] = copy_meta(g.placeholder(node.name), node)
 
     def copy(node: fx.Node) -> None:
-        env[node] = _copy_meta(g.node_copy(node, lambda n: env[n]), node)
+        env[node] = copy_meta(g.node_copy(node, lambda n: env[n]), node)
 
     for node in nodes:
         if node.op not in ("placeholder", "output") and part.region[node] in ("prologue", "Fn"):
@@ -147,7 +127,7 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
         return env[part.skip.get(n, n)]
 
     for node in part.glue:
-        env[node] = _copy_meta(g.node_copy(node, skeleton_arg), node)
+        env[node] = copy_meta(g.node_copy(node, skeleton_arg), node)
     bases = [env[part.base[o]] for o in outs]
 
     if decision == "device":
@@ -162,7 +142,7 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
                     copy(node)
         else:
             for r, b, out in zip(residuals, bases, outs):
-                env[out] = _copy_meta(g.call_function(gates.forecast, (r, b, *at)), out)
+                env[out] = copy_meta(g.call_function(gates.forecast, (r, b, *at)), out)
 
     g.call_function(
         gates.finish_step,
@@ -213,33 +193,33 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
         recipe, passed = cond_operands(part.middle_inputs)
     except ValueError as err:
         raise PartitionError(f"cannot cache the middle region: it reads {err}") from None
-    to_parent = {i: g.call_function(torch.ops.aten.clone.default, (env[i],)) if _is_view(i) else env[i] for i in passed}
+    to_parent = {i: g.call_function(torch.ops.aten.clone.default, (env[i],)) if is_view(i) else env[i] for i in passed}
     operands = list(dict.fromkeys([*to_parent.values(), *bases, *residuals, *at]))
 
     def compute_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
         local: dict[fx.Node, fx.Node] = {}
         for node in [*recipe, *(nd for nd in nodes if region[nd] == "middle")]:
-            local[node] = _copy_meta(graph.node_copy(node, lambda n: local[n] if n in local else benv[to_parent[n]]), node)
+            local[node] = copy_meta(graph.node_copy(node, lambda n: local[n] if n in local else benv[to_parent[n]]), node)
         # both branches must return fresh tensors of one layout: views (e.g. FLUX's slice of its
         # text+image stream) and strided values are copied to dense ones, in the eager value's
         # memory order (ACE-Step carries a transposed stream: what reads it after the middle
         # reduces in that order)
         return [
-            _flat(graph, _dense(graph, local[o], orders[o]))
-            if _is_view(o) or not o.meta["val"].is_contiguous()
-            else _flat(graph, local[o])
+            flat(graph, _dense(graph, local[o], orders[o]))
+            if is_view(o) or not o.meta["val"].is_contiguous()
+            else flat(graph, local[o])
             for o in outs
         ]
 
     def cache_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
         args = tuple(benv[a] for a in at)
         forecasts = [graph.call_function(gates.forecast, (benv[r], benv[b], *args)) for r, b in zip(residuals, bases)]
-        return [_flat(graph, _dense(graph, f, orders[o]) if orders[o] else f) for f, o in zip(forecasts, outs)]
+        return [flat(graph, _dense(graph, f, orders[o]) if orders[o] else f) for f, o in zip(forecasts, outs)]
 
     orders = {o: _memory_order(o) for o in outs}
 
-    cache_gm = _branch(gm, operands, cache_body, "CacheBranch")
-    compute_gm = _branch(gm, operands, compute_body, "ComputeBranch")
+    cache_gm = cond_branch(gm, operands, cache_body, "CacheBranch")
+    compute_gm = cond_branch(gm, operands, compute_body, "ComputeBranch")
     gm.add_submodule("dittofx_cache_branch", cache_gm)
     gm.add_submodule("dittofx_compute_branch", compute_gm)
     cond = g.call_function(
@@ -251,9 +231,9 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
         if order:  # back from memory order to the eager value's dims
             shaped = g.call_method("view_as", (item, g.call_function(torch.ops.aten.permute.default, (base, order))))
             inverse = sorted(range(len(order)), key=order.__getitem__)
-            env[out] = _copy_meta(g.call_function(torch.ops.aten.permute.default, (shaped, inverse)), out)
+            env[out] = copy_meta(g.call_function(torch.ops.aten.permute.default, (shaped, inverse)), out)
         else:
-            env[out] = _copy_meta(g.call_method("view_as", (item, base)), out)
+            env[out] = copy_meta(g.call_method("view_as", (item, base)), out)
     return diff, cache
 
 
@@ -270,11 +250,3 @@ def _dense(graph: fx.Graph, node: fx.Node, order: list[int] | None) -> fx.Node:
     if order:
         node = graph.call_function(torch.ops.aten.permute.default, (node, order))
     return graph.call_function(torch.ops.aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
-
-
-def _flat(graph: fx.Graph, node: fx.Node) -> fx.Node:
-    """A cond output as 1-D. torch.cond checks that symbolic output strides are products of the
-    sizes; a contiguous stride over a size like (h//2)*(w//2) comes out as 16*Max(1, (h//2)*(w//2))
-    and fails that check, so dynamo stops at the first recompile with dynamic shapes (Wan, PixArt at
-    a second resolution). A 1-D tensor's stride is 1."""
-    return graph.call_function(torch.ops.aten.view.default, (node, [-1]))

@@ -14,6 +14,8 @@ fail that test and stay in the prologue.
 
 from __future__ import annotations
 
+import operator
+
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +26,7 @@ try:
 except ImportError:  # torch < 2.12 names it size_hint (same signature)
     from torch.fx.experimental.symbolic_shapes import size_hint as int_hint
 
-__all__ = ["Block", "Chain", "ChainNotFound", "carried_inputs", "find_chain", "module_lists"]
+__all__ = ["Block", "Chain", "ChainNotFound", "carried_inputs", "find_chain", "module_lists", "numel_hint", "op_name"]
 
 
 class ChainNotFound(ValueError):
@@ -200,6 +202,19 @@ def _in_run_order(per_list: dict[str, list[Block]], names: list[str]) -> list[Bl
     ):
         raise ChainNotFound(f"blocks={names!r}: these lists neither run one after another nor alternate in the captured graph")
     return ordered
+
+
+def functional_name(name: str) -> str:
+    """An in-place op's name as its functional one's (`add_` -> "add"): eager calls log in-place
+    ops that an exported graph holds in functional form."""
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+
+
+def op_name(node: fx.Node) -> str:
+    """A call's op as a short name: `aten.add.Tensor` and `add_` -> "add"; items -> "getitem"."""
+    if node.target is operator.getitem:
+        return "getitem"
+    return functional_name(getattr(node.target, "__name__", str(node.target)).split(".")[0])
 
 
 def numel_hint(node: fx.Node) -> int:

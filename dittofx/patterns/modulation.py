@@ -11,7 +11,6 @@ runs on the torch calls of block 0 made eagerly (`ModulationFinder`) for forward
 
 from __future__ import annotations
 
-import operator
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,7 +20,7 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .chain import Chain, block_inputs, carried_inputs, numel_hint
+from .chain import Chain, block_inputs, carried_inputs, functional_name, numel_hint, op_name
 
 __all__ = ["FoundCall", "ModulationFinder", "ModulationNotFound", "call_name", "find_modulated_input", "run_finding_modulation"]
 
@@ -32,17 +31,6 @@ _FINISH_CALLS = _FINISH_OPS | {"float", "half", "bfloat16"}  # ... as torch call
 
 class ModulationNotFound(ValueError):
     pass
-
-
-def _functional(name: str) -> str:
-    """An in-place op's name as its functional one's (`add_` -> "add"): both finish a modulation."""
-    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
-
-
-def _op_name(node: fx.Node) -> str:
-    if node.target is operator.getitem:
-        return "getitem"
-    return _functional(getattr(node.target, "__name__", str(node.target)).split(".")[0])
 
 
 def _shape(node: fx.Node) -> tuple | None:
@@ -85,8 +73,8 @@ def _finish(node: fx.Node, from_hidden: set[fx.Node]) -> fx.Node:
     while len(node.users) == 1:
         (user,) = node.users
         # type_as reads its second operand for the dtype only
-        others = [] if _op_name(user) == "type_as" else [a for a in user.all_input_nodes if a is not node]
-        if _op_name(user) not in _FINISH_OPS or _shape(user) != _shape(node) or any(a in from_hidden for a in others):
+        others = [] if op_name(user) == "type_as" else [a for a in user.all_input_nodes if a is not node]
+        if op_name(user) not in _FINISH_OPS or _shape(user) != _shape(node) or any(a in from_hidden for a in others):
             break
         node = user
     return node
@@ -100,7 +88,7 @@ def call_name(func: Any) -> str:
         name = name[2:-2]
         name = name[1:] if name[:1] == "r" and name[1:] in ("add", "sub", "mul", "div", "truediv") else name
         return "div" if name == "truediv" else name
-    return _functional(name)
+    return functional_name(name)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""DBCache around the blocks, in eager Python: for a forward with no graph to rewrite.
+"""DBCache and TeaCache around the blocks, in eager Python: for a forward with no graph to rewrite.
 
 Some models branch in Python on tensor values (`mask.sum(1).tolist()`, `if tensor.all():`), so
 their forward is no graph; in others the graph's middle outputs pair with no input (lengths that

@@ -27,13 +27,12 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ..config import CacheConfig, DBPruneConfig, TeaCacheConfig
-from ..passes.capture import CapturedGraph, capture, input_key
-from ..passes.partition import Partition, PartitionPass, UnpairedOutputError
-from ..passes.prune import PruneRewritePass, prunable_blocks
-from ..passes.rewrite import DECISIONS, CacheRewritePass, RewriteOptions
-from ..passes.split import SIDES, SplitAtDecisionPass
-from ..patterns.chain import Chain, find_chain
-from ..patterns.modulation import ModulationNotFound, find_modulated_input
+from ..passes.build import rewrite_captured
+from ..passes.capture import CapturedGraph, capture, input_key, resolve_state
+from ..passes.partition import Partition, UnpairedOutputError
+from ..passes.rewrite import RewriteOptions
+from ..patterns.chain import Chain
+from ..patterns.modulation import ModulationNotFound
 from ..teacache import coefficients_for
 from ..masks import steps_mask
 from .blockwise import Blockwise, BlockwiseConfigError, BlockwiseError, bind_arguments, close_at_scale, learn_chain
@@ -100,12 +99,6 @@ class Entry:
         return [tensors[name] for tensors, name in self._lookups]
 
 
-def _resolve(model: torch.nn.Module, fqn: str) -> tuple[torch.nn.Module, str, bool]:
-    owner_path, _, name = fqn.rpartition(".")
-    owner = model.get_submodule(owner_path) if owner_path else model
-    return owner, name, name in owner._parameters
-
-
 def _concrete(shape, bindings: dict) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else int(d.node.expr.xreplace(bindings)) for d in shape)
 
@@ -117,10 +110,8 @@ def _state_shapes(entry: Entry, leaves: list) -> tuple:
 
 
 def _symbol_bindings(entry: Entry, leaves: list) -> dict:
-    placeholders = entry.captured.gm.graph.find_nodes(op="placeholder")
-    user = placeholders[len(placeholders) - entry.captured.num_user_inputs :]
     bindings = {}
-    for node, leaf in zip(user, leaves):
+    for node, leaf in zip(entry.captured.user_placeholders(), leaves):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and isinstance(leaf, torch.Tensor):
             for d, s in enumerate(val.shape):
@@ -230,6 +221,19 @@ class _TimestepWatch:
 
 
 class Engine:
+    """Step caching on one model. A call goes:
+
+        _pre_hook -> pre_call: the graph for these inputs (prepare -> _entry_for; at a first call
+            _build: capture, then passes/build.py's rewrite_captured), the CFG branch (_branch) and
+            its state (_state_for), the step's decision where the host knows it (_host_decision:
+            "compute" / "cache", else "device"), the split head where asked (_run_head)
+        -> _cached_forward: the chosen graph on (state, live weights, constants, inputs); its gates
+            (runtime/gates.py) and the diff / Taylor kernels (kernels/) run inside it.
+
+    Where the forward cannot be captured, the same step logic runs around the model's own blocks
+    (`self.blockwise`, runtime/blockwise.py).
+    """
+
     def __init__(
         self, model: torch.nn.Module, cfg: CacheConfig, group: str | None = None, split: dict | None = None, cuda_graphs: bool = False
     ):
@@ -265,8 +269,8 @@ class Engine:
         self.capturing = False
         self.path = "torch.export graph"
         self.blockwise: Blockwise | None = None  # set when the forward cannot be captured
-        self._forward_signature: inspect.Signature | None = None  # the model forward's, for the block-by-block path
-        self.options: RewriteOptions | None = None
+        self._forward_signature: inspect.Signature | None = None  # the model forward's: its timestep input, bound arguments
+        self.options: RewriteOptions | None = None  # the block-by-block path's step options (a graph's go into its rewrite)
         # instance attributes we replace, as they were (None: not set on the instance)
         self._saved = {attr: model.__dict__.get(attr) for attr in ("forward", "cache_context")}
         self._hook = None
@@ -311,6 +315,14 @@ class Engine:
                 model.__dict__[attr] = value
         del model._modules["_dittofx_states"]
         del model.__dict__["_dittofx"]
+
+    def start_request(self) -> None:
+        """Forget the host's view of the request (its step counts, the latest call per branch) and
+        restart enable_separate_cfg=True's call parity: the next call is the first branch's again.
+        The states are reset by the caller (`dittofx.reset` / `refresh`)."""
+        self.host.clear()
+        self.calls = 0
+        self.latest.clear()
 
     # ---- per call (eager, outside dynamo) -------------------------------------------------
     def _branch(self) -> str:
@@ -414,53 +426,19 @@ class Engine:
         self._watch()
         self._stateful = structure.stateful_modules(self.model)
         switches = structure.python_state(self._stateful)
-        gm = captured.gm
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        n_state = len(captured.state_fqns) + len(captured.constants)
-        params = set(placeholders[:n_state])
-        chain = find_chain(gm, self.model, params, cfg.blocks)
-        signal = find_modulated_input(list(gm.graph.nodes), chain, params) if self.teacache else None
-        part_pass = PartitionPass(chain, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, params, signal)
-        part_pass(gm)
-        part = part_pass.partition
-        opts = self._options([n.name for n in placeholders[n_state:]])
-        counts = {r: len(part.nodes_in(r)) for r in ("prologue", "Fn", "middle", "Bn", "epilogue")}
-        if self.prune:
-            outside = [i for i in cfg.non_prune_block_ids if i >= len(chain)]
-            if outside:
-                raise ValueError(
-                    f"non_prune_block_ids={list(cfg.non_prune_block_ids)}: {outside} past the chain; allowed: "
-                    f"0..{len(chain) - 1} ({len(chain)} blocks: {chain.lists})"
-                )
-            blocks = prunable_blocks(gm, part, cfg.non_prune_block_ids)
-            if not blocks:
-                raise ValueError(
-                    f"non_prune_block_ids={list(cfg.non_prune_block_ids)} with Fn_compute_blocks={cfg.Fn_compute_blocks}, "
-                    f"Bn_compute_blocks={cfg.Bn_compute_blocks}: no block of the {len(chain)} in the chain is left to prune"
-                )
-            pruned = PruneRewritePass(
-                part, blocks, threshold=opts.threshold, max_warmup_steps=cfg.max_warmup_steps,
-                warmup_interval=cfg.warmup_interval, timestep_input=opts.timestep_input, group=self.group,
-            )(gm).graph_module  # fmt: skip
-            graphs = dict.fromkeys(DECISIONS, pruned)  # every decision is made in the graph
-            state_nodes = [part.h_fn, *(o for b in blocks for o in b.outputs)]
-        else:
-            blocks = []
-            graphs = {d: CacheRewritePass(part, opts, d)(gm).graph_module for d in DECISIONS}
-            if self.split is not None or self.replays is not None:
-                graphs.update({f"split-{side}": SplitAtDecisionPass(side)(graphs["device"]).graph_module for side in SIDES})
-            state_nodes = [part.h_fn, *part.middle_outputs]
+        opts = self._options([n.name for n in captured.user_placeholders()])
+        built = rewrite_captured(captured, self.model, cfg, opts, split=self.split is not None or self.replays is not None)
         return Entry(
             captured=captured,
-            chain=chain,
-            partition=part,
-            graphs=graphs,
-            slots=[_resolve(self.model, f) for f in captured.state_fqns],
+            chain=built.chain,
+            partition=built.partition,
+            graphs=built.graphs,
+            slots=[resolve_state(self.model, f) for f in captured.state_fqns],
             key=input_key(args, kwargs, captured.dynamic_dims),
-            state_nodes=state_nodes,
-            region_counts=counts,
-            pruned_blocks=[b.index for b in blocks],
-            blocks=structure.block_ids(self.model, chain.lists),
+            state_nodes=built.state_nodes,
+            region_counts=built.region_counts,
+            pruned_blocks=built.pruned_blocks,
+            blocks=structure.block_ids(self.model, built.chain.lists),
             switches=switches,
         )
 

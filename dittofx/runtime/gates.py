@@ -1,4 +1,5 @@
-"""The DBCache step logic of SPEC §3, as tensor functions called from the rewritten graph.
+"""The step logic of SPEC §3 (DBCache; TeaCache's §6 and DBPrune's §7 decisions too), as tensor
+functions called from the rewritten graph and from the block-by-block path.
 
 All inputs and outputs are device tensors; counters are updated in place. Nothing here returns a
 Python value that depends on the step, so the same graph (eager, compiled or exported) serves
