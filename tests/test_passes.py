@@ -16,9 +16,7 @@ def captured(name, dynamic=False):
     z = zoo.get(name)
     model = z.build()
     graph = capture(model, (), z.inputs(0, 1.0), dynamic=dynamic)
-    placeholders = graph.gm.graph.find_nodes(op="placeholder")
-    weights = set(placeholders[: len(graph.state_fqns) + len(graph.constants)])
-    return z, model, graph, weights
+    return z, model, graph, set(graph.weight_placeholders())
 
 
 @pytest.mark.parametrize("name", zoo.names(capturable=True))
@@ -236,3 +234,63 @@ def test_imports_where_torch_names_the_hint_size_hint():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_prune_rewrite_runs_every_block_at_threshold_zero_and_prunes_all_past_any_threshold():
+    """DBPrune's pass on its own (graph in, graph out): at threshold 0 the rewritten graph is the
+    captured one; past any threshold, a step whose inputs repeat the last computed step's prunes
+    every prunable block and serves each as its input plus its stored residual."""
+    from dittofx.passes.prune import PruneRewritePass, prunable_blocks
+    from dittofx.runtime.state import CacheState
+
+    z, model, graph, weights = captured("pixart")
+    chain = find_chain(graph.gm, model, weights)
+    part = partition(graph.gm, chain, 1, 0, weights)
+    blocks = prunable_blocks(graph.gm, part, ())
+    assert [b.index for b in blocks] == list(range(1, len(chain)))
+    live = [model.get_parameter(f) if f in dict(model.named_parameters()) else model.get_buffer(f) for f in graph.state_fqns]
+    inputs = [*live, *graph.constants, *torch.utils._pytree.tree_leaves(z.inputs(0, 1.0))]
+    with torch.no_grad():
+        want = graph.gm(*inputs)
+        for threshold, pruned in ((0.0, 0), (1e9, len(blocks))):
+            gm = PruneRewritePass(part, blocks, threshold=threshold, max_warmup_steps=1, warmup_interval=1,
+                                  timestep_input="timestep")(graph.gm).graph_module  # fmt: skip
+            carried = [torch.zeros(o.meta["val"].shape) for b in blocks for o in b.outputs]
+            state = CacheState(torch.zeros(part.h_fn.meta["val"].shape), carried, 1, 4, None, p_levels=len(blocks), norms=True)
+            first, second = gm(*state.tensors(), *inputs), gm(*state.tensors(), *inputs)
+            assert state.hist_cached[:2].tolist() == [0, pruned]
+            assert torch.equal(first[0], want[0])
+            if pruned:
+                torch.testing.assert_close(second[0], want[0])
+            else:
+                assert torch.equal(second[0], want[0])
+    with pytest.raises(ValueError, match=r"non_prune_block_ids=\[%d\]: \[%d\] past the chain" % (len(chain), len(chain))):
+        prunable_blocks(graph.gm, part, (len(chain),))
+    with pytest.raises(ValueError, match="no block of the .* in the chain is left to prune"):
+        prunable_blocks(graph.gm, part, tuple(range(len(chain))))
+
+
+def test_cond_operands_remake_floats_from_size_arithmetic_and_refuse_other_floats():
+    """torch.cond takes no float operand: a float made by size arithmetic is made again inside the
+    branch from the ints it starts from; a float from anything else cannot be, and is refused."""
+    import operator
+
+    from dittofx.passes.sizes import cond_operands
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.zeros(2, 3)
+    n = g.call_function(torch.ops.aten.sym_size.int, (x, 1))
+    n.meta["val"] = 3
+    area = g.call_function(operator.mul, (n, n))
+    area.meta["val"] = 9
+    inv = g.call_function(operator.pow, (area, -0.5))
+    inv.meta["val"] = 9**-0.5
+    scale = g.call_function(operator.mul, (0.25, inv))
+    scale.meta["val"] = 0.25 * 9**-0.5
+    recipe, operands = cond_operands([scale, x])
+    assert recipe == [inv, scale] and operands == [area, x]
+    item = g.call_function(torch.ops.aten.item.default, (x,))
+    item.meta["val"] = 0.5
+    with pytest.raises(ValueError, match="a float made by an op that is no size arithmetic"):
+        cond_operands([item])
