@@ -315,6 +315,29 @@ def test_the_second_cfg_branch_reuses_the_first_branchs_decisions(name, threshol
     assert all(torch.equal(g, w) for g, w in zip(outs[second], told))
 
 
+@pytest.mark.parametrize("compute_first", [False, True], ids=["cond first", "uncond first"])
+def test_named_branches_in_the_other_order_than_cfg_compute_first_say_so_once(pixart, compute_first, caplog):
+    """cfg_diff_compute_separate=False with cache_context names: where the pipeline runs the second
+    branch (by cfg_compute_first) before the first in each step, nothing can be shared: said once,
+    naming the fix. In the configured order: nothing said."""
+    cfg = dict(CFG, cfg_compute_first=compute_first, cfg_diff_compute_separate=False)
+    configured = ["uncond", "cond"] if compute_first else ["cond", "uncond"]
+    said = {}
+    for order in (configured, configured[::-1]):
+        model = dittofx.optimize(pixart.build(), cfg)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
+            for s in range(STEPS):
+                for branch in order:
+                    with model.cache_context(branch):
+                        kwargs = pixart.inputs(s, 1 - s / STEPS)
+                        model(**(uncond(kwargs) if branch == "uncond" else kwargs))
+        said[tuple(order)] = [r.getMessage() for r in caplog.records if "cfg_diff_compute_separate=False" in r.getMessage()]
+    assert said[tuple(configured)] == []
+    (message,) = said[tuple(configured[::-1])]
+    assert f"runs {configured[1]!r} before {configured[0]!r}" in message and f"cfg_compute_first={not compute_first}" in message
+
+
 def test_the_timestep_watch_waits_for_its_copies_without_taking_more(pixart, monkeypatch, caplog):
     """On CUDA the host may run ahead of the copies (no sync in a step): the watch keeps its five
     and reads them once they are done."""

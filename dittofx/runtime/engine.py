@@ -262,6 +262,7 @@ class Engine:
         self.context_name: str | None = None
         self.calls = 0
         self.latest: dict[str, _Call] = {}  # per CFG branch: its latest call (cfg_diff_compute_separate=False)
+        self.latest_branch: str | None = None  # the branch of the latest call (cfg_diff_compute_separate=False)
         self.pipeline_call: str | None = None  # the class of the pipeline whose call is running (optimize(pipe))
         self._warned: set[str] = set()  # the warnings said once per model
         self._first_timesteps: dict[str, _TimestepWatch] = {}  # per branch, request length unknown: see _watch_timesteps
@@ -323,6 +324,7 @@ class Engine:
         self.host.clear()
         self.calls = 0
         self.latest.clear()
+        self.latest_branch = None
 
     # ---- per call (eager, outside dynamo) -------------------------------------------------
     def _branch(self) -> str:
@@ -794,7 +796,23 @@ class Engine:
     def _remember(self, branch: str, decision: str, state: Any) -> None:
         if not self.cfg.cfg_diff_compute_separate:
             mine = self.latest.get(branch)
-            self.latest[branch] = _Call((mine.number if mine else 0) + 1, decision.removeprefix("split-"), state)
+            number = (mine.number if mine else 0) + 1
+            self._warn_if_second_runs_first(branch, number)
+            self.latest[branch] = _Call(number, decision.removeprefix("split-"), state)
+            self.latest_branch = branch
+
+    def _warn_if_second_runs_first(self, branch: str, number: int) -> None:
+        """Named branches (`cache_context`) in the other order than cfg_compute_first says: the
+        second ran this step before the first, so it could not take the first's decision."""
+        first, second = ("uncond", "cond") if self.cfg.cfg_compute_first else ("cond", "uncond")
+        other = self.latest.get(second)
+        if branch == first and self.latest_branch == second and other is not None and other.number == number:
+            self._warn_once(
+                "branch order",
+                "dittofx: cfg_diff_compute_separate=False: %s runs %r before %r in a step, so %r cannot take the "
+                "decision of %r (made after it) and decides on its own; set cfg_compute_first=%s",
+                self.pipeline_call or type(self.model).__name__, second, first, second, first, not self.cfg.cfg_compute_first,
+            )  # fmt: skip
 
     def _watch(self) -> None:
         structure.watch(self.model, self)
