@@ -13,6 +13,7 @@ import torch
 
 from .aot import export_program
 from .config import CacheConfig, DBPruneConfig, TeaCacheConfig, merge_config, parse_config
+from .masks import as_count
 from .passes.partition import fn_bn_too_large
 from .patterns.chain import module_lists
 from .runtime.engine import Engine, context_parallel_group
@@ -325,8 +326,9 @@ def _warn_if_never_caches(cfg: CacheConfig) -> None:
 
 def refresh(model: torch.nn.Module | DiffusionPipeline, num_inference_steps: int | None = None) -> None:
     """Set the request length (None: detect new requests from the timestep) and reset state."""
-    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+    if num_inference_steps is not None and (as_count(num_inference_steps) or 0) < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps!r}: must be an int >= 1 or None")
+    num_inference_steps = as_count(num_inference_steps)
     for _, module in _modules(model):
         engine = _engine(module)
         engine.num_steps = num_inference_steps

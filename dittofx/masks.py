@@ -13,7 +13,10 @@ cache-dit get the same schedules there. For any other step count T we scale the 
 
 from __future__ import annotations
 
-__all__ = ["PRESETS", "steps_mask"]
+import operator
+from typing import Any
+
+__all__ = ["PRESETS", "as_count", "steps_mask"]
 
 # compute bins / cache bins at T = 28 (SPEC §5); bins alternate compute, cache, compute, ...
 PRESETS: dict[str, tuple[list[int], list[int]]] = {
@@ -75,6 +78,17 @@ def _scaled(policy: str, total_steps: int) -> list[int]:
     return mask
 
 
+def as_count(value: Any) -> int | None:
+    """A step count as a Python int: numpy's ints and 0-d integer tensors too (diffusers takes
+    them); None for None, a bool, or what is no integer."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def steps_mask(
     compute_bins: list[int] | None = None,
     cache_bins: list[int] | None = None,
@@ -87,13 +101,14 @@ def steps_mask(
         for name, bins in (("compute_bins", compute_bins), ("cache_bins", cache_bins)):
             if not isinstance(bins, (list, tuple)) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in bins):
                 raise ValueError(f"{name}={bins!r}: must be a list of ints >= 0 (and given together with the other bins)")
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
+        if total_steps is not None and (as_count(total_steps) or 0) < 1:
             raise ValueError(f"total_steps={total_steps!r}: must be an int >= 1 or None")
-        return _from_bins(list(compute_bins), list(cache_bins), total_steps)
+        return _from_bins(list(compute_bins), list(cache_bins), as_count(total_steps))
     if mask_policy not in PRESETS:
         raise ValueError(f"mask_policy={mask_policy!r}: must be one of {sorted(PRESETS)}")
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+    if (as_count(total_steps) or 0) < 1:
         raise ValueError(f"total_steps={total_steps!r}: a preset mask needs an int >= 1")
+    total_steps = as_count(total_steps)
     if total_steps == 1:  # e.g. a two-expert pipeline's share of a short request: the last step computes
         return [1]
     if total_steps == 50:

@@ -148,6 +148,11 @@ def test_already_optimized_and_refresh_errors(pixart):
         dittofx.optimize(model, {})
     with pytest.raises(ValueError, match=r"num_inference_steps=0: must be an int >= 1 or None"):
         dittofx.refresh(model, num_inference_steps=0)
+    for bad in (2.5, True, "28"):
+        with pytest.raises(ValueError, match=r"num_inference_steps=.*: must be an int >= 1 or None"):
+            dittofx.refresh(model, num_inference_steps=bad)
+    dittofx.refresh(model, num_inference_steps=np.int64(6))  # numpy's ints are ints
+    assert model._dittofx.num_steps == 6 and type(model._dittofx.num_steps) is int
     with pytest.raises(ValueError, match="not optimized by dittofx"):
         dittofx.summary(pixart.build())
 

@@ -118,7 +118,10 @@ def attach_refresh(pipe: Any, names: list[str], refresh: Refresh, in_call: InCal
         except TypeError:  # arguments the pipeline itself rejects: let it say so
             return base.__call__(self, *args, **kwargs)
         for name in names:  # pipelines that never set their scheduler up before the loop
-            refresh(getattr(self, name), steps)
+            try:
+                refresh(getattr(self, name), steps)
+            except ValueError:  # no count (the pipeline says so itself, or its scheduler's timesteps tell)
+                refresh(getattr(self, name), None)
             in_call(getattr(self, name), base.__name__)
         try:
             with counting_timesteps(self, names, refresh):
