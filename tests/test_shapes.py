@@ -11,14 +11,14 @@ STEPS = 4
 CFG = {"residual_diff_threshold": 0.2, "max_warmup_steps": 1, "num_inference_steps": STEPS}
 
 
-def request(batch: int, side: int, seed: int):
+def request(batch: int, side: int, seed: int, steps: int = STEPS):
     g = torch.Generator().manual_seed(seed)
     base, drift = torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 4, side, side, generator=g)
     text = torch.randn(batch, 7, 32, generator=g)
     return [
         dict(hidden_states=base + 0.02 * s * drift, encoder_hidden_states=text,
-             timestep=torch.full((batch,), 1000.0 * (1 - s / STEPS)), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-        for s in range(STEPS)
+             timestep=torch.full((batch,), 1000.0 * (1 - s / steps)), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+        for s in range(steps)
     ]  # fmt: skip
 
 
@@ -56,7 +56,8 @@ def test_batch_and_resolution_changes_between_requests(caplog):
 
 def test_sizes_alternating_within_requests_warn_once_that_nothing_caches(caplog):
     """Calls of two sizes on one branch within a request (e.g. a second call per step at another
-    batch size): the state starts again at every call, so nothing caches: said once."""
+    batch size): each call is a step whose stored residuals the next call's sizes drop, so nothing
+    caches: said once."""
     z = zoo.get("pixart")
     model = dittofx.optimize(z.build(), dict(CFG, num_inference_steps=2 * STEPS))
     small, large = request(1, 8, seed=0), request(2, 8, seed=1)
@@ -64,9 +65,48 @@ def test_sizes_alternating_within_requests_warn_once_that_nothing_caches(caplog)
         for s in range(STEPS):
             model(**small[s])
             model(**large[s])
-    assert caplog.text.count("changed sizes at step 1 of a request of 8 on branch 'default'") == 1
+    assert caplog.text.count("changed sizes (or dtype) at step 1 of a request of 8 on branch 'default'") == 1
     (stats,) = dittofx.summary(model, log_table=False)
     assert stats.cached_steps == []
+
+
+def test_sizes_changing_within_a_request_keep_its_step_count(caplog):
+    """A request whose batch changes at a step (CFG on for some steps only, diffusers' CFG cutoff
+    callbacks): what was stored goes, the request's count goes on (SPEC §3: its state resets after
+    its length), so the next request starts fresh. Expected by hand, at a threshold every diff is
+    under, batches 1, 1, 2, 2, 1, 1: step 0 computes (warmup), 1 caches, 2 computes (new sizes:
+    nothing stored), 3 caches, 4 computes (new sizes again), 5 caches; computed steps equal the
+    uncached model; two equal requests give equal outputs."""
+    z = zoo.get("pixart")
+    plain = z.build()
+    model = dittofx.optimize(z.build(), dict(CFG, residual_diff_threshold=1e9, num_inference_steps=6))
+    one, two = request(1, 8, seed=0, steps=6), request(2, 8, seed=0, steps=6)
+    steps = [one[0], one[1], two[2], two[3], one[4], one[5]]
+    outs = []
+    for _request in range(2):
+        with caplog.at_level(logging.WARNING, logger="dittofx"):
+            got, cached = run(model, steps)
+        assert cached == [1, 3, 5]
+        with torch.no_grad():
+            for s in (0, 2, 4):
+                assert torch.equal(got[s], plain(**steps[s])[0])
+        outs.append(got)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert caplog.text.count("changed sizes (or dtype) at step 2 of a request of 6") == 1
+
+
+def test_a_new_request_at_new_sizes_before_the_last_ended_starts_fresh():
+    """Its timestep rose (SPEC §3's new-request rule, read on the host where the sizes change): an
+    interrupted request, then one at another resolution, runs as on a model that never saw the
+    first."""
+    z = zoo.get("pixart")
+    model = dittofx.optimize(z.build(), CFG)
+    run(model, request(1, 8, seed=0)[:2])
+    steps = request(1, 16, seed=1)
+    got, cached = run(model, steps)
+    fresh, fresh_cached = run(dittofx.optimize(z.build(), CFG), steps)
+    assert cached == fresh_cached and cached
+    assert all(torch.equal(a, b) for a, b in zip(got, fresh))
 
 
 def test_graphs_wrong_at_new_sizes_get_one_symbolic_recapture_then_static_ones(monkeypatch):

@@ -138,6 +138,16 @@ def _decision_in(state: CacheState) -> str | None:
     return None if count > HISTORY else "cache" if flag > 0 else "compute"
 
 
+@torch.no_grad()
+def _go_on_with_request(old: CacheState, new: CacheState) -> None:
+    """A state remade within a request (its sizes or dtype changed) keeps the request's counters
+    and history: only what was stored goes (the step computes; gate 2), and the request still ends
+    after its length, so the next one never starts on this one's residuals."""
+    for name in (*SCALARS, "hist_diff", "hist_cached", "taylor_times"):
+        if name != "valid":
+            getattr(new, name).copy_(getattr(old, name))
+
+
 def context_parallel_group(model: torch.nn.Module) -> Any:
     """The group diffusers' own context parallelism shards the sequence over
     (`model.enable_parallelism(config=ContextParallelConfig(...))`), or None."""
@@ -480,18 +490,30 @@ class Engine:
             )  # fmt: skip
         return opts
 
-    def _state_for(self, branch: str, entry: Entry, sizes: tuple, device: torch.device) -> CacheState:
+    def _state_for(self, branch: str, entry: Entry, sizes: tuple, device: torch.device, args: tuple, kwargs: dict) -> CacheState:
         shapes = entry.state_shapes[sizes]
         want = (shapes[0], tuple(shapes[1:]), entry.state_nodes[0].meta["val"].dtype, device)
         state = self.states[branch] if branch in self.states else None
-        if state is None or state.shapes != want:  # first call, or new sizes: fresh state
-            step = self.host.get(branch, (0, False))[0]
-            if state is not None and self.num_steps is not None and 0 < step < self.num_steps:
-                self._warn_restart(branch, step)
-            state = self.new_state(entry, sizes, device)
-            self.states[branch] = state
-            self.host.pop(branch, None)
+        if state is None or state.shapes != want:  # first call, or new sizes (or dtype): a new state
+            new = self.new_state(entry, sizes, device)
+            step, _ = self.host.get(branch, (0, False))
+            if state is not None and not self._timestep_rose(state, args, kwargs):  # the same request goes on
+                if self.num_steps is not None and 0 < step < self.num_steps:
+                    self._warn_restart(branch, step)
+                _go_on_with_request(state, new)
+                self.host[branch] = (step, False)
+            else:
+                self.host.pop(branch, None)
+            self.states[branch] = state = new
         return state
+
+    def _timestep_rose(self, state: CacheState, args: tuple, kwargs: dict) -> bool:
+        """Whether this call's timestep is above the state's last one: a new request (SPEC §3's
+        rule for an unknown length). Read on the host: one sync, only where the sizes changed."""
+        timestep = self._timestep_of(args, kwargs)
+        if not isinstance(timestep, torch.Tensor) or timestep.numel() == 0:
+            return False
+        return bool(timestep.reshape(-1)[0].float().cpu() > state.last_ts.cpu())
 
     def _warn_once(self, key: str, message: str, *args: Any) -> None:
         if key not in self._warned:
@@ -513,10 +535,7 @@ class Engine:
         if watch.done:
             return
         if not watch.full():
-            if self._forward_signature is None:
-                self._forward_signature = inspect.signature(self._forward_of_model())
-            name = timestep_input(self._forward_signature.parameters)
-            watch.add(bind_arguments(self._forward_signature, args, kwargs).get(name) if name else None)
+            watch.add(self._timestep_of(args, kwargs))
             return
         if not watch.ready():
             return
@@ -531,15 +550,22 @@ class Engine:
                 type(self.model).__name__, branch, ", ".join(f"{t:.4g}" for t in seen),
             )  # fmt: skip
 
+    def _timestep_of(self, args: tuple, kwargs: dict) -> Any:
+        """The call's timestep input (TIMESTEP_INPUTS), if the forward has one."""
+        if self._forward_signature is None:
+            self._forward_signature = inspect.signature(self._forward_of_model())
+        name = timestep_input(self._forward_signature.parameters)
+        return bind_arguments(self._forward_signature, args, kwargs).get(name) if name else None
+
     def _warn_restart(self, branch: str, step: int) -> None:
         """A fresh state in the middle of a request (calls of one step at different sizes on one
         branch restart it at every call, and nothing caches)."""
         self._warn_once(
             "restart",
-            "dittofx: %s's inputs changed sizes at step %d of a request of %d on branch %r: its state starts again "
-            "(computed steps until residuals are stored). Calls of different sizes within one step restart it at every "
-            "call and nothing caches: give them their own branches (transformer.cache_context); a new request before "
-            "the last one ended is fine (dittofx.reset between them silences this).",
+            "dittofx: %s's inputs changed sizes (or dtype) at step %d of a request of %d on branch %r: what it stored "
+            "goes (computed steps until residuals are stored again; the request's step count goes on). Calls of "
+            "different sizes within one step each count as a step and let nothing cache: give them their own branches "
+            "(transformer.cache_context); a new request before the last one ended: dittofx.reset between them.",
             type(self.model).__name__, step, self.num_steps, branch,
         )  # fmt: skip
 
@@ -577,9 +603,7 @@ class Engine:
         old = self.states[branch] if branch in self.states else None
         state = self._state_like(h_fn, outs)
         if old is not None:
-            for name in (*SCALARS, "hist_diff", "hist_cached", "taylor_times"):
-                if name != "valid":
-                    getattr(state, name).copy_(getattr(old, name))
+            _go_on_with_request(old, state)
         state.blockwise_key = _blockwise_key(hidden, h_fn, entering)
         self.states[branch] = state
         return state
@@ -743,7 +767,7 @@ class Engine:
             return self._blockwise_call(args, kwargs)
         entry, sizes, device, leaves = prepared
         branch = self._branch()
-        state = self._state_for(branch, entry, sizes, device)
+        state = self._state_for(branch, entry, sizes, device, args, kwargs)
         # state, weights and constants go to the graph as one plain list, gathered here rather than
         # inside the compiled forward: dynamo keeps module buffers at static shapes (every new
         # resolution's fresh state would recompile; list items get automatic dynamic shapes), and
