@@ -6,6 +6,7 @@ import inspect
 import logging
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -64,9 +65,18 @@ def _engine(model: torch.nn.Module) -> Engine:
 
 
 def _modules(obj: Any) -> list[tuple[str, torch.nn.Module]]:
-    """The optimized transformers behind `obj`: itself, or every transformer of a pipeline."""
+    """The optimized transformers behind `obj`: itself, or those of a pipeline still optimized (one
+    disabled on its own, or replaced by another module, is left out)."""
     names = getattr(type(obj), "_dittofx_names", None)
-    return [(name, getattr(obj, name)) for name in names] if names is not None else [("", obj)]
+    if names is None:
+        return [("", obj)]
+    found = [(name, getattr(obj, name)) for name in names if _find_engine(getattr(obj, name, None)) is not None]
+    if not found:
+        raise ValueError(
+            f"pipeline {type(obj).__name__}: none of its transformers {names} is optimized any more (disabled on its own, "
+            f"or replaced): dittofx.disable(pipe), then dittofx.optimize(pipe, ...) to cache again"
+        )
+    return found
 
 
 def optimize(
@@ -220,8 +230,21 @@ def _optimize_pipeline(
     cfg = parse_config({} if cache_config is None else cache_config)
     names = pipeline_transformers(pipe)
     configs = _component_configs(pipe, names, cfg, params_modifiers)
+    engines = {name: _find_engine(getattr(pipe, name)) for name in names}
+    if all(engines.values()):  # shared with a pipeline optimized before (from_pipe): its calls refresh them too
+        given = cache_config is not None or params_modifiers is not None
+        other = [n for n in names if given and configs[n] != engines[n].cfg]
+        if other or split_at_decision or cuda_graphs:
+            raise ValueError(
+                f"pipeline {type(pipe).__name__}.{other[0] if other else names[0]}: already optimized with "
+                f"{engines[names[0]].cfg.short_name()} (shared with another pipeline, e.g. through from_pipe): optimize this "
+                f"pipeline with no config (or the same one) and no other options to have its calls set the request length "
+                f"too, or dittofx.disable the transformer first"
+            )
+        attach_refresh(pipe, names, _refresh_component, _in_pipeline_call)
+        return pipe
     for name in names:
-        if _find_engine(getattr(pipe, name)) is not None:
+        if engines[name] is not None:
             raise ValueError(f"pipeline {type(pipe).__name__}.{name}: already optimized; call dittofx.disable on it first")
     done = []
     for name in names:
@@ -270,15 +293,29 @@ def _component_configs(pipe: Any, names: list[str], cfg: CacheConfig, params_mod
 
 def _refresh_component(module: torch.nn.Module, num_inference_steps: int | None) -> None:
     """Per pipeline call: a transformer that runs no step this time (e.g. a short request that
-    never reaches the low-noise expert) only forgets its state."""
+    never reaches the low-noise expert) only forgets its state. One no longer optimized (disabled
+    on its own, or another module put in the pipeline) runs as it is: said once."""
+    engine = _find_engine(module)  # also through the module torch.compile put in the pipeline
+    if engine is None:
+        if module not in _said_uncached:
+            _said_uncached.add(module)
+            log.warning(
+                "dittofx: the pipeline's %s is not optimized (disabled on its own, or put in after dittofx.optimize): it "
+                "runs uncached; dittofx.disable(pipe), then dittofx.optimize(pipe, ...) to cache it", type(module).__name__
+            )
+        return
     if num_inference_steps == 0:
         reset(module)
     else:
         refresh(module, num_inference_steps)
+    engine.length_from_pipeline = True
+
+
+_said_uncached: weakref.WeakSet = weakref.WeakSet()
 
 
 def _in_pipeline_call(module: torch.nn.Module, pipeline: str | None) -> None:
-    engine = _find_engine(module)  # also through the module torch.compile put in the pipeline
+    engine = _find_engine(module)
     if engine is not None:
         engine.pipeline_call = pipeline
 
@@ -330,13 +367,7 @@ def refresh(model: torch.nn.Module | DiffusionPipeline, num_inference_steps: int
         raise ValueError(f"num_inference_steps={num_inference_steps!r}: must be an int >= 1 or None")
     num_inference_steps = as_count(num_inference_steps)
     for _, module in _modules(model):
-        engine = _engine(module)
-        engine.num_steps = num_inference_steps
-        engine.start_request()
-        mask = engine.mask()  # a preset mask is regenerated for the new length
-        for state in engine.states.values():
-            state.reset(num_steps=num_inference_steps or 0)
-            state.set_mask(mask)
+        _engine(module).refresh(num_inference_steps)
 
 
 def reset(model: torch.nn.Module | DiffusionPipeline) -> None:
@@ -352,12 +383,14 @@ def disable(model: torch.nn.Module | DiffusionPipeline) -> torch.nn.Module | Dif
     """Restore the original forward exactly (and drop all cache state). Returns the pipeline, or
     the module: for what torch.compile returned, the module inside it (the wrapper, still compiled,
     runs the restored module)."""
-    modules = _modules(model)
-    for _, module in modules:
-        _engine(module).detach()
-    if modules[0][0]:  # a pipeline
+    if hasattr(type(model), "_dittofx_names"):  # a pipeline: its transformers still optimized, then its calls
+        for name in type(model)._dittofx_names:
+            engine = _find_engine(getattr(model, name, None))
+            if engine is not None:
+                engine.detach()
         detach_refresh(model)
         return model
+    _engine(model).detach()
     return _unwrapped(model)
 
 

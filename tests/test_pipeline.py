@@ -117,6 +117,74 @@ def test_img2img_strength_sets_the_request_length():
         assert (stats.computed_steps, stats.cached_steps) == masked_schedule(runs), (steps, strength)
 
 
+def from_pipe_pair():
+    """A text-to-image pipeline and an img2img one made from it with `from_pipe`: one transformer."""
+    t2i = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=None, tokenizer=None,
+                       text_encoder_2=None, tokenizer_2=None, transformer=zoo.get("flux").build())  # fmt: skip
+    return t2i, FluxImg2ImgPipeline.from_pipe(t2i)
+
+
+IMAGE = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+
+
+def test_a_pipeline_sharing_the_transformer_never_serves_a_request_from_the_last_ones_cache(caplog):
+    """optimize(t2i), then calls through FluxImg2ImgPipeline.from_pipe(t2i): the length t2i's calls set
+    does not hold there, so new requests are told by the timestep (said once). Expected: each img2img
+    request as on a pipeline that never saw another request."""
+    config = {"residual_diff_threshold": 0.3, "max_warmup_steps": 1}
+    t2i, i2i = from_pipe_pair()
+    dittofx.optimize(t2i, config)
+    generate(t2i, 8)
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        got = [generate(i2i, 8, image=IMAGE, strength=0.5) for _ in range(2)]
+    assert caplog.text.count("is called outside the pipeline that dittofx.optimize was given") == 1
+    schedule = {s.branch: s.cached_steps for s in dittofx.summary(t2i.transformer)}["default"]  # img2img names no branch
+    _, fresh = from_pipe_pair()
+    dittofx.optimize(fresh, config)
+    want = generate(fresh, 8, image=IMAGE, strength=0.5)
+    assert schedule == dittofx.summary(fresh)[0].cached_steps and schedule
+    for image in got:
+        torch.testing.assert_close(image, want, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizing_the_pipeline_that_shares_the_transformer_makes_its_calls_set_the_length():
+    """A preset mask needs the length: a call outside t2i's calls says how to give it; optimize(i2i)
+    (no config, or the same) then has i2i's calls set it too; another config is refused."""
+    t2i, i2i = from_pipe_pair()
+    dittofx.optimize(t2i, MASKED)
+    generate(t2i, 8)
+    with pytest.raises(ValueError, match="called outside the pipeline that dittofx.optimize was given.*dittofx.optimize that pipeline too"):
+        generate(i2i, 20, image=IMAGE, strength=0.5)
+    with pytest.raises(ValueError, match=r"FluxImg2ImgPipeline.transformer: already optimized with DBCache_F1B0_W2.*shared with another pipeline"):
+        dittofx.optimize(i2i, {"residual_diff_threshold": 0.3})
+    assert dittofx.optimize(i2i, MASKED) is i2i
+    for steps, strength, runs in ((20, 0.5, 10), (12, 0.75, 9)):
+        generate(i2i, steps, image=IMAGE, strength=strength)
+        stats = {s.branch: s for s in dittofx.summary(i2i)}["default"]  # img2img names no branch; t2i: "cond"
+        assert (stats.computed_steps, stats.cached_steps) == masked_schedule(runs), (steps, strength)
+    generate(t2i, 8)
+    stats = {s.branch: s for s in dittofx.summary(t2i)}["cond"]
+    assert (stats.computed_steps, stats.cached_steps) == masked_schedule(8)
+
+
+@pytest.mark.parametrize("how", ["disable the transformer", "replace the transformer"])
+def test_a_pipelines_transformer_no_longer_optimized_runs_uncached_and_disable_still_restores(how, caplog):
+    plain = tiny_flux_pipeline()
+    want = generate(plain, 4)
+    pipe = dittofx.optimize(tiny_flux_pipeline(), {"residual_diff_threshold": 0.3, "max_warmup_steps": 1})
+    generate(pipe, 4)
+    if how == "disable the transformer":
+        dittofx.disable(pipe.transformer)
+    else:
+        pipe.transformer = zoo.get("flux").build()
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        assert torch.equal(generate(pipe, 4), want) and torch.equal(generate(pipe, 4), want)
+    assert caplog.text.count("FluxTransformer2DModel is not optimized") == 1
+    with pytest.raises(ValueError, match=r"none of its transformers \['transformer'\] is optimized any more"):
+        dittofx.summary(pipe)
+    assert dittofx.disable(pipe) is pipe and type(pipe) is FluxPipeline
+
+
 def test_scheduler_is_restored_after_a_call_that_raises():
     """The scheduler object is shared with a plain pipeline: after an optimized call raises
     mid-loop, it is of its own class again and the plain pipeline's output is unchanged."""

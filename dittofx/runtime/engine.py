@@ -274,6 +274,7 @@ class Engine:
         self.latest: dict[str, _Call] = {}  # per CFG branch: its latest call (cfg_diff_compute_separate=False)
         self.latest_branch: str | None = None  # the branch of the latest call (cfg_diff_compute_separate=False)
         self.pipeline_call: str | None = None  # the class of the pipeline whose call is running (optimize(pipe))
+        self.length_from_pipeline = False  # num_steps was set by a pipeline's call (not the config or dittofx.refresh)
         self._warned: set[str] = set()  # the warnings said once per model
         self._first_timesteps: dict[str, _TimestepWatch] = {}  # per branch, request length unknown: see _watch_timesteps
         self.ran = False  # a call got through the pre-hook (till then a failure detaches)
@@ -326,6 +327,37 @@ class Engine:
                 model.__dict__[attr] = value
         del model._modules["_dittofx_states"]
         del model.__dict__["_dittofx"]
+
+    def refresh(self, num_steps: int | None) -> None:
+        """A new request length (None: unknown) and a new request (`dittofx.refresh`)."""
+        self.num_steps = num_steps
+        self.length_from_pipeline = False  # set by the pipeline's call where it set the length
+        self.start_request()
+        mask = self.mask()  # a preset mask is regenerated for the new length
+        for state in self.states.values():
+            state.reset(num_steps=num_steps or 0)
+            state.set_mask(mask)
+
+    def _outside_its_pipeline(self) -> None:
+        """A call outside the pipeline call that set the request length (a pipeline made with
+        `from_pipe` shares this transformer; a loop of the user's own): that length does not hold,
+        so from here on new requests are told by the timestep (SPEC §3 with the length unknown)."""
+        try:
+            self.refresh(None)
+        except ValueError as err:  # a preset mask needs the length
+            raise ValueError(
+                f"{type(self.model).__name__} is called outside the pipeline that dittofx.optimize was given, whose calls "
+                f"set its request length (a pipeline made with from_pipe shares this transformer): dittofx.optimize that "
+                f"pipeline too, or dittofx.refresh(transformer, num_inference_steps=T) before each request. {err}"
+            ) from None
+        self._warn_once(
+            "outside its pipeline",
+            "dittofx: %s is called outside the pipeline that dittofx.optimize was given (e.g. by a pipeline made with "
+            "from_pipe, which shares it): the request length that pipeline's calls set does not hold here, so new requests "
+            "are told by the timestep (steps past warmup decide on the device). dittofx.optimize that pipeline too, or "
+            "dittofx.refresh(transformer, num_inference_steps=T) before each request, keeps the length known.",
+            type(self.model).__name__,
+        )  # fmt: skip
 
     def start_request(self) -> None:
         """Forget the host's view of the request (its step counts, the latest call per branch) and
@@ -762,6 +794,8 @@ class Engine:
         """Pick this call's graph and gather its leading inputs; for a step split at its decision,
         run the head and return its tensors."""
         self._capture_again_if_changed()
+        if self.length_from_pipeline and self.pipeline_call is None:
+            self._outside_its_pipeline()
         prepared = self.prepare(args, kwargs)
         if prepared is None:
             return self._blockwise_call(args, kwargs)
