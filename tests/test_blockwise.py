@@ -270,6 +270,13 @@ class BranchyBlock(TinyDiT.Block):
         return hidden_states + torch.tanh(self.proj(hidden_states) + temb)
 
 
+def test_a_forward_export_cannot_capture_prints_no_partial_graph(capsys):
+    """torch.export prints the graph it had traced when it fails (hundreds of lines for a real
+    model) to stderr; dittofx says once, in its warning, why the forward cannot be captured."""
+    tiny_request(TinyDiT(), {"residual_diff_threshold": 0.1}, steps=2)
+    assert "def forward" not in capsys.readouterr().err
+
+
 def test_teacache_refuses_a_block_0_whose_calls_before_its_modulation_change():
     """The signal is found once per input sizes, as the index of a torch call of block 0; a later
     call at those sizes whose calls before it differ is an error, not a wrong signal."""

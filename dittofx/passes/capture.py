@@ -11,7 +11,9 @@ working with no weight copies.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,21 +87,30 @@ def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
 
 
 @contextlib.contextmanager
-def _quiet(name: str = "torch._export"):
-    """export warns for every dim it specializes (batch 1, fixed channels): expected, not news."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _quiet(names: tuple[str, ...] = ("torch._export", "torch.fx.experimental.symbolic_shapes")):
+    """export warns for every dim it specializes (batch 1, fixed channels), and a failed export
+    dumps its graph ("Unable to find user code"): expected, not news (a failure is said once, by
+    the engine, with its reason)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.export.ExportedProgram:
     shapes = _dynamic_shapes(args, kwargs) if dynamic else None
-    with torch.no_grad(), _quiet():
-        return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    # a failed export prints its partial graph to stderr (hundreds of lines; the engine says once
+    # why the forward cannot be captured): what an export prints is passed on only if it succeeds
+    printed = io.StringIO()
+    with torch.no_grad(), _quiet(), contextlib.redirect_stderr(printed):
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    sys.stderr.write(printed.getvalue())
+    return ep
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = True) -> CapturedGraph:
