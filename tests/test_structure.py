@@ -164,3 +164,57 @@ def test_an_export_between_a_switch_and_the_next_call_leaves_the_switch_seen():
     dittofx.export(optimized, ((), z.inputs(0, 1.0)))
     got, want = request(optimized, z), request(plain, z)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+class CastingDiT(torch.nn.Module):
+    """A user's DiT that casts its inputs to its weights' dtype (as SANA-WM does), with dropout
+    (a user's module starts in train mode), taking its timestep as a tensor or a Python number."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj_in, self.t_embed, self.proj_out = torch.nn.Linear(4, d), torch.nn.Linear(1, d), torch.nn.Linear(d, 4)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.Tanh(), torch.nn.Dropout(0.5)) for _ in range(4))
+
+    def forward(self, x, timestep):
+        dtype = self.proj_in.weight.dtype
+        h = self.proj_in(x.to(dtype))
+        h = h + self.t_embed(torch.as_tensor(timestep, dtype=dtype).reshape(-1, 1))[:, None]
+        for block in self.blocks:
+            h = h + block(h)
+        return self.proj_out(h)
+
+
+def casting_inputs(step: int, as_number: bool = False) -> dict:
+    g = torch.Generator().manual_seed(0)
+    base, drift = torch.randn(1, 8, 4, generator=g), torch.randn(1, 8, 4, generator=g)
+    t = 1000.0 * (1 - step / 4)
+    return {"x": base + 0.02 * step * drift, "timestep": t if as_number else torch.full((1,), t)}
+
+
+@pytest.mark.parametrize("change", ["weights' dtype", "autocast", "train to eval"])
+def test_what_a_capture_bakes_in_besides_the_inputs_gets_a_graph_of_its_own(change):
+    """The weights' dtype (with the inputs' unchanged: the forward casts them), autocast and train
+    mode (dropout) are baked into a capture: after one changes, the model runs as the plain one."""
+    model, plain = dittofx.optimize(CastingDiT(), CFG), CastingDiT().eval()
+    if change != "train to eval":  # a user's module starts in train mode: its first call may come before .eval()
+        model.eval()
+    with torch.no_grad():
+        model(**casting_inputs(0))
+        if change == "weights' dtype":
+            model.to(torch.bfloat16), plain.to(torch.bfloat16)
+        model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=change == "autocast"):
+            for s in range(1, 3):
+                assert torch.equal(model(**casting_inputs(s)), plain(**casting_inputs(s)))
+    assert len(model._dittofx.entries) == 2
+
+
+def test_a_timestep_given_as_a_python_number_is_no_timestep_to_watch(caplog):
+    """A Python number is baked into the graph (one capture per value, said once), not read as the
+    timestep: no crash in the gates; outputs as the plain model's at threshold 0."""
+    model, plain = dittofx.optimize(CastingDiT().eval(), CFG), CastingDiT().eval()
+    with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
+        for s in range(3):
+            assert torch.equal(model(**casting_inputs(s, as_number=True)), plain(**casting_inputs(s, as_number=True)))
+    assert caplog.text.count("a Python-number input of CastingDiT changed value (1000.0 -> 750.0)") == 1

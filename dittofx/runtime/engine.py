@@ -85,6 +85,7 @@ class Entry:
     # concrete input shapes the graph is known to be right for -> the state shapes they need
     # (p, then each carried middle output): worked out once per size, not per step
     state_shapes: dict[tuple, tuple] = field(default_factory=dict)
+    context: tuple = ()  # train mode, weights' dtype and device, autocast at its capture (Engine._capture_context)
     # what the graph baked in besides the weights (structure.py), at its capture
     blocks: tuple | None = ()
     switches: tuple = ()
@@ -381,13 +382,25 @@ class Engine:
             return "cond" if even != self.cfg.cfg_compute_first else "uncond"
         return "default"
 
+    def _capture_context(self, leaves: list) -> tuple:
+        """What a capture bakes in besides the inputs: train or eval mode (dropout), the weights'
+        dtype and device (forwards cast their inputs to them in Python: `x.to(self.dtype)`), and
+        autocast on the inputs' device."""
+        weight = next(self.model.parameters(), None)
+        device = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return self.model.training, None if weight is None else (weight.dtype, weight.device), autocast
+
     def _entry_for(self, args: tuple, kwargs: dict, leaves: list) -> tuple[Entry, tuple]:
         """The graph for these inputs and their concrete-shape key (captured or checked if new)."""
-        sizes = input_key(args, kwargs, {})  # every dim concrete
+        context = self._capture_context(leaves)
+        sizes = (context, input_key(args, kwargs, {}))  # every dim concrete
         for entry in self.entries:
             if sizes in entry.state_shapes:
                 return entry, sizes
-        same_structure = [e for e in self.entries if input_key(args, kwargs, e.captured.dynamic_dims) == e.key]
+        same_structure = [e for e in self.entries if e.context == context and input_key(args, kwargs, e.captured.dynamic_dims) == e.key]
+        if not same_structure:
+            self._warn_if_numbers_change(sizes)
         original = functools.cache(lambda: pytree.tree_leaves(self._original_forward(args, kwargs)))
         for entry in same_structure:
             if self._still_valid(entry, leaves, original):
@@ -399,9 +412,28 @@ class Engine:
         # where a second capture is wrong too, each new size gets a static capture.
         entry = self._build(args, kwargs, dynamic=not any(e.recaptured for e in same_structure))
         entry.recaptured = bool(same_structure)
+        entry.context = context
         entry.state_shapes[sizes] = _state_shapes(entry, leaves)
         self.entries.append(entry)
         return entry, sizes
+
+    def _warn_if_numbers_change(self, sizes: tuple) -> None:
+        """A capture specializes on the values of Python-number inputs: one whose value changes at
+        every call (a timestep passed as a float) is a capture per call."""
+        context, (spec, leaves) = sizes
+        for entry in self.entries:
+            for other_context, (other_spec, other) in entry.state_shapes:
+                if other_context != context or other_spec != spec or len(other) != len(leaves):
+                    continue
+                changed = [(a[2], b[2]) for a, b in zip(other, leaves) if a != b]
+                if changed and all(a[0] == b[0] == "V" and isinstance(a[2], (int, float)) for a, b in zip(other, leaves) if a != b):
+                    self._warn_once(
+                        "numbers change",
+                        "dittofx: a Python-number input of %s changed value (%s): each value is captured as its own graph "
+                        "(seconds per capture on a large model). Pass numbers that change per step, such as the timestep, "
+                        "as tensors.", type(self.model).__name__, ", ".join(f"{a!r} -> {b!r}" for a, b in changed),
+                    )  # fmt: skip
+                    return
 
     def _still_valid(self, entry: Entry, leaves: list, original: Callable[[], list]) -> bool:
         """A graph with symbolic dims runs at new sizes only if export traced no size-dependent
@@ -470,7 +502,8 @@ class Engine:
         self._watch()
         self._stateful = structure.stateful_modules(self.model)
         switches = structure.python_state(self._stateful)
-        opts = self._options([n.name for n in captured.user_placeholders()])
+        # inputs that are tensors: a Python number is baked into the graph (no timestep to watch)
+        opts = self._options([n.name for n in captured.user_placeholders() if isinstance(n.meta.get("val"), torch.Tensor)])
         built = rewrite_captured(captured, self.model, cfg, opts, split=self.split is not None or self.replays is not None)
         return Entry(
             captured=captured,
@@ -514,7 +547,7 @@ class Engine:
         if opts.timestep_input is None and self.num_steps is None:
             self._warn_once(
                 "no timestep",
-                "dittofx: %s.forward has no timestep input (named one of %s; inputs: %s) and the request length is unknown: "
+                "dittofx: %s.forward has no timestep input (a tensor named one of %s; tensor inputs: %s) and the request length is unknown: "
                 "a new request cannot be told, so its first steps may be served from the last request's residuals. Set "
                 "num_inference_steps in the config, or call dittofx.refresh(model, num_inference_steps=T) (or dittofx.reset) "
                 "before each request (dittofx.optimize(pipe) does it at every pipeline call).",

@@ -13,8 +13,10 @@ capture. A graph captured before one of these changes would go on running the ol
   merged adapters (`set_adapters`, `disable_lora`, `fuse_lora`, `delete_adapters`) and their
   scaling; the attention processor, its backend and fused projections. Read as a fingerprint of
   the modules that hold them, at each request's start (the engine's call).
-The engine then drops its graphs and captures again. Other Python attributes a forward may read
-are not watched: after such a change, `dittofx.disable` the model and optimize it again.
+The engine then drops its graphs and captures again. (Train mode, the weights' dtype and device,
+and autocast get a graph each, by the engine's key: `Engine._capture_context`.) Other Python
+attributes a forward may read are not watched: after such a change, `dittofx.disable` the model
+and optimize it again.
 """
 
 from __future__ import annotations
