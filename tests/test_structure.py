@@ -218,3 +218,15 @@ def test_a_timestep_given_as_a_python_number_is_no_timestep_to_watch(caplog):
         for s in range(3):
             assert torch.equal(model(**casting_inputs(s, as_number=True)), plain(**casting_inputs(s, as_number=True)))
     assert caplog.text.count("a Python-number input of CastingDiT changed value (1000.0 -> 750.0)") == 1
+
+
+def test_blocks_compiled_on_their_own_are_said_to_compile_nothing(caplog):
+    """diffusers' regional compile (compile_repeated_blocks) compiles the block modules, which the
+    rewritten graph never calls: said once, naming torch.compile(model)."""
+    z = zoo.get("flux")
+    model = dittofx.optimize(z.build(), CFG)
+    model.compile_repeated_blocks(fullgraph=True)
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        request(model, z)
+    said = [r.getMessage() for r in caplog.records if "compiled on their own" in r.getMessage()]
+    assert len(said) == 1 and "transformer_blocks, single_transformer_blocks" in said[0] and "torch.compile(model" in said[0]

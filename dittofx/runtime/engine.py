@@ -505,6 +505,7 @@ class Engine:
         # inputs that are tensors: a Python number is baked into the graph (no timestep to watch)
         opts = self._options([n.name for n in captured.user_placeholders() if isinstance(n.meta.get("val"), torch.Tensor)])
         built = rewrite_captured(captured, self.model, cfg, opts, split=self.split is not None or self.replays is not None)
+        self._warn_if_blocks_compiled(built.chain.lists)
         return Entry(
             captured=captured,
             chain=built.chain,
@@ -518,6 +519,19 @@ class Engine:
             blocks=structure.block_ids(self.model, built.chain.lists),
             switches=switches,
         )
+
+    def _warn_if_blocks_compiled(self, lists: list[str]) -> None:
+        """Blocks compiled on their own (diffusers' `compile_repeated_blocks`, `module.compile()`)
+        never run: the rewritten graph runs their ops on their weights, not their modules."""
+        compiled = [name for name in lists for block in self.model.get_submodule(name) if getattr(block, "_compiled_call_impl", None)]
+        if compiled:
+            self._warn_once(
+                "blocks compiled",
+                "dittofx: blocks of %s (%s) were compiled on their own (diffusers' compile_repeated_blocks, or "
+                "module.compile()): dittofx runs a graph of the whole forward, which does not call the block modules, "
+                "so that compiles nothing; torch.compile(model, fullgraph=True) compiles the cached forward instead.",
+                type(self.model).__name__, ", ".join(dict.fromkeys(compiled)),
+            )  # fmt: skip
 
     def _options(self, input_names: list[str]) -> RewriteOptions:
         """What the step logic needs from the config, for a forward taking `input_names`."""
