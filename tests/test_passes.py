@@ -294,3 +294,23 @@ def test_cond_operands_remake_floats_from_size_arithmetic_and_refuse_other_float
     item.meta["val"] = 0.5
     with pytest.raises(ValueError, match="a float made by an op that is no size arithmetic"):
         cond_operands([item])
+
+
+def test_a_controlnet_residual_added_after_the_blocks_keeps_the_chain_whole():
+    """FLUX ControlNet adds a model input to the stream after each block, the last double block's
+    too: an injected residual, not a fresh stream joining, so the single blocks stay in the chain
+    (and in the middle); at threshold 0 the optimized model equals the plain one."""
+    z = zoo.get("flux")
+    model = z.build()
+    g = torch.Generator().manual_seed(3)
+    kwargs = z.inputs(0, 1.0)
+    shape = (*kwargs["hidden_states"].shape[:2], model.config.num_attention_heads * model.config.attention_head_dim)
+    kwargs["controlnet_block_samples"] = [0.1 * torch.randn(shape, generator=g) for _ in model.transformer_blocks]
+    kwargs["controlnet_single_block_samples"] = [0.1 * torch.randn(shape, generator=g) for _ in model.single_transformer_blocks]
+    graph = capture(model, (), kwargs, dynamic=False)
+    chain = find_chain(graph.gm, model, set(graph.weight_placeholders()))
+    assert tuple(chain.lists) == ("transformer_blocks", "single_transformer_blocks")
+    optimized = dittofx.optimize(z.build(), {"residual_diff_threshold": 0.0})
+    with torch.no_grad():
+        assert torch.equal(optimized(**kwargs)[0], model(**kwargs)[0])
+    assert "single_transformer_blocks" in dittofx.explain(optimized).split("middle = ")[1].splitlines()[0]

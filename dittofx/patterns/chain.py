@@ -245,9 +245,10 @@ def _input_ancestry(
 def _feeds(nodes, per_list, ancestry, inputs, params, src: str, dst: str) -> bool:
     """`src` directly precedes `dst` in the chain: dst's main carried input (the largest) depends on
     src's last block, no model input reaches it outside the block lists unless src's last block
-    reads that input too (else src refines one stream that joins a fresh one after it: Krea2's text
-    fusion meets the patchified image there; Bria FIBO's next text layer, projected by a list of its
-    own, is fine), and no carried input depends on a list that src's last block does not."""
+    reads that input too or it is added to the stream (else src refines one stream that joins a
+    fresh one after it: Krea2's text fusion meets the patchified image there; Bria FIBO's next text
+    layer, projected by a list of its own, is fine; FLUX ControlNet's residual, added after each
+    block, is fine), and no carried input depends on a list that src's last block does not."""
     carried = carried_inputs(nodes, per_list[dst], params)
     if not carried:
         return False
@@ -255,4 +256,30 @@ def _feeds(nodes, per_list, ancestry, inputs, params, src: str, dst: str) -> boo
     upstream = ancestry[last]
     main = max(carried, key=numel_hint)
     read, direct = inputs
-    return src in ancestry[main] and direct[main] <= read[last] and all(ancestry[n] <= upstream for n in carried)
+    fresh = direct[main] - read[last]
+    return (
+        src in ancestry[main]
+        and (not fresh or _only_added(nodes, last, main, fresh, direct))
+        and all(ancestry[n] <= upstream for n in carried)
+    )
+
+
+def _only_added(nodes: list[fx.Node], last: fx.Node, main: fx.Node, fresh: frozenset, direct: dict) -> bool:
+    """Every node between `last` and `main` where a value from the `fresh` model inputs meets the
+    stream leaving `last` is an elementwise add of the stream's shape: a residual injected (FLUX
+    ControlNet's `hidden_states + controlnet_block_samples[i]`), not a stream joining (a cat)."""
+    span = nodes[last.meta["dittofx_pos"] + 1 : main.meta["dittofx_pos"] + 1]
+    stream = {last}
+    for node in span:
+        if not any(a in stream for a in node.all_input_nodes):
+            continue
+        stream.add(node)
+        joining = [a for a in node.all_input_nodes if a not in stream and direct[a] & fresh]
+        if joining and not (op_name(node) == "add" and all(_shape(a) == _shape(node) for a in node.all_input_nodes)):
+            return False
+    return True
+
+
+def _shape(node: fx.Node) -> tuple | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
