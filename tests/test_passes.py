@@ -256,7 +256,7 @@ def test_prune_rewrite_runs_every_block_at_threshold_zero_and_prunes_all_past_an
             gm = PruneRewritePass(part, blocks, threshold=threshold, max_warmup_steps=1, warmup_interval=1,
                                   timestep_input="timestep")(graph.gm).graph_module  # fmt: skip
             carried = [torch.zeros(o.meta["val"].shape) for b in blocks for o in b.outputs]
-            state = CacheState(torch.zeros(part.h_fn.meta["val"].shape), carried, 1, 4, None, p_levels=len(blocks), norms=True)
+            state = CacheState(torch.zeros(part.h_fn.meta["val"].shape), carried, 1, 4, None, p_slots=len(blocks), norms=True)
             first, second = gm(*state.tensors(), *inputs), gm(*state.tensors(), *inputs)
             assert state.hist_cached[:2].tolist() == [0, pruned]
             assert torch.equal(first[0], want[0])

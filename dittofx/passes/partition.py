@@ -116,17 +116,17 @@ class PartitionPass(PassBase):
         chain: Chain,
         fn_blocks: int,
         bn_blocks: int,
-        state_placeholders: set[fx.Node] | None = None,
+        params: set[fx.Node] | None = None,  # the weight placeholders, as find_chain takes them
         signal: fx.Node | None = None,
     ):
         super().__init__()
         self.chain, self.fn, self.bn = chain, fn_blocks, bn_blocks
-        self.state_placeholders = state_placeholders
+        self.params = params
         self.signal = signal
         self.partition: Partition | None = None
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        self.partition = partition(gm, self.chain, self.fn, self.bn, self.state_placeholders or set(), self.signal)
+        self.partition = partition(gm, self.chain, self.fn, self.bn, self.params or set(), self.signal)
         return PassResult(gm, False)
 
 

@@ -657,13 +657,13 @@ class Engine:
 
         p_like = like(entry.state_nodes[0], shapes[0])
         carried = [like(o, shape) for o, shape in zip(entry.state_nodes[1:], shapes[1:])]
-        return self._state_like(p_like, carried, p_levels=len(entry.pruned_blocks) or 1)
+        return self._state_like(p_like, carried, p_slots=len(entry.pruned_blocks) or 1)
 
-    def _state_like(self, p_like: torch.Tensor, carried: list[torch.Tensor], p_levels: int = 1) -> CacheState:
+    def _state_like(self, p_like: torch.Tensor, carried: list[torch.Tensor], p_slots: int = 1) -> CacheState:
         # Taylor derivatives are differences of differences: kept in fp32
         residual_dtype = torch.float32 if self.cfg.enable_taylorseer else None
         return CacheState(
-            p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype, p_levels=p_levels, norms=self.prune
+            p_like, carried, self.cfg.levels, self.num_steps, self.mask(), residual_dtype, p_slots=p_slots, norms=self.prune
         )
 
     def blockwise_state(self, branch: str, hidden: str, h_fn: torch.Tensor, entering: list[torch.Tensor]) -> CacheState | None:

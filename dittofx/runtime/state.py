@@ -66,7 +66,7 @@ class CacheState(torch.nn.Module):
         num_steps: int | None,
         mask: list[int] | None,
         residual_dtype: torch.dtype | None = None,
-        p_levels: int = 1,
+        p_slots: int = 1,
         norms: bool = False,
     ):
         super().__init__()
@@ -82,11 +82,11 @@ class CacheState(torch.nn.Module):
         # positions of the last `levels` computed steps, newest first: the step index, or minus the
         # timestep (so positions grow); the gap since the last compute and Newton's nodes come from it
         self.register_buffer("taylor_times", torch.zeros(levels, device=device), persistent=False)
-        # the stored signal; DBPrune: the middle's input at each prunable block's last run
-        self.register_buffer("p", p_like.new_zeros((p_levels, *p_like.shape)), persistent=False)
+        # the stored signal (p_slots = 1); DBPrune: one slot per prunable block, its input at its last run
+        self.register_buffer("p", p_like.new_zeros((p_slots, *p_like.shape)), persistent=False)
         self.has_norms = norms
         if norms:  # DBPrune: per prunable block, per sample, sum|block input| at its last run
-            self.register_buffer("norms", torch.zeros((p_levels, p_like.shape[0]), device=device), persistent=False)
+            self.register_buffer("norms", torch.zeros((p_slots, p_like.shape[0]), device=device), persistent=False)
         self.residual_names = []
         for j, like in enumerate(carried_like):
             name = f"residual_{j}"
