@@ -94,7 +94,7 @@ def _block_lists(model: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
 
 
 @dataclass
-class _Call:
+class _BlockCall:
     list_path: str
     index: int
     module: torch.nn.Module
@@ -142,8 +142,8 @@ class _Provenance(TorchFunctionMode):
 _SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like"}
 
 
-def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: Callable[[], Any]) -> list[_Call]:
-    calls: list[_Call] = []
+def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: Callable[[], Any]) -> list[_BlockCall]:
+    calls: list[_BlockCall] = []
     prov = _Provenance()
 
     entered: list[dict[str, int]] = []
@@ -160,7 +160,7 @@ def _record(model: torch.nn.Module, lists: dict[str, torch.nn.ModuleList], run: 
             sources = {n: prov.of(v) for n, v in named.items() if isinstance(v, torch.Tensor)}
             versions = tuple(_version(o) if isinstance(o, torch.Tensor) else None for o in _outputs(out))
             number = len(calls)
-            calls.append(_Call(path, i, module, named, _outputs(out), isinstance(out, tuple), sources, entered.pop(), versions, number))
+            calls.append(_BlockCall(path, i, module, named, _outputs(out), isinstance(out, tuple), sources, entered.pop(), versions, number))
             prov.tag(out, frozenset([number]))
 
         return record
@@ -190,7 +190,7 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _passes_on(prev: _Call, nxt: _Call) -> bool:
+def _passes_on(prev: _BlockCall, nxt: _BlockCall) -> bool:
     """Whether `nxt` receives every output of `prev` unchanged: the same tensor objects, not
     changed in place in between."""
     return all(
@@ -200,7 +200,7 @@ def _passes_on(prev: _Call, nxt: _Call) -> bool:
     )
 
 
-def _continues(prev: _Call, nxt: _Call, calls: list[_Call], before: bool) -> bool:
+def _continues(prev: _BlockCall, nxt: _BlockCall, calls: list[_BlockCall], before: bool) -> bool:
     """Whether `nxt`'s list continues `prev`'s: the streams `nxt` updates come from `prev`'s outputs
     (through whatever code sits between them). A list before the chain must be all they come from,
     besides model inputs `prev`'s own list reads (text refiners: the image stream is a fresh input)."""
@@ -214,7 +214,7 @@ def _continues(prev: _Call, nxt: _Call, calls: list[_Call], before: bool) -> boo
     return prev.number in sources and sources <= {prev.number} | {k for k in read if k < 0}
 
 
-def _updates(call: _Call, nxt: _Call | None, before: tuple[str | None, ...] | None) -> tuple[str | None, ...]:
+def _updates(call: _BlockCall, nxt: _BlockCall | None, before: tuple[str | None, ...] | None) -> tuple[str | None, ...]:
     """The argument of `call`'s block each of its outputs is a new value of: its one input of that
     shape and dtype; ties go to the name the next block receives the output under, then to the
     choice of the block before (same class), then to the one no other output takes (HiDream with
@@ -302,11 +302,11 @@ def learn_chain(model: torch.nn.Module, run: Callable[[], Any], block_lists: tup
     )
 
 
-def _returns(call: _Call, names: tuple[str | None, ...], stream: str, shape: torch.Size) -> bool:
+def _returns(call: _BlockCall, names: tuple[str | None, ...], stream: str, shape: torch.Size) -> bool:
     return stream in names and call.outputs[names.index(stream)].shape == shape
 
 
-def _grow(seq: list[_Call], first: int, last: int, lists: dict, calls: list[_Call]) -> tuple[int, int]:
+def _grow(seq: list[_BlockCall], first: int, last: int, lists: dict, calls: list[_BlockCall]) -> tuple[int, int]:
     """Join whole neighbouring lists while each continues the streams of the one before it."""
     while first > 0 and _continues(seq[first - 1], seq[first], calls, before=True):
         size = len(lists[seq[first - 1].list_path])

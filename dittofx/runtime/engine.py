@@ -188,7 +188,7 @@ class _CacheContext:
 
 
 @dataclass
-class _Call:
+class _BranchCall:
     """A CFG branch's latest call (cfg_diff_compute_separate=False)."""
 
     number: int  # the branch's calls so far, this one included
@@ -272,7 +272,7 @@ class Engine:
         self._masks: dict[int | None, list[int] | None] = {}
         self.context_name: str | None = None
         self.calls = 0
-        self.latest: dict[str, _Call] = {}  # per CFG branch: its latest call (cfg_diff_compute_separate=False)
+        self.latest: dict[str, _BranchCall] = {}  # per CFG branch: its latest call (cfg_diff_compute_separate=False)
         self.latest_branch: str | None = None  # the branch of the latest call (cfg_diff_compute_separate=False)
         self.pipeline_call: str | None = None  # the class of the pipeline whose call is running (optimize(pipe))
         self.length_from_pipeline = False  # num_steps was set by a pipeline's call (not the config or dittofx.refresh)
@@ -903,7 +903,7 @@ class Engine:
             mine = self.latest.get(branch)
             number = (mine.number if mine else 0) + 1
             self._warn_if_second_runs_first(branch, number)
-            self.latest[branch] = _Call(number, decision.removeprefix("split-"), state)
+            self.latest[branch] = _BranchCall(number, decision.removeprefix("split-"), state)
             self.latest_branch = branch
 
     def _warn_if_second_runs_first(self, branch: str, number: int) -> None:
