@@ -351,3 +351,16 @@ def test_the_timestep_watch_waits_for_its_copies_without_taking_more(pixart, mon
             model(**pixart.inputs(s, s / 10))
     watch = model._dittofx._first_timesteps["default"]
     assert len(watch.copies) == watch.COUNT and watch.done and sum("timestep rose" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_inputs_that_require_grad_are_said_to_get_no_graph(pixart, caplog):
+    """Inference only (the forward runs under no_grad): a call with inputs that require grad (a
+    training step) is said once, rather than failing later at backward with torch's generic error."""
+    model = dittofx.optimize(pixart.build(), CFG)
+    kwargs = pixart.inputs(0, 1.0)
+    kwargs["hidden_states"].requires_grad_(True)
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        out = model(**kwargs)[0]
+        model(**kwargs)
+    assert not out.requires_grad
+    assert caplog.text.count("got inputs that require grad: dittofx is for inference") == 1

@@ -843,6 +843,14 @@ class Engine:
         self._capture_again_if_changed()
         if self.length_from_pipeline and self.pipeline_call is None:
             self._outside_its_pipeline()
+        if torch.is_grad_enabled() and "grad" not in self._warned and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in pytree.tree_leaves((args, kwargs))
+        ):
+            self._warn_once(
+                "grad", "dittofx: %s got inputs that require grad: dittofx is for inference, its forward runs under "
+                "torch.no_grad() (the output has no graph to backpropagate); dittofx.disable(model) to train it.",
+                type(self.model).__name__,
+            )  # fmt: skip
         prepared = self.prepare(args, kwargs)
         if prepared is None:
             return self._blockwise_call(args, kwargs)
