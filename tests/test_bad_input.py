@@ -142,6 +142,29 @@ def test_model_without_block_chain_explains_what_was_searched():
     assert_untouched(model, before)
 
 
+class LoopedList(NoBlocks):
+    """Weight-shared blocks: the forward runs its ModuleList twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, hidden_states):
+        for _ in range(2):
+            for block in self.blocks:
+                hidden_states = hidden_states + block(hidden_states)
+        return self.proj(hidden_states)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"blocks": ["blocks"]}])
+def test_a_block_list_run_twice_is_named_as_no_chain(cfg):
+    model = LoopedList()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"not in index order, or a block run more than once: \['blocks'\]"):
+        dittofx.optimize(model, cfg, example_inputs=((torch.randn(1, 3, 4),), {}))
+    assert_untouched(model, before)
+
+
 def test_already_optimized_and_refresh_errors(pixart):
     model = dittofx.optimize(pixart.build(), {})
     with pytest.raises(ValueError, match="already optimized"):

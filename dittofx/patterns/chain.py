@@ -72,7 +72,9 @@ def _block_of(node: fx.Node, lists: dict[str, int]) -> tuple[str, int] | None:
     return None
 
 
-def _blocks_per_list(nodes: list[fx.Node], lists: dict[str, int]) -> dict[str, list[Block]]:
+def _blocks_per_list(nodes: list[fx.Node], lists: dict[str, int]) -> tuple[dict[str, list[Block]], list[str]]:
+    """The blocks of each list run one after another in index order, and the lists run otherwise
+    (a block run twice: weight-shared or looped blocks; blocks out of index order)."""
     spans: dict[tuple[str, int], list[int]] = {}
     for pos, node in enumerate(nodes):
         owner = _block_of(node, lists)
@@ -87,7 +89,7 @@ def _blocks_per_list(nodes: list[fx.Node], lists: dict[str, int]) -> dict[str, l
         in_order = all(a.index < b.index and a.end < b.start for a, b in zip(blocks, blocks[1:]))
         if in_order:
             ordered[name] = blocks
-    return ordered
+    return ordered, [name for name in per_list if name not in ordered]
 
 
 def _list_ancestry(nodes: list[fx.Node], blocks: dict[str, list[Block]]) -> dict[fx.Node, frozenset[str]]:
@@ -140,14 +142,15 @@ def find_chain(
     for pos, node in enumerate(nodes):
         node.meta["dittofx_pos"] = pos
     lists = module_lists(model)
-    per_list = _blocks_per_list(nodes, lists)
+    per_list, unordered = _blocks_per_list(nodes, lists)
     candidates = {name: len(bl) for name, bl in per_list.items()}
+    not_a_chain = f"; not in index order, or a block run more than once: {unordered}" if unordered else ""
     if block_lists is not None:
         missing = [b for b in block_lists if b not in per_list]
         if missing:
             raise ChainNotFound(
                 f"blocks={list(block_lists)!r}: {missing} not found as ModuleLists run in index order in the "
-                f"captured graph; lists seen: {candidates or 'none'}"
+                f"captured graph; lists seen: {candidates or 'none'}{not_a_chain}"
             )
         names = list(block_lists)
     else:
@@ -155,7 +158,7 @@ def find_chain(
             raise ChainNotFound(
                 f"no transformer block chain found in {type(model).__name__}: searched the captured graph for "
                 f"children of an nn.ModuleList run one after another in index order (ModuleLists in the model: "
-                f"{sorted(lists) or 'none'}); pass blocks=[...] to name them"
+                f"{sorted(lists) or 'none'}{not_a_chain}); pass blocks=[...] to name them"
             )
         main = max(per_list, key=lambda n: (sum(b.end - b.start + 1 for b in per_list[n]), per_list[n][0].start))
         woven = [n for n in per_list if n != main and _interleaved(per_list[main] + per_list[n])]
