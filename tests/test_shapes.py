@@ -2,6 +2,7 @@
 
 import logging
 
+import pytest
 import torch
 
 import dittofx
@@ -11,13 +12,13 @@ STEPS = 4
 CFG = {"residual_diff_threshold": 0.2, "max_warmup_steps": 1, "num_inference_steps": STEPS}
 
 
-def request(batch: int, side: int, seed: int, steps: int = STEPS):
+def request(batch: int, side: int, seed: int, steps: int = STEPS, rising: bool = False):
     g = torch.Generator().manual_seed(seed)
     base, drift = torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 4, side, side, generator=g)
     text = torch.randn(batch, 7, 32, generator=g)
     return [
         dict(hidden_states=base + 0.02 * s * drift, encoder_hidden_states=text,
-             timestep=torch.full((batch,), 1000.0 * (1 - s / steps)), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+             timestep=torch.full((batch,), 1000.0 * (s / steps if rising else 1 - s / steps)), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
         for s in range(steps)
     ]  # fmt: skip
 
@@ -70,17 +71,19 @@ def test_sizes_alternating_within_requests_warn_once_that_nothing_caches(caplog)
     assert stats.cached_steps == []
 
 
-def test_sizes_changing_within_a_request_keep_its_step_count(caplog):
+@pytest.mark.parametrize("rising", [False, True], ids=["timesteps falling", "timesteps rising (Z-Image, Lumina2)"])
+def test_sizes_changing_within_a_request_keep_its_step_count(rising, caplog):
     """A request whose batch changes at a step (CFG on for some steps only, diffusers' CFG cutoff
     callbacks): what was stored goes, the request's count goes on (SPEC §3: its state resets after
     its length), so the next request starts fresh. Expected by hand, at a threshold every diff is
     under, batches 1, 1, 2, 2, 1, 1: step 0 computes (warmup), 1 caches, 2 computes (new sizes:
     nothing stored), 3 caches, 4 computes (new sizes again), 5 caches; computed steps equal the
-    uncached model; two equal requests give equal outputs."""
+    uncached model; two equal requests give equal outputs. With the length known the count alone
+    ends a request: a timestep that rises within one (as Z-Image's) starts none."""
     z = zoo.get("pixart")
     plain = z.build()
     model = dittofx.optimize(z.build(), dict(CFG, residual_diff_threshold=1e9, num_inference_steps=6))
-    one, two = request(1, 8, seed=0, steps=6), request(2, 8, seed=0, steps=6)
+    one, two = request(1, 8, seed=0, steps=6, rising=rising), request(2, 8, seed=0, steps=6, rising=rising)
     steps = [one[0], one[1], two[2], two[3], one[4], one[5]]
     outs = []
     for _request in range(2):
@@ -96,15 +99,16 @@ def test_sizes_changing_within_a_request_keep_its_step_count(caplog):
 
 
 def test_a_new_request_at_new_sizes_before_the_last_ended_starts_fresh():
-    """Its timestep rose (SPEC §3's new-request rule, read on the host where the sizes change): an
-    interrupted request, then one at another resolution, runs as on a model that never saw the
-    first."""
+    """Request length unknown: its timestep rose (SPEC §3's new-request rule, read on the host
+    where the sizes change): an interrupted request, then one at another resolution, runs as on a
+    model that never saw the first."""
     z = zoo.get("pixart")
-    model = dittofx.optimize(z.build(), CFG)
+    cfg = dict(CFG, num_inference_steps=None)
+    model = dittofx.optimize(z.build(), cfg)
     run(model, request(1, 8, seed=0)[:2])
     steps = request(1, 16, seed=1)
     got, cached = run(model, steps)
-    fresh, fresh_cached = run(dittofx.optimize(z.build(), CFG), steps)
+    fresh, fresh_cached = run(dittofx.optimize(z.build(), cfg), steps)
     assert cached == fresh_cached and cached
     assert all(torch.equal(a, b) for a, b in zip(got, fresh))
 

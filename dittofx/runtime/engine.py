@@ -330,11 +330,16 @@ class Engine:
         del model.__dict__["_dittofx"]
 
     def refresh(self, num_steps: int | None) -> None:
-        """A new request length (None: unknown) and a new request (`dittofx.refresh`)."""
-        self.num_steps = num_steps
+        """A new request length (None: unknown) and a new request (`dittofx.refresh`); all or
+        nothing (a preset mask that cannot be made for the length raises before anything changed)."""
+        previous, self.num_steps = self.num_steps, num_steps
+        try:
+            mask = self.mask()  # a preset mask is regenerated for the new length
+        except ValueError:
+            self.num_steps = previous
+            raise
         self.length_from_pipeline = False  # set by the pipeline's call where it set the length
         self.start_request()
-        mask = self.mask()  # a preset mask is regenerated for the new length
         for state in self.states.values():
             state.reset(num_steps=num_steps or 0)
             state.set_mask(mask)
@@ -342,7 +347,11 @@ class Engine:
     def _outside_its_pipeline(self) -> None:
         """A call outside the pipeline call that set the request length (a pipeline made with
         `from_pipe` shares this transformer; a loop of the user's own): that length does not hold,
-        so from here on new requests are told by the timestep (SPEC §3 with the length unknown)."""
+        so from here on the config's length holds, or, with none, new requests are told by the
+        timestep (SPEC §3 with the length unknown)."""
+        if self.cfg.num_inference_steps is not None:
+            self.refresh(self.cfg.num_inference_steps)
+            return
         try:
             self.refresh(None)
         except ValueError as err:  # a preset mask needs the length
@@ -576,8 +585,12 @@ class Engine:
         if state is None or state.shapes != want:  # first call, or new sizes (or dtype): a new state
             new = self.new_state(entry, sizes, device)
             step, _ = self.host.get(branch, (0, False))
-            if state is not None and not self._timestep_rose(state, args, kwargs):  # the same request goes on
-                if self.num_steps is not None and 0 < step < self.num_steps:
+            if self.num_steps is not None:  # SPEC §3: the request ends after its length
+                goes_on = 0 < step < self.num_steps
+            else:  # a new request is told by its timestep
+                goes_on = state is not None and not self._timestep_rose(state, args, kwargs)
+            if state is not None and goes_on:
+                if self.num_steps is not None:
                     self._warn_restart(branch, step)
                 _go_on_with_request(state, new)
                 self.host[branch] = (step, False)
@@ -588,7 +601,8 @@ class Engine:
 
     def _timestep_rose(self, state: CacheState, args: tuple, kwargs: dict) -> bool:
         """Whether this call's timestep is above the state's last one: a new request (SPEC §3's
-        rule for an unknown length). Read on the host: one sync, only where the sizes changed."""
+        rule for an unknown length). Read on the host: one sync, only where the sizes changed
+        and the length is unknown."""
         timestep = self._timestep_of(args, kwargs)
         if not isinstance(timestep, torch.Tensor) or timestep.numel() == 0:
             return False
