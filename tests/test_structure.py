@@ -230,3 +230,22 @@ def test_blocks_compiled_on_their_own_are_said_to_compile_nothing(caplog):
         request(model, z)
     said = [r.getMessage() for r in caplog.records if "compiled on their own" in r.getMessage()]
     assert len(said) == 1 and "transformer_blocks, single_transformer_blocks" in said[0] and "torch.compile(model" in said[0]
+
+
+def test_inputs_with_no_graph_after_others_had_one_run_uncached(caplog, monkeypatch):
+    """PixArt under autocast after calls without: the capture under autocast cannot pair its middle
+    (mixed dtypes), so those calls run as the model's own forward, said once and tried once; the
+    calls without autocast keep their graph."""
+    z = zoo.get("pixart")
+    model, plain = dittofx.optimize(z.build(), CFG), z.build()
+    engine = model._dittofx
+    builds = []
+    real_build = type(engine)._build
+    monkeypatch.setattr(type(engine), "_build", lambda self, *a, **k: builds.append(1) or real_build(self, *a, **k))
+    request(model, z)
+    with caplog.at_level(logging.WARNING, logger="dittofx"), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            assert all(torch.equal(a, b) for a, b in zip(request(model, z), request(plain, z)))
+    assert caplog.text.count("inputs with no graph to rewrite, while earlier ones had: they run uncached") == 1
+    assert len(builds) == 2 and len(engine.entries) == 1
+    assert all(torch.equal(a, b) for a, b in zip(request(model, z), request(plain, z)))

@@ -264,6 +264,7 @@ class Engine:
         self.group = group
         self.num_steps = cfg.num_inference_steps
         self.entries: list[Entry] = []
+        self.uncapturable: dict[tuple, Exception] = {}  # input keys whose capture failed -> why
         self.states = torch.nn.ModuleDict()
         # the graph for this call, its entry, its leading inputs (a plain list, see pre_call) and
         # the number of the split head's tensors it takes last (0: not a split step)
@@ -308,7 +309,7 @@ class Engine:
         timesteps watched again (a CUDA event does not copy)."""
         new = memo[id(self)] = object.__new__(type(self))
         fresh = {
-            "entries": [], "current": None, "replays": None if self.replays is None else Replays(), "_first_timesteps": {},
+            "entries": [], "uncapturable": {}, "current": None, "replays": None if self.replays is None else Replays(), "_first_timesteps": {},
             "changed": None, "watched": False, "_stateful": [],
         }  # fmt: skip
         for name, value in self.__dict__.items():
@@ -407,6 +408,8 @@ class Engine:
         for entry in self.entries:
             if sizes in entry.state_shapes:
                 return entry, sizes
+        if sizes in self.uncapturable:  # tried once: not again at every call
+            raise self.uncapturable[sizes]
         same_structure = [e for e in self.entries if e.context == context and input_key(args, kwargs, e.captured.dynamic_dims) == e.key]
         if not same_structure:
             self._warn_if_numbers_change(sizes)
@@ -419,7 +422,11 @@ class Engine:
         # PixArt's PatchEmbed: its table for the first size, or a new table for any other size. A
         # second symbolic capture, at other sizes, takes the general branch and serves the rest;
         # where a second capture is wrong too, each new size gets a static capture.
-        entry = self._build(args, kwargs, dynamic=not any(e.recaptured for e in same_structure))
+        try:
+            entry = self._build(args, kwargs, dynamic=not any(e.recaptured for e in same_structure))
+        except (CaptureError, UnpairedOutputError) as err:
+            self.uncapturable[sizes] = err
+            raise
         entry.recaptured = bool(same_structure)
         entry.context = context
         entry.state_shapes[sizes] = _state_shapes(entry, leaves)
@@ -773,10 +780,12 @@ class Engine:
             )
         return steps_mask(mask_policy=cfg.steps_mask_policy, total_steps=self.num_steps)
 
-    def prepare(self, args: tuple, kwargs: dict) -> tuple[Entry, tuple, torch.device, list] | None:
+    def prepare(self, args: tuple, kwargs: dict) -> tuple[Entry, tuple, torch.device, list] | str | None:
         """The graph for these inputs (captured if needed), their sizes, device and leaves; no step
         is counted. None: the forward cannot be captured and runs block by block (decided on the
-        first call)."""
+        first call). UNCACHED: these inputs have no graph while others have (say, a PixArt under
+        autocast after calls without: its middle cannot be paired), so they run as the model's own
+        forward (said once)."""
         if self.blockwise is not None:
             return None
         leaves = pytree.tree_leaves((args, kwargs))
@@ -784,7 +793,11 @@ class Engine:
             entry, sizes = self._entry_for(args, kwargs, leaves)
         except (CaptureError, UnpairedOutputError) as err:  # no graph to rewrite
             if self.entries:
-                raise
+                self._warn_once(
+                    "uncached inputs", "dittofx: %s: inputs with no graph to rewrite, while earlier ones had: they run "
+                    "uncached, as the model's own forward (%s)", type(self.model).__name__, err,
+                )  # fmt: skip
+                return UNCACHED
             self._fall_back_to_blocks(args, kwargs, err)
             return None
         return entry, sizes, _constants_on_inputs_device(entry, leaves), leaves
@@ -868,6 +881,9 @@ class Engine:
         prepared = self.prepare(args, kwargs)
         if prepared is None:
             return self._blockwise_call(args, kwargs)
+        if prepared is UNCACHED:
+            self.current, self.ran = None, True
+            return None
         entry, sizes, device, leaves = prepared
         branch = self._branch()
         state = self._state_for(branch, entry, sizes, device, args, kwargs)
@@ -1034,6 +1050,7 @@ class Engine:
 
 
 HEAD_KWARG = "_dittofx_head"
+UNCACHED = "uncached"  # Engine.prepare: these inputs run as the model's own forward
 
 
 def cuda_graphs_in_use(device: torch.device) -> bool:
@@ -1066,6 +1083,8 @@ def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     engine: Engine = self._dittofx
     if engine.blockwise is not None:
         return engine.blockwise.call(lambda: engine._forward_of_model()(*args, **kwargs))
+    if engine.current is None:  # inputs with no graph (Engine.prepare): the model's own forward
+        return engine._forward_of_model()(*args, **kwargs)
     graph, entry, leading, head_tensors = engine.current
     head = kwargs.pop(HEAD_KWARG, ())
     if len(head) != head_tensors:
