@@ -314,3 +314,24 @@ def test_a_controlnet_residual_added_after_the_blocks_keeps_the_chain_whole():
     with torch.no_grad():
         assert torch.equal(optimized(**kwargs)[0], model(**kwargs)[0])
     assert "single_transformer_blocks" in dittofx.explain(optimized).split("middle = ")[1].splitlines()[0]
+
+
+def test_a_failed_export_passes_on_what_it_printed_but_its_partial_graph(monkeypatch, capsys):
+    """What the forward prints while export traces it (a deprecation notice) reaches stderr; the
+    partial graph torch prints for a failed export does not."""
+    import sys
+
+    from dittofx.passes.capture import _export
+
+    def failing_export(*args, **kwargs):
+        print("the forward's own notice", file=sys.stderr)
+        err = RuntimeError("data-dependent")
+        err.partial_fx_graph = "def forward(self, x):\n    return x"
+        print(err.partial_fx_graph, file=sys.stderr)
+        raise err
+
+    monkeypatch.setattr(torch.export, "export", failing_export)
+    with pytest.raises(RuntimeError, match="data-dependent"):
+        _export(torch.nn.Linear(2, 2), (torch.randn(1, 2),), {}, dynamic=False)
+    err = capsys.readouterr().err
+    assert "the forward's own notice" in err and "def forward" not in err

@@ -105,12 +105,19 @@ def _quiet(names: tuple[str, ...] = ("torch._export", "torch.fx.experimental.sym
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.export.ExportedProgram:
     shapes = _dynamic_shapes(args, kwargs) if dynamic else None
     # a failed export prints its partial graph to stderr (hundreds of lines; the engine says once
-    # why the forward cannot be captured): what an export prints is passed on only if it succeeds
+    # why the forward cannot be captured): what else an export prints (the forward's own warnings)
+    # is passed on
     printed = io.StringIO()
-    with torch.no_grad(), _quiet(), contextlib.redirect_stderr(printed):
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
-    sys.stderr.write(printed.getvalue())
-    return ep
+    try:
+        with torch.no_grad(), _quiet(), contextlib.redirect_stderr(printed):
+            return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as err:
+        partial = getattr(err, "partial_fx_graph", None)
+        if partial is not None:
+            printed = io.StringIO(printed.getvalue().replace(f"{partial}\n", ""))
+        raise
+    finally:
+        sys.stderr.write(printed.getvalue())
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = True) -> CapturedGraph:
