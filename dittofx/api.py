@@ -300,8 +300,8 @@ def _refresh_component(module: torch.nn.Module, num_inference_steps: int | None)
         if module not in _said_uncached:
             _said_uncached.add(module)
             log.warning(
-                "dittofx: the pipeline's %s is not optimized (disabled on its own, or put in after dittofx.optimize): it "
-                "runs uncached; dittofx.disable(pipe), then dittofx.optimize(pipe, ...) to cache it", type(module).__name__
+                "dittofx: the pipeline's %s is not optimized (disabled, or put in after dittofx.optimize): it runs "
+                "uncached; dittofx.disable(pipe), then dittofx.optimize(pipe, ...) to cache it", type(_unwrapped(module)).__name__
             )
         return
     if num_inference_steps == 0:

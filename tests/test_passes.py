@@ -335,3 +335,39 @@ def test_a_failed_export_passes_on_what_it_printed_but_its_partial_graph(monkeyp
         _export(torch.nn.Linear(2, 2), (torch.randn(1, 2),), {}, dynamic=False)
     err = capsys.readouterr().err
     assert "the forward's own notice" in err and "def forward" not in err
+
+
+class HintAddedToEmbedding(torch.nn.Module):
+    """A hint list whose output is added, at the stream's shape, to the freshly embedded image: a
+    stream joining (the image is new there), not a residual injected into the hint's stream."""
+
+    class Block(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.proj, self.t = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+        def forward(self, h, temb):
+            return h + torch.tanh(self.proj(h) + self.t(temb)[:, None])
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.x_in, self.c_in, self.t_in, self.out = (torch.nn.Linear(4, d), torch.nn.Linear(4, d), torch.nn.Linear(1, d),
+                                                     torch.nn.Linear(d, 4))  # fmt: skip
+        self.hint_blocks = torch.nn.ModuleList(self.Block(d) for _ in range(2))
+        self.blocks = torch.nn.ModuleList(self.Block(d) for _ in range(4))
+
+    def forward(self, x, hint, timestep):
+        temb = self.t_in(timestep.reshape(-1, 1))
+        c = self.c_in(hint)
+        for block in self.hint_blocks:
+            c = block(c, temb)
+        h = self.x_in(x) + c
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.out(h)
+
+
+def test_an_embedded_input_added_to_a_lists_output_keeps_that_list_out_of_the_chain():
+    model = HintAddedToEmbedding()
+    graph = capture(model, (), dict(x=torch.randn(1, 8, 4), hint=torch.ones(1, 8, 4), timestep=torch.ones(1)), dynamic=False)
+    assert find_chain(graph.gm, model, set(graph.weight_placeholders())).lists == ["blocks"]

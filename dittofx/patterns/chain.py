@@ -262,15 +262,16 @@ def _feeds(nodes, per_list, ancestry, inputs, params, src: str, dst: str) -> boo
     fresh = direct[main] - read[last]
     return (
         src in ancestry[main]
-        and (not fresh or _only_added(nodes, last, main, fresh, direct))
+        and (not fresh or _only_added(nodes, last, main, fresh, direct, params))
         and all(ancestry[n] <= upstream for n in carried)
     )
 
 
-def _only_added(nodes: list[fx.Node], last: fx.Node, main: fx.Node, fresh: frozenset, direct: dict) -> bool:
+def _only_added(nodes: list[fx.Node], last: fx.Node, main: fx.Node, fresh: frozenset, direct: dict, params: set[fx.Node]) -> bool:
     """Every node between `last` and `main` where a value from the `fresh` model inputs meets the
-    stream leaving `last` is an elementwise add of the stream's shape: a residual injected (FLUX
-    ControlNet's `hidden_states + controlnet_block_samples[i]`), not a stream joining (a cat)."""
+    stream leaving `last` is an elementwise add of the stream's shape, of a value no weight made: a
+    residual injected (FLUX ControlNet's `hidden_states + controlnet_block_samples[i]`), not a
+    stream joining (a cat; an embedded input added to a list's output)."""
     span = nodes[last.meta["dittofx_pos"] + 1 : main.meta["dittofx_pos"] + 1]
     stream = {last}
     for node in span:
@@ -278,9 +279,24 @@ def _only_added(nodes: list[fx.Node], last: fx.Node, main: fx.Node, fresh: froze
             continue
         stream.add(node)
         joining = [a for a in node.all_input_nodes if a not in stream and direct[a] & fresh]
-        if joining and not (op_name(node) == "add" and all(_shape(a) == _shape(node) for a in node.all_input_nodes)):
+        if joining and not (
+            op_name(node) == "add" and all(_shape(a) == _shape(node) for a in node.all_input_nodes) and not _made_by_weights(joining, params)
+        ):
             return False
     return True
+
+
+def _made_by_weights(values: list[fx.Node], params: set[fx.Node]) -> bool:
+    """Whether a weight (or constant) placeholder is among the values' ancestors."""
+    seen, todo = set(), list(values)
+    while todo:
+        node = todo.pop()
+        if node in params:
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo.extend(node.all_input_nodes)
+    return False
 
 
 def _shape(node: fx.Node) -> tuple | None:

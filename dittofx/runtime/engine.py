@@ -442,7 +442,9 @@ class Engine:
                 if other_context != context or other_spec != spec or len(other) != len(leaves):
                     continue
                 changed = [(a[2], b[2]) for a, b in zip(other, leaves) if a != b]
-                if changed and all(a[0] == b[0] == "V" and isinstance(a[2], (int, float)) for a, b in zip(other, leaves) if a != b):
+                if changed and all(
+                    a[0] == b[0] == "V" and isinstance(a[2], (int, float)) and not isinstance(a[2], bool) for a, b in zip(other, leaves) if a != b
+                ):
                     self._warn_once(
                         "numbers change",
                         "dittofx: a Python-number input of %s changed value (%s): each value is captured as its own graph "
