@@ -249,3 +249,45 @@ def test_inputs_with_no_graph_after_others_had_one_run_uncached(caplog, monkeypa
     assert caplog.text.count("inputs with no graph to rewrite, while earlier ones had: they run uncached") == 1
     assert len(builds) == 2 and len(engine.entries) == 1
     assert all(torch.equal(a, b) for a, b in zip(request(model, z), request(plain, z)))
+
+
+def test_switching_adapters_back_takes_the_graphs_of_that_switch_back(monkeypatch):
+    """set_adapters A -> B -> A -> B ...: each switch's graphs are captured once and kept, so under
+    torch.compile(fullgraph=True) nothing recompiles after the first round (every switch compiled
+    anew ran into dynamo's recompile limit after ~30 switches); outputs as the plain model's. A
+    module registered anew (another adapter added) drops them all."""
+    z = zoo.get("flux")
+    plain, model = z.build(), dittofx.optimize(z.build(), CFG)
+    for m in (plain, model):
+        add_lora(m, "a", 1), add_lora(m, "b", 2)
+    engine = model._dittofx
+    builds, compiles = [], []
+    real_build = type(engine)._build
+    monkeypatch.setattr(type(engine), "_build", lambda self, *a, **k: builds.append(1) or real_build(self, *a, **k))
+    compiled = torch.compile(model, fullgraph=True, backend=lambda gm, _: compiles.append(1) or gm.forward)
+    after_round = None
+    for r, adapter in enumerate("ababab"):
+        for m in (plain, model):
+            m.set_adapters(adapter)
+        assert all(torch.equal(g, w) for g, w in zip(request(compiled, z), request(plain, z))), r
+        if r == 1:
+            after_round = (len(builds), len(compiles))
+    assert after_round == (len(builds), len(compiles)) and len(builds) == 2
+    for m in (plain, model):
+        add_lora(m, "c", 3)
+        m.set_adapters("a")
+    assert all(torch.equal(g, w) for g, w in zip(request(compiled, z), request(plain, z)))
+    assert len(builds) == 3 and not engine._shelf
+
+
+def test_sizes_given_as_numbers_are_said_to_make_a_graph_per_resolution(caplog):
+    """Qwen-Image takes its image grid as Python ints (`img_shapes`): each resolution is a capture
+    of its own (and under torch.compile a compile: dynamo's limit runs out after ~30), said once."""
+    z = zoo.get("qwenimage")
+    model, plain = dittofx.optimize(z.build(), CFG), z.build()
+    with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
+        for side in (4, 6):
+            kwargs = dict(z.inputs(0, 1.0), img_shapes=[(1, side, side)])
+            kwargs["hidden_states"] = torch.randn(1, side * side, kwargs["hidden_states"].shape[-1])
+            assert torch.equal(model(**kwargs, return_dict=False)[0], plain(**kwargs, return_dict=False)[0])
+    assert caplog.text.count("a Python-number input of QwenImageTransformer2DModel changed value (4 -> 6, 4 -> 6)") == 1

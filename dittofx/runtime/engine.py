@@ -156,6 +156,10 @@ def context_parallel_group(model: torch.nn.Module) -> Any:
     return None if cp is None else cp._flattened_mesh.get_group()
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _blockwise_key(hidden: str, h_fn: torch.Tensor, entering: list[torch.Tensor]) -> tuple:
     return hidden, tuple(h_fn.shape), h_fn.dtype, h_fn.device, tuple(tuple(t.shape) for t in entering)
 
@@ -265,6 +269,7 @@ class Engine:
         self.num_steps = cfg.num_inference_steps
         self.entries: list[Entry] = []
         self.uncapturable: dict[tuple, Exception] = {}  # input keys whose capture failed -> why
+        self._shelf: dict[tuple, list[Entry]] = {}  # graphs of earlier adapter/processor switches (oldest first)
         self.states = torch.nn.ModuleDict()
         # the graph for this call, its entry, its leading inputs (a plain list, see pre_call) and
         # the number of the split head's tensors it takes last (0: not a split step)
@@ -309,7 +314,7 @@ class Engine:
         timesteps watched again (a CUDA event does not copy)."""
         new = memo[id(self)] = object.__new__(type(self))
         fresh = {
-            "entries": [], "uncapturable": {}, "current": None, "replays": None if self.replays is None else Replays(), "_first_timesteps": {},
+            "entries": [], "uncapturable": {}, "_shelf": {}, "current": None, "replays": None if self.replays is None else Replays(), "_first_timesteps": {},
             "changed": None, "watched": False, "_stateful": [],
         }  # fmt: skip
         for name, value in self.__dict__.items():
@@ -435,21 +440,24 @@ class Engine:
 
     def _warn_if_numbers_change(self, sizes: tuple) -> None:
         """A capture specializes on the values of Python-number inputs: one whose value changes at
-        every call (a timestep passed as a float) is a capture per call."""
+        every call (a timestep passed as a float) is a capture per call; sizes passed as numbers
+        (Qwen-Image's `img_shapes`) are a capture per resolution."""
         context, (spec, leaves) = sizes
         for entry in self.entries:
             for other_context, (other_spec, other) in entry.state_shapes:
                 if other_context != context or other_spec != spec or len(other) != len(leaves):
                     continue
-                changed = [(a[2], b[2]) for a, b in zip(other, leaves) if a != b]
-                if changed and all(
-                    a[0] == b[0] == "V" and isinstance(a[2], (int, float)) and not isinstance(a[2], bool) for a, b in zip(other, leaves) if a != b
-                ):
+                differ = [(a, b) for a, b in zip(other, leaves) if a != b]
+                numbers = [(a[2], b[2]) for a, b in differ if a[0] == b[0] == "V" and _is_number(a[2]) and _is_number(b[2])]
+                sized = [a for a, b in differ if a[0] == b[0] == "T" and a[1:3] == b[1:3]]
+                if numbers and len(numbers) + len(sized) == len(differ):
                     self._warn_once(
                         "numbers change",
                         "dittofx: a Python-number input of %s changed value (%s): each value is captured as its own graph "
-                        "(seconds per capture on a large model). Pass numbers that change per step, such as the timestep, "
-                        "as tensors.", type(self.model).__name__, ", ".join(f"{a!r} -> {b!r}" for a, b in changed),
+                        "(seconds per capture on a large model; under torch.compile each is compiled too, and dynamo's "
+                        "recompile limit, 64, runs out after about 30 of them). Pass numbers that change per step, such as "
+                        "the timestep, as tensors; sizes given as numbers make a graph per resolution.",
+                        type(self.model).__name__, ", ".join(f"{a!r} -> {b!r}" for a, b in numbers),
                     )  # fmt: skip
                     return
 
@@ -981,7 +989,7 @@ class Engine:
             if structure.block_ids(self.model, entry.chain.lists) != entry.blocks:
                 return "blocks added to or removed from its block lists"
             if entry.switches != switches:
-                return "adapters (peft) or attention processors switched"
+                return SWITCHED
         return None
 
     def _capture_again_if_changed(self) -> None:
@@ -997,15 +1005,38 @@ class Engine:
         if self.entries or self.blockwise is not None:
             self._warn_once(
                 "captured again",
-                "dittofx: %s changed since its graph was captured (%s): capturing it again at this call (said once; under "
-                "torch.compile a recompile follows)", type(self.model).__name__, why,
+                "dittofx: %s changed since its graph was captured (%s): capturing it again at this call, or taking "
+                "back the graphs of switches seen before (said once; under torch.compile a recompile follows)",
+                type(self.model).__name__, why,
             )  # fmt: skip
         if self.blockwise is not None:
             self.blockwise.remove()
             self.blockwise, self.path = None, "torch.export graph"
+        self._shelve_or_forget(why)
         self.entries, self.current, self.changed, self._stateful = [], None, None, []
         if self.replays is not None:
             self.replays = Replays()
+        self._take_from_shelf()
+
+    def _shelve_or_forget(self, why: str) -> None:
+        """Switches only (set_adapters, a processor set): the graphs stay valid for the switches
+        they were captured at, so they are kept for a switch back (A -> B -> A captures, and under
+        torch.compile recompiles, nothing the second time: dynamo keeps the code it compiled for
+        them). A module registered or a block list changed: the graphs of every switch are stale."""
+        if why == SWITCHED and self.entries:
+            self._shelf.pop(self.entries[0].switches, None)
+            self._shelf[self.entries[0].switches] = self.entries
+            while len(self._shelf) > SHELF_SIZE:
+                self._shelf.pop(next(iter(self._shelf)))
+        else:
+            self._shelf.clear()
+
+    def _take_from_shelf(self) -> None:
+        if self._shelf:
+            stateful = structure.stateful_modules(self.model)
+            entries = self._shelf.pop(structure.python_state(stateful), None)
+            if entries is not None:
+                self.entries, self._stateful = entries, stateful
 
     def _host_reads_for_own_graphs(self, device: torch.device) -> bool:
         """cuda_graphs without conditional nodes: steps decided on the device run split (head
@@ -1053,6 +1084,8 @@ class Engine:
 
 HEAD_KWARG = "_dittofx_head"
 UNCACHED = "uncached"  # Engine.prepare: these inputs run as the model's own forward
+SWITCHED = "adapters (peft) or attention processors switched"  # Engine._stale: graphs kept for a switch back
+SHELF_SIZE = 8  # switches whose graphs are kept
 
 
 def cuda_graphs_in_use(device: torch.device) -> bool:
