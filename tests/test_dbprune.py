@@ -22,7 +22,10 @@ def run(model, z, steps=STEPS):
 
 @pytest.mark.parametrize(
     "name, fn, bn, non_prune",
-    [("pixart", 1, 0, ()), ("flux", 1, 1, (2,)), ("wan", 1, 0, ()), ("qwenimage", 1, 1, ())],
+    # hunyuanvideo: a transposed stream (a pruned block returns its input's strides); sana_wm: a
+    # float made from sizes that the blocks read (no cond operand: made again in the branch)
+    [("pixart", 1, 0, ()), ("flux", 1, 1, (2,)), ("wan", 1, 0, ()), ("qwenimage", 1, 1, ()), ("hunyuanvideo", 1, 0, ()),
+     ("sana_wm", 1, 0, ())],
 )
 def test_dbprune_matches_naive_reference(name, fn, bn, non_prune):
     z = zoo.get(name)
@@ -82,6 +85,17 @@ def test_bad_dbprune_config_and_nothing_to_prune():
             model(**z.inputs(0, 1.0))
     assert "_dittofx" not in model.__dict__
     assert dittofx.DBPruneConfig(non_prune_block_ids=(3,)).short_name() == "DBPrune_F1B0_W8I1_R0.08_NP1"
+
+
+def test_blocks_on_another_batch_than_the_middles_input_are_refused():
+    """Latte folds frames into the batch of its temporal blocks: a per-sample input norm of the
+    middle's input cannot stand for theirs, so DBPrune says so (DBCache caches Latte)."""
+    z = zoo.get("latte")
+    model = dittofx.optimize(z.build(), {"method": "dbprune"})
+    with pytest.raises(ValueError, match=r"DBPrune: block temporal_transformer_blocks.0 runs on a batch of 16 where the middle's input has 2"):
+        with torch.no_grad():
+            model(**z.inputs(0, 1.0))
+    assert "_dittofx" not in model.__dict__
 
 
 @pytest.mark.parametrize("name", ["pixart", "flux"])

@@ -7,7 +7,9 @@ import operator
 import torch
 import torch.fx as fx
 
-__all__ = ["cond_branch", "copy_meta", "flat", "is_view"]
+from ..patterns.chain import int_hint
+
+__all__ = ["cond_branch", "copy_meta", "dense", "flat", "is_view", "memory_order", "unflat"]
 
 
 def copy_meta(dst: fx.Node, src: fx.Node) -> fx.Node:
@@ -37,3 +39,26 @@ def flat(graph: fx.Graph, node: fx.Node) -> fx.Node:
     and fails that check, so dynamo stops at the first recompile with dynamic shapes (Wan, PixArt at
     a second resolution). A 1-D tensor's stride is 1."""
     return graph.call_function(torch.ops.aten.view.default, (node, [-1]))
+
+
+def memory_order(node: fx.Node) -> list[int] | None:
+    """The dims of a value outermost-first in memory, or None when that is their own order."""
+    val = node.meta["val"]
+    strides = [int_hint(st, fallback=1) for st in val.stride()]
+    order = sorted(range(val.dim()), key=lambda d: -strides[d])  # stable: ties keep dim order
+    return None if order == sorted(order) else order
+
+
+def dense(graph: fx.Graph, node: fx.Node, order: list[int] | None) -> fx.Node:
+    """A fresh dense copy of `node` with its dims permuted into `order` (memory order)."""
+    if order:
+        node = graph.call_function(torch.ops.aten.permute.default, (node, order))
+    return graph.call_function(torch.ops.aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
+
+
+def unflat(graph: fx.Graph, item: fx.Node, like: fx.Node, order: list[int] | None) -> fx.Node:
+    """A cond output (1-D, in memory order `order`) back to the dims of `like`, the value it stands for."""
+    if not order:
+        return graph.call_method("view_as", (item, like))
+    shaped = graph.call_method("view_as", (item, graph.call_function(torch.ops.aten.permute.default, (like, order))))
+    return graph.call_function(torch.ops.aten.permute.default, (shaped, sorted(range(len(order)), key=order.__getitem__)))

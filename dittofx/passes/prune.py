@@ -18,12 +18,13 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..patterns.chain import Block, numel_hint
+from ..patterns.chain import Block, int_hint, numel_hint
 from ..runtime import gates
 from ..runtime.state import state_names
 from .partition import Partition, PartitionError, pair_carried
-from .fx_utils import cond_branch, copy_meta, flat, is_view
+from .fx_utils import cond_branch, copy_meta, dense, flat, is_view, memory_order, unflat
 from .rewrite import begin_graph
+from .sizes import cond_operands
 
 __all__ = ["PruneRewritePass", "PrunableBlock", "prunable_blocks"]
 
@@ -60,13 +61,24 @@ def prunable_blocks(gm: fx.GraphModule, part: Partition, non_prune: tuple[int, .
             raise PartitionError(f"cannot prune block {block.path}: it hands a non-tensor to later code")
         carried = [i for i in inputs if part.region.get(i) in ("Fn", "middle")]  # the rest: weights, invariants
         pairs = pair_carried(outputs, carried)
-        found.append(PrunableBlock(block, index, inside, inputs, outputs, pairs, max(pairs.values(), key=numel_hint)))
+        hidden_in = max(pairs.values(), key=numel_hint)
+        if _batch(hidden_in) != _batch(part.h_fn):
+            raise ValueError(
+                f"DBPrune: block {block.path} runs on a batch of {_batch(hidden_in)} where the middle's input has "
+                f"{_batch(part.h_fn)} (e.g. frames folded into the batch), and its input norm is kept per sample of the "
+                f"middle's input; method 'dbcache' caches this model"
+            )
+        found.append(PrunableBlock(block, index, inside, inputs, outputs, pairs, hidden_in))
     if not found:
         raise ValueError(
             f"non_prune_block_ids={list(non_prune)} with Fn_compute_blocks={part.fn_blocks}, Bn_compute_blocks={part.bn_blocks}: "
             f"no block of the {n} in the chain is left to prune"
         )
     return found
+
+
+def _batch(node: fx.Node) -> int:
+    return int_hint(node.meta["val"].shape[0], fallback=1)
 
 
 class PruneRewritePass(PassBase):
@@ -123,25 +135,30 @@ class PruneRewritePass(PassBase):
         return fx.GraphModule(gm, g, class_name="DittofxPruned")
 
     def _block(self, g, gm, b: PrunableBlock, j, res, env, on_host, pruned, x, st) -> None:
-        """cond(pruned[j]: paired inputs + residuals, else: the block), then the stores."""
-        operands = list(dict.fromkeys([env[i] for i in b.inputs] + res))
-        to_parent = {i: env[i] for i in b.inputs}
-        members = set(b.nodes)
+        """cond(pruned[j]: paired inputs + residuals, else: the block), then the stores. Both
+        branches return each output 1-D in its eager memory order (a transposed stream, as
+        HunyuanVideo's, included), as rewrite's cond does."""
+        try:  # floats are no cond operands: the branch computes them again from the sizes they come from
+            recipe, passed = cond_operands(b.inputs)
+        except ValueError as err:
+            raise PartitionError(f"cannot prune block {b.block.path}: it reads {err}") from None
+        to_parent = {i: env[i] for i in passed}
+        operands = list(dict.fromkeys([*to_parent.values(), *res]))
+        orders = {o: memory_order(o) for o in b.outputs}
 
         def run_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
             local: dict[fx.Node, fx.Node] = {}
-            for nd in b.nodes:
-                local[nd] = copy_meta(graph.node_copy(nd, lambda a: local[a] if a in members else benv[to_parent[a]]), nd)
+            for nd in [*recipe, *b.nodes]:
+                local[nd] = copy_meta(graph.node_copy(nd, lambda a: local[a] if a in local else benv[to_parent[a]]), nd)
             return [
-                flat(graph, graph.call_function(torch.ops.aten.clone.default, (local[o],), {"memory_format": torch.contiguous_format}))
-                if is_view(o) or not o.meta["val"].is_contiguous()
-                else flat(graph, local[o])
+                flat(graph, dense(graph, local[o], orders[o])) if is_view(o) or not o.meta["val"].is_contiguous() else flat(graph, local[o])
                 for o in b.outputs
             ]
 
         def prune_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
+            # input + residual keeps the input's strides, which need not be the output's
             return [
-                flat(graph, graph.call_function(gates.add_residual, (benv[to_parent[b.pairs[o]]], benv[r])))
+                flat(graph, dense(graph, graph.call_function(gates.add_residual, (benv[to_parent[b.pairs[o]]], benv[r])), orders[o]))
                 for o, r in zip(b.outputs, res)
             ]
 
@@ -154,8 +171,8 @@ class PruneRewritePass(PassBase):
             torch.ops.higher_order.cond,
             (pred, g.get_attr(f"dittofx_prune_{j}"), g.get_attr(f"dittofx_run_{j}"), tuple(operands)),
         )
-        for k, o in enumerate(b.outputs):  # back from 1-D (see rewrite._flat) to the paired input's shape
-            env[o] = copy_meta(g.call_method("view_as", (g.call_function(operator.getitem, (cond, k)), env[b.pairs[o]])), o)
+        for k, o in enumerate(b.outputs):  # back from 1-D to the paired input's shape
+            env[o] = copy_meta(unflat(g, g.call_function(operator.getitem, (cond, k)), env[b.pairs[o]], orders[o]), o)
         g.call_function(
             gates.prune_store,
             (pruned, j, res, [env[o] for o in b.outputs], [env[b.pairs[o]] for o in b.outputs],

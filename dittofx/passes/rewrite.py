@@ -19,11 +19,10 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..patterns.chain import int_hint
 from ..runtime import gates
 from ..runtime.state import SCALARS, state_names
 from .partition import Partition, PartitionError
-from .fx_utils import cond_branch, copy_meta, flat, is_view
+from .fx_utils import cond_branch, copy_meta, dense, flat, is_view, memory_order, unflat
 from .sizes import cond_operands
 
 __all__ = ["CacheRewritePass", "DECISIONS", "RewriteOptions", "begin_graph"]
@@ -205,7 +204,7 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
         # memory order (ACE-Step carries a transposed stream: what reads it after the middle
         # reduces in that order)
         return [
-            flat(graph, _dense(graph, local[o], orders[o]))
+            flat(graph, dense(graph, local[o], orders[o]))
             if is_view(o) or not o.meta["val"].is_contiguous()
             else flat(graph, local[o])
             for o in outs
@@ -214,9 +213,9 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
     def cache_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
         args = tuple(benv[a] for a in at)
         forecasts = [graph.call_function(gates.forecast, (benv[r], benv[b], *args)) for r, b in zip(residuals, bases)]
-        return [flat(graph, _dense(graph, f, orders[o]) if orders[o] else f) for f, o in zip(forecasts, outs)]
+        return [flat(graph, dense(graph, f, orders[o]) if orders[o] else f) for f, o in zip(forecasts, outs)]
 
-    orders = {o: _memory_order(o) for o in outs}
+    orders = {o: memory_order(o) for o in outs}
 
     cache_gm = cond_branch(gm, operands, cache_body, "CacheBranch")
     compute_gm = cond_branch(gm, operands, compute_body, "ComputeBranch")
@@ -227,26 +226,5 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
         (cache, g.get_attr("dittofx_cache_branch"), g.get_attr("dittofx_compute_branch"), tuple(operands)),
     )
     for j, (out, base) in enumerate(zip(outs, bases)):  # the base has the output's shape
-        item, order = g.call_function(operator.getitem, (cond, j)), orders[out]
-        if order:  # back from memory order to the eager value's dims
-            shaped = g.call_method("view_as", (item, g.call_function(torch.ops.aten.permute.default, (base, order))))
-            inverse = sorted(range(len(order)), key=order.__getitem__)
-            env[out] = copy_meta(g.call_function(torch.ops.aten.permute.default, (shaped, inverse)), out)
-        else:
-            env[out] = copy_meta(g.call_method("view_as", (item, base)), out)
+        env[out] = copy_meta(unflat(g, g.call_function(operator.getitem, (cond, j)), base, orders[out]), out)
     return diff, cache
-
-
-def _memory_order(node: fx.Node) -> list[int] | None:
-    """The dims of a value outermost-first in memory, or None when that is their own order."""
-    val = node.meta["val"]
-    strides = [int_hint(st, fallback=1) for st in val.stride()]
-    order = sorted(range(val.dim()), key=lambda d: -strides[d])  # stable: ties keep dim order
-    return None if order == sorted(order) else order
-
-
-def _dense(graph: fx.Graph, node: fx.Node, order: list[int] | None) -> fx.Node:
-    """A fresh dense copy of `node` with its dims permuted into `order` (memory order)."""
-    if order:
-        node = graph.call_function(torch.ops.aten.permute.default, (node, order))
-    return graph.call_function(torch.ops.aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
