@@ -241,7 +241,7 @@ def _optimize_pipeline(
                 f"pipeline with no config (or the same one) and no other options to have its calls set the request length "
                 f"too, or dittofx.disable the transformer first"
             )
-        attach_refresh(pipe, names, _refresh_component, _in_pipeline_call)
+        attach_refresh(pipe, names, _refresh_component, _in_pipeline_call, _pipeline_call_failed)
         return pipe
     for name in names:
         if engines[name] is not None:
@@ -259,7 +259,7 @@ def _optimize_pipeline(
                 raise type(err)(f"pipeline {type(pipe).__name__}.{name}: {err}") from None
             raise
         done.append(name)
-    attach_refresh(pipe, names, _refresh_component, _in_pipeline_call)
+    attach_refresh(pipe, names, _refresh_component, _in_pipeline_call, _pipeline_call_failed)
     return pipe
 
 
@@ -314,10 +314,23 @@ def _refresh_component(module: torch.nn.Module, num_inference_steps: int | None)
 _said_uncached: weakref.WeakSet = weakref.WeakSet()
 
 
-def _in_pipeline_call(module: torch.nn.Module, pipeline: str | None) -> None:
+def _in_pipeline_call(module: torch.nn.Module, pipeline: str | None) -> bool:
     engine = _find_engine(module)
     if engine is not None:
         engine.pipeline_call = pipeline
+    return engine is not None
+
+
+def _pipeline_call_failed(pipe: Any, optimized: list[str]) -> None:
+    """A transformer whose first call failed restored itself (a config its graph refuses, e.g.
+    `non_prune_block_ids` past its chain): the pipeline is restored whole, never left half cached."""
+    lost = [name for name in optimized if _find_engine(getattr(pipe, name)) is None]
+    if lost and hasattr(type(pipe), "_dittofx_names"):
+        disable(pipe)
+        log.warning(
+            "dittofx: pipeline %s: %s failed at its first call and was restored; so is the whole pipeline "
+            "(dittofx.disable(pipe)) rather than run half cached", type(pipe).__name__, ", ".join(lost),
+        )
 
 
 def _check_block_lists(module: torch.nn.Module, cfg: CacheConfig) -> None:

@@ -3,6 +3,7 @@ transformers, prompt embeddings given directly, latents out): each expert runs t
 pipeline's `boundary_ratio` gives it, with its own request length, state and config."""
 
 import functools
+import logging
 
 import pytest
 import torch
@@ -171,6 +172,19 @@ def test_bad_params_modifiers_raise_and_leave_the_pipeline_untouched(modifiers, 
         dittofx.optimize(pipe, {}, params_modifiers=modifiers)
     assert all(w in str(info.value) for w in words), str(info.value)
     assert untouched(pipe)
+
+
+def test_a_config_one_expert_refuses_at_its_first_call_restores_the_whole_pipeline(caplog):
+    """non_prune_block_ids past transformer_2's chain is known only in its graph: its first call
+    raises and restores it; the pipeline is then restored whole (never run half cached), and
+    runs as the plain pipeline."""
+    want = generate(wan_pipeline(), 20)
+    pipe = dittofx.optimize(wan_pipeline(), {"method": "dbprune", "residual_diff_threshold": 0.1, "max_warmup_steps": 1},
+                            params_modifiers={"transformer_2": {"non_prune_block_ids": [7]}})  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="dittofx"), pytest.raises(ValueError, match=r"non_prune_block_ids=\[7\]: \[7\] past the chain"):
+        generate(pipe, 20)
+    assert untouched(pipe) and "transformer_2 failed at its first call and was restored; so is the whole pipeline" in caplog.text
+    assert torch.equal(generate(pipe, 20), want)
 
 
 def test_params_modifiers_forms():

@@ -20,7 +20,9 @@ import torch
 __all__ = ["is_pipeline", "pipeline_transformers", "attach_refresh", "detach_refresh"]
 
 Refresh = Callable[[torch.nn.Module, int | None], None]
-InCall = Callable[[torch.nn.Module, str | None], None]  # a transformer: its pipeline's call starts (the class name) or ends (None)
+# a transformer: its pipeline's call starts (the class name; returns whether it is optimized) or ends (None)
+InCall = Callable[[torch.nn.Module, str | None], bool]
+Failed = Callable[[Any, list[str]], None]  # a call raised: the pipeline, and its transformers optimized at the start
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -104,9 +106,9 @@ def counting_timesteps(pipe: Any, names: list[str], refresh: Refresh) -> Iterato
         scheduler.__class__ = base
 
 
-def attach_refresh(pipe: Any, names: list[str], refresh: Refresh, in_call: InCall) -> None:
+def attach_refresh(pipe: Any, names: list[str], refresh: Refresh, in_call: InCall, failed: Failed) -> None:
     """Make every call of this pipeline instance refresh each transformer with the steps it runs
-    (and tell each when the call starts and ends)."""
+    (and tell each when the call starts and ends, and the pipeline when a call raised)."""
     base = type(pipe)
     signature = inspect.signature(base.__call__)
     param = signature.parameters.get("num_inference_steps")
@@ -122,10 +124,13 @@ def attach_refresh(pipe: Any, names: list[str], refresh: Refresh, in_call: InCal
                 refresh(getattr(self, name), steps)
             except ValueError:  # no count (the pipeline says so itself, or its scheduler's timesteps tell)
                 refresh(getattr(self, name), None)
-            in_call(getattr(self, name), base.__name__)
+        optimized = [name for name in names if in_call(getattr(self, name), base.__name__)]
         try:
             with counting_timesteps(self, names, refresh):
                 return base.__call__(self, *args, **kwargs)
+        except BaseException:
+            failed(self, optimized)
+            raise
         finally:
             for name in names:
                 in_call(getattr(self, name), None)
