@@ -510,8 +510,7 @@ class Engine:
                 raise CaptureError(
                     f"{type(model).__name__}.forward cannot be captured as one graph with torch.export "
                     f"({type(err).__name__}: {str(err).splitlines()[0][:200]}), at {_model_frame(err)}. "
-                    f"Data-dependent Python (.tolist(), .item(), .numpy() driving loops or shapes) blocks capture; "
-                    f"dittofx has no caching for this model."
+                    f"Data-dependent Python (.tolist(), .item(), .numpy() driving loops or shapes) blocks capture."
                 ) from err
 
     def _build(self, args: tuple, kwargs: dict, dynamic: bool = True) -> Entry:
