@@ -337,11 +337,13 @@ def merge_config(base: CacheConfig, changes: Any) -> CacheConfig:
 def _fields(cache_config: Mapping) -> tuple[type, dict[str, Any]]:
     """The config class a dict names and its options under our field names (unknown keys raise)."""
     options = dict(cache_config)
+    spelled = {}  # our field name -> the key as the user wrote it
     for alias, name in _ALIASES.items():
         if alias in options:
             if name in options and options[name] != options[alias]:
                 raise ValueError(f"{alias}={options[alias]!r} and {name}={options[name]!r}: the same setting twice, with different values")
             options[name] = options.pop(alias)
+            spelled[name] = alias
     method = options.pop("method", "dbcache")
     if method not in _METHODS:
         raise ValueError(f"method={method!r}: must be one of {sorted(_METHODS)}")
@@ -351,8 +353,8 @@ def _fields(cache_config: Mapping) -> tuple[type, dict[str, Any]]:
         if not isinstance(key, str):
             raise TypeError(f"cache_config key {key!r}: keys must be strings")
         if key not in names:
-            allowed = sorted(names | {"method"} | set(_ALIASES))
-            raise ValueError(f"unknown cache_config key {key!r}; allowed keys: {allowed}")
+            allowed = sorted(names | {"method"} | {alias for alias, name in _ALIASES.items() if name in names})
+            raise ValueError(f"unknown cache_config key {spelled.get(key, key)!r} for method={method!r}; allowed keys: {allowed}")
     for key in ("blocks", "steps_computation_mask", "coefficients", "non_prune_block_ids"):
         if isinstance(options.get(key), list):
             options[key] = tuple(options[key])

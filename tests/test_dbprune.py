@@ -70,7 +70,7 @@ def test_bad_dbprune_config_and_nothing_to_prune():
     model = z.build()
     with pytest.raises(ValueError, match=r"non_prune_block_ids=\('a',\): must be a list of block indices >= 0"):
         dittofx.optimize(model, {"method": "dbprune", "non_prune_block_ids": ["a"]})
-    with pytest.raises(ValueError, match=r"unknown cache_config key 'enable_taylorseer'; allowed keys: \[.*'non_prune_block_ids'"):
+    with pytest.raises(ValueError, match=r"unknown cache_config key 'enable_taylorseer' for method='dbprune'; allowed keys: \[.*'non_prune_block_ids'"):
         dittofx.optimize(model, {"method": "dbprune", "enable_taylorseer": True})
     assert "_dittofx" not in model.__dict__
     forward = model.__dict__.get("forward")

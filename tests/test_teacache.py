@@ -353,8 +353,10 @@ def test_unknown_class_without_coefficients_says_how_to_get_them():
         ({"rel_l1_thresh": -0.1}, r"rel_l1_thresh=-0.1: must be a finite number >= 0"),
         ({"coefficients": []}, r"coefficients=\(\): must be a non-empty list of finite numbers"),
         ({"coefficients": [1.0, float("nan")]}, r"coefficients=\(1.0, nan\): must be a non-empty list"),
-        ({"Fn_compute_blocks": 2}, r"unknown cache_config key 'Fn_compute_blocks'; allowed keys: \[.*'rel_l1_thresh'"),
+        ({"Fn_compute_blocks": 2}, r"unknown cache_config key 'Fn_compute_blocks' for method='teacache'; allowed keys: \[.*'rel_l1_thresh'"),
         ({"cfg_diff_compute_separate": False}, r"cfg_diff_compute_separate=False"),
+        # a vLLM-omni key of DBCache's, named as written; allowed keys list no alias of another method's field
+        ({"scm_steps_mask_policy": "fast"}, r"unknown cache_config key 'scm_steps_mask_policy' for method='teacache'; allowed keys: \[(?!.*scm_).*\]$"),
     ],
 )
 def test_bad_teacache_config(cfg, match):
