@@ -181,6 +181,15 @@ def test_outside_its_pipeline_the_configs_length_holds():
     assert (stats.computed_steps, stats.cached_steps) == masked_schedule(6)
 
 
+def test_a_models_own_error_at_the_first_call_leaves_the_pipeline_optimized():
+    """Latents of the wrong width fail inside the model (a RuntimeError, not a config dittofx
+    refuses): the pipeline is not restored whole for it."""
+    pipe = dittofx.optimize(tiny_flux_pipeline(), {"residual_diff_threshold": 0.3})
+    with pytest.raises(RuntimeError):
+        generate(pipe, 4, latents=torch.randn(1, 16, 3))
+    assert type(pipe) is not FluxPipeline
+
+
 @pytest.mark.parametrize("how", ["disable the transformer", "replace the transformer"])
 def test_a_pipelines_transformer_no_longer_optimized_runs_uncached_and_disable_still_restores(how, caplog):
     plain = tiny_flux_pipeline()

@@ -249,6 +249,53 @@ def test_inputs_with_no_graph_after_others_had_one_run_uncached(caplog, monkeypa
     assert caplog.text.count("inputs with no graph to rewrite, while earlier ones had: they run uncached") == 1
     assert len(builds) == 2 and len(engine.entries) == 1
     assert all(torch.equal(a, b) for a, b in zip(request(model, z), request(plain, z)))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # the uncached forward traces too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(torch.equal(a, b) for a, b in zip(request(compiled, z), request(plain, z)))
+    half_output(model)  # a structure change forgets which inputs could not be captured
+    request(model, z)
+    assert not engine.uncapturable
+
+
+def test_an_uncached_call_ends_its_branchs_request():
+    """Uncached calls run no state: the branch's request ends there, so the next cached call starts
+    a fresh one (never goes on from the earlier steps' residuals), and CFG parity still counts them.
+    Expected: the request after as on a model that never saw the first."""
+    z = zoo.get("pixart")
+    cfg = {"residual_diff_threshold": 1e9, "max_warmup_steps": 1, "num_inference_steps": 4}
+    model, fresh = dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg)
+    with torch.no_grad():
+        for s in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s >= 2):
+                model(**z.inputs(s, 1 - s / 4))
+    got, want = request(model, z, 4), request(fresh, z, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert dittofx.summary(model)[0].cached_steps == dittofx.summary(fresh)[0].cached_steps == [1, 2, 3]
+    parity = dittofx.optimize(z.build(), dict(cfg, enable_separate_cfg=True))
+    with torch.no_grad():
+        for s in range(2):
+            for branch in ("cond", "uncond"):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s == 1 and branch == "cond"):
+                    parity(**z.inputs(s, 1 - s / 4))
+    assert parity._dittofx.calls == 4 and parity._dittofx.host == {"uncond": (2, True)}
+
+
+def test_a_processor_in_a_kept_graphs_fingerprint_stays_alive():
+    """Processors are fingerprinted by identity: one freed while a (kept) graph's fingerprint names
+    it could have its address reused by a new processor, which would then take back a stale graph.
+    The graphs hold them, so that cannot happen."""
+    import gc
+    import weakref
+
+    z = zoo.get("flux")
+    model = dittofx.optimize(z.build(), CFG)
+    half_output(model)
+    request(model, z)
+    first = weakref.ref(next(m.processor for m in model.modules() if hasattr(m, "processor")))
+    model.set_attn_processor({name: p.inner for name, p in model.attn_processors.items()})
+    request(model, z)  # the half-output graphs are kept for a switch back
+    gc.collect()
+    assert first() is not None
 
 
 def test_switching_adapters_back_takes_the_graphs_of_that_switch_back(monkeypatch):

@@ -89,6 +89,9 @@ class Entry:
     # what the graph baked in besides the weights (structure.py), at its capture
     blocks: tuple | None = ()
     switches: tuple = ()
+    # the modules the switches were read from, held: a processor freed while its id is in a
+    # fingerprint (this graph's, or a shelved one's) could have its address reused by a new one
+    held: tuple = ()
 
     def __post_init__(self) -> None:
         # each slot's dict (the owner's _parameters or _buffers) looked up once: live_state runs at
@@ -543,6 +546,7 @@ class Engine:
             pruned_blocks=built.pruned_blocks,
             blocks=structure.block_ids(self.model, built.chain.lists),
             switches=switches,
+            held=tuple(getattr(m, "processor", None) for m in self._stateful),
         )
 
     def _warn_if_blocks_compiled(self, lists: list[str]) -> None:
@@ -890,7 +894,11 @@ class Engine:
         prepared = self.prepare(args, kwargs)
         if prepared is None:
             return self._blockwise_call(args, kwargs)
-        if prepared is UNCACHED:
+        if prepared is UNCACHED:  # its branch's request ends here: the next cached call starts one
+            branch = self._branch()
+            if branch in self.states:
+                self.states[branch].reset()
+            self.host.pop(branch, None)
             self.current, self.ran = None, True
             return None
         entry, sizes, device, leaves = prepared
@@ -1013,6 +1021,7 @@ class Engine:
             self.blockwise, self.path = None, "torch.export graph"
         self._shelve_or_forget(why)
         self.entries, self.current, self.changed, self._stateful = [], None, None, []
+        self.uncapturable.clear()
         if self.replays is not None:
             self.replays = Replays()
         self._take_from_shelf()
@@ -1118,7 +1127,8 @@ def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     if engine.blockwise is not None:
         return engine.blockwise.call(lambda: engine._forward_of_model()(*args, **kwargs))
     if engine.current is None:  # inputs with no graph (Engine.prepare): the model's own forward
-        return engine._forward_of_model()(*args, **kwargs)
+        own = engine._saved["forward"]
+        return own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
     graph, entry, leading, head_tensors = engine.current
     head = kwargs.pop(HEAD_KWARG, ())
     if len(head) != head_tensors:
