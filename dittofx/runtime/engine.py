@@ -296,6 +296,10 @@ class Engine:
         # instance attributes we replace, as they were (None: not set on the instance)
         self._saved = {attr: model.__dict__.get(attr) for attr in ("forward", "cache_context")}
         self._hook = None
+        # an uncached call's branch (Engine.prepare), and whether that call returned (set by the
+        # forward): its request ends at the next call then; one that raised changes nothing
+        self.uncached_branch: str | None = None
+        self.uncached_returned = False
         # the model changed in a way its graphs cannot see (structure.py): why, until the next call captures again
         self.changed: str | None = None
         self.watched = False  # structure.watch has seen the model (a deep copy's engine: not yet)
@@ -880,6 +884,7 @@ class Engine:
     def pre_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
         """Pick this call's graph and gather its leading inputs; for a step split at its decision,
         run the head and return its tensors."""
+        self._end_request_after_uncached()
         self._capture_again_if_changed()
         if self.length_from_pipeline and self.pipeline_call is None:
             self._outside_its_pipeline()
@@ -894,11 +899,8 @@ class Engine:
         prepared = self.prepare(args, kwargs)
         if prepared is None:
             return self._blockwise_call(args, kwargs)
-        if prepared is UNCACHED:  # its branch's request ends here: the next cached call starts one
-            branch = self._branch()
-            if branch in self.states:
-                self.states[branch].reset()
-            self.host.pop(branch, None)
+        if prepared is UNCACHED:
+            self.uncached_branch, self.uncached_returned = self._branch(), False
             self.current, self.ran = None, True
             return None
         entry, sizes, device, leaves = prepared
@@ -1075,6 +1077,15 @@ class Engine:
         with torch.no_grad():
             return entry.head(*leading, *leaves)
 
+    def _end_request_after_uncached(self) -> None:
+        """The last call ran uncached and returned: its branch's request ends, so the next cached
+        call there starts a new one (never going on from the earlier steps' residuals)."""
+        branch, self.uncached_branch = self.uncached_branch, None
+        if branch is not None and self.uncached_returned:
+            if branch in self.states:
+                self.states[branch].reset()
+            self.host.pop(branch, None)
+
     @torch._dynamo.disable(reason="dittofx's pre-hook runs outside dynamo; a model optimized with cuda_graphs=True is called without torch.compile")
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.capturing:
@@ -1128,7 +1139,9 @@ def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return engine.blockwise.call(lambda: engine._forward_of_model()(*args, **kwargs))
     if engine.current is None:  # inputs with no graph (Engine.prepare): the model's own forward
         own = engine._saved["forward"]
-        return own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
+        out = own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
+        engine.uncached_returned = True
+        return out
     graph, entry, leading, head_tensors = engine.current
     head = kwargs.pop(HEAD_KWARG, ())
     if len(head) != head_tensors:
