@@ -306,9 +306,9 @@ def _refresh_component(module: torch.nn.Module, num_inference_steps: int | None)
         return
     if num_inference_steps == 0:
         reset(module)
+        engine.length_from_pipeline = True
     else:
-        refresh(module, num_inference_steps)
-    engine.length_from_pipeline = True
+        engine.refresh(_request_length(num_inference_steps), from_pipeline=True)
 
 
 _said_uncached: weakref.WeakSet = weakref.WeakSet()
@@ -377,11 +377,15 @@ def _warn_if_never_caches(cfg: CacheConfig) -> None:
 
 def refresh(model: torch.nn.Module | DiffusionPipeline, num_inference_steps: int | None = None) -> None:
     """Set the request length (None: detect new requests from the timestep) and reset state."""
+    steps = _request_length(num_inference_steps)
+    for _, module in _modules(model):
+        _engine(module).refresh(steps)
+
+
+def _request_length(num_inference_steps: Any) -> int | None:
     if num_inference_steps is not None and (as_count(num_inference_steps) or 0) < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps!r}: must be an int >= 1 or None")
-    num_inference_steps = as_count(num_inference_steps)
-    for _, module in _modules(model):
-        _engine(module).refresh(num_inference_steps)
+    return as_count(num_inference_steps)
 
 
 def reset(model: torch.nn.Module | DiffusionPipeline) -> None:

@@ -342,16 +342,17 @@ class Engine:
         del model._modules["_dittofx_states"]
         del model.__dict__["_dittofx"]
 
-    def refresh(self, num_steps: int | None) -> None:
-        """A new request length (None: unknown) and a new request (`dittofx.refresh`); all or
-        nothing (a preset mask that cannot be made for the length raises before anything changed)."""
+    def refresh(self, num_steps: int | None, from_pipeline: bool = False) -> None:
+        """A new request length (None: unknown) and a new request (`dittofx.refresh`; a pipeline's
+        call: `from_pipeline`); all or nothing (a preset mask that cannot be made for the length
+        raises before anything changed)."""
         previous, self.num_steps = self.num_steps, num_steps
         try:
             mask = self.mask()  # a preset mask is regenerated for the new length
         except ValueError:
             self.num_steps = previous
             raise
-        self.length_from_pipeline = False  # set by the pipeline's call where it set the length
+        self.length_from_pipeline = from_pipeline
         self.start_request()
         for state in self.states.values():
             state.reset(num_steps=num_steps or 0)
@@ -368,19 +369,12 @@ class Engine:
         try:
             self.refresh(None)
         except ValueError as err:  # a preset mask needs the length
-            raise ValueError(
-                f"{type(self.model).__name__} is called outside the pipeline that dittofx.optimize was given, whose calls "
-                f"set its request length (a pipeline made with from_pipe shares this transformer): dittofx.optimize that "
-                f"pipeline too, or dittofx.refresh(transformer, num_inference_steps=T) before each request. {err}"
-            ) from None
+            raise ValueError(f"{type(self.model).__name__} {OUTSIDE_ITS_PIPELINE}. {err}") from None
         self._warn_once(
             "outside its pipeline",
-            "dittofx: %s is called outside the pipeline that dittofx.optimize was given (e.g. by a pipeline made with "
-            "from_pipe, which shares it): the request length that pipeline's calls set does not hold here, so new requests "
-            "are told by the timestep (steps past warmup decide on the device). dittofx.optimize that pipeline too, or "
-            "dittofx.refresh(transformer, num_inference_steps=T) before each request, keeps the length known.",
-            type(self.model).__name__,
-        )  # fmt: skip
+            "dittofx: %s %s; here new requests are told by the timestep (steps past warmup decide on the device).",
+            type(self.model).__name__, OUTSIDE_ITS_PIPELINE,
+        )
 
     def start_request(self) -> None:
         """Forget the host's view of the request (its step counts, the latest call per branch) and
@@ -1102,6 +1096,11 @@ class Engine:
 
 
 HEAD_KWARG = "_dittofx_head"
+OUTSIDE_ITS_PIPELINE = (
+    "is called outside the pipeline that dittofx.optimize was given, whose calls set its request length (a pipeline "
+    "made with from_pipe shares this transformer): dittofx.optimize that pipeline too, or "
+    "dittofx.refresh(transformer, num_inference_steps=T) before each request, keeps the length known"
+)
 UNCACHED = "uncached"  # Engine.prepare: these inputs run as the model's own forward
 SWITCHED = "adapters (peft) or attention processors switched"  # Engine._stale: graphs kept for a switch back
 SHELF_SIZE = 8  # switches whose graphs are kept
