@@ -332,7 +332,7 @@ def test_a_failed_export_passes_on_what_it_printed_but_its_partial_graph(monkeyp
 
     monkeypatch.setattr(torch.export, "export", failing_export)
     with pytest.raises(RuntimeError, match="data-dependent"):
-        _export(torch.nn.Linear(2, 2), (torch.randn(1, 2),), {}, dynamic=False)
+        _export(torch.nn.Linear(2, 2), (torch.randn(1, 2),), {}, shapes=None)
     err = capsys.readouterr().err
     assert "the forward's own notice" in err and "def forward" not in err
 

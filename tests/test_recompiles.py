@@ -84,6 +84,44 @@ def test_pixart_two_captures_serve_four_resolutions():
     assert frames == [2, 2, 4, 4, 4], frames
 
 
+
+def qwen_request(side: int, steps: int) -> list[dict]:
+    """Qwen-Image takes its latent's size as Python ints (`img_shapes`) beside the tokens."""
+    z = zoo.get("qwenimage")
+    out = [z.inputs(s, 1 - s / steps) for s in range(steps)]
+    for s, kw in enumerate(out):
+        kw["hidden_states"] = zoo._latent(4, 1, side * side, 16, step=s)
+        kw["img_shapes"] = [(1, side, side)]
+    return out
+
+
+def test_sizes_given_as_ints_stay_symbolic():
+    """Qwen-Image's `img_shapes` are captured as symbolic ints, like the tokens' dims: one capture
+    serves four resolutions, and dynamo recompiles each variant once, at the second."""
+    z = zoo.get("qwenimage")
+    cfg = {"residual_diff_threshold": 0.4, "max_warmup_steps": 1, "num_inference_steps": 4}
+    torch._dynamo.reset()
+    model = dittofx.optimize(z.build(), cfg)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    frames, schedules = [], []
+    for side in (4, 4, 8, 6, 10):
+        steps = qwen_request(side, 4)
+        got, got_cached = run(compiled, steps)
+        want, want_cached = run(dittofx.optimize(z.build(), cfg), steps)  # a fresh model: its own capture
+        assert got_cached == want_cached
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():  # the first step computes: the uncached model's output
+            torch.testing.assert_close(got[0], z.build()(**steps[0])[0], rtol=1e-5, atol=1e-6)
+        frames.append(counter.frame_count)
+        schedules.append(got_cached)
+    assert any(0 < len(c) < 3 for c in schedules), schedules  # the threshold both caches and computes
+    # one capture, with img_shapes' frames, height and width (leaves 4, 5, 6) symbolic
+    assert [{i: d for i, d in e.captured.dynamic_dims.items() if i >= 4} for e in model._dittofx.entries] == [{4: (), 5: (), 6: ()}]
+    assert frames == [2, 2, 4, 4, 4], frames
+
+
 def test_two_optimized_models_keep_their_compiled_code_apart():
     """Each optimized model's forward has a code object of its own, so dynamo files each model's
     compiled entries (and counts its recompiles) apart from every other optimized model in the

@@ -328,13 +328,17 @@ def test_switching_adapters_back_takes_the_graphs_of_that_switch_back(monkeypatc
 
 
 def test_sizes_given_as_numbers_are_said_to_make_a_graph_per_resolution(caplog):
-    """Qwen-Image takes its image grid as Python ints (`img_shapes`): each resolution is a capture
-    of its own (and under torch.compile a compile: dynamo's limit runs out after ~30), said once."""
-    z = zoo.get("qwenimage")
+    """NucleusMoE-Image takes its image grid as Python ints (`img_shapes`) and keys an lru_cache on
+    them, so they cannot stay symbolic (Qwen-Image's do: test_recompiles): each resolution is a
+    capture of its own (and under torch.compile a compile: dynamo's limit runs out after ~30),
+    said once."""
+    z = zoo.get("nucleusmoe_image")
     model, plain = dittofx.optimize(z.build(), CFG), z.build()
     with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
-        for side in (4, 6):
+        for side in (4, 6, 8):
             kwargs = dict(z.inputs(0, 1.0), img_shapes=[(1, side, side)])
             kwargs["hidden_states"] = torch.randn(1, side * side, kwargs["hidden_states"].shape[-1])
             assert torch.equal(model(**kwargs, return_dict=False)[0], plain(**kwargs, return_dict=False)[0])
-    assert caplog.text.count("a Python-number input of QwenImageTransformer2DModel changed value (4 -> 6, 4 -> 6)") == 1
+    assert len(model._dittofx.entries) == 3
+    assert caplog.text.count("a Python-number input of NucleusMoEImageTransformer2DModel changed value (4 -> 6, 4 -> 6)") == 1
+    assert caplog.text.count("a Python-number input") == 1

@@ -36,7 +36,7 @@ class CapturedGraph:
     constants: list[torch.Tensor]
     num_user_inputs: int
     out_spec: pytree.TreeSpec
-    dynamic_dims: dict[int, tuple[int, ...]]  # user-input index -> dims kept symbolic
+    dynamic_dims: dict[int, tuple[int, ...]]  # user-input index -> dims kept symbolic (an int input: ())
 
     def weight_placeholders(self) -> list[fx.Node]:
         """The placeholders fed from the model (parameters, buffers, lifted constants)."""
@@ -55,32 +55,35 @@ def resolve_state(model: torch.nn.Module, fqn: str) -> tuple[torch.nn.Module, st
     return owner, name, name in owner._parameters
 
 
-# One key per graph: what the capture specialized on (structure, dtypes, ranks, devices, the
-# values of non-tensor inputs and the sizes of dims that could not stay symbolic).
+# One key per graph: what the capture specialized on (structure, dtypes, devices, the values of
+# non-tensor inputs and the sizes of dims that could not stay symbolic).
 InputKey = tuple
 
 
-def _leaf_key(leaf: Any, dynamic: tuple[int, ...] | None) -> Any:
+def _leaf_key(leaf: Any, symbolic: tuple[int, ...] | None) -> Any:
+    """`symbolic`: the dims of a tensor that a capture kept symbolic (`()` for an int input kept
+    symbolic: its value), None where it kept none."""
     if isinstance(leaf, torch.Tensor):
-        dims = tuple(-1 if dynamic is not None and d in dynamic else s for d, s in enumerate(leaf.shape))
-        return ("T", leaf.dtype, leaf.device.type, dims if dynamic is not None else leaf.dim())
-    return ("V", type(leaf).__name__, leaf)
+        dims = tuple(-1 if symbolic and d in symbolic else s for d, s in enumerate(leaf.shape))
+        return ("T", leaf.dtype, leaf.device.type, dims)
+    return ("V", type(leaf).__name__, leaf if symbolic is None else -1)
 
 
-def input_key(args: tuple, kwargs: dict, dynamic_dims: dict[int, tuple[int, ...]] | None = None) -> InputKey:
-    """Structure key (dtypes, ranks, None-ness, non-tensor values). With `dynamic_dims` (known after
-    a capture) static dims are included too, so a graph is reused only where it is valid."""
+def input_key(args: tuple, kwargs: dict, dynamic_dims: dict[int, tuple[int, ...]]) -> InputKey:
+    """The key of these inputs for a capture that kept `dynamic_dims` symbolic (`{}`: every size
+    and number concrete), so a graph is reused only where it is valid."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    if dynamic_dims is None:
-        return (spec, tuple(_leaf_key(x, None) for x in leaves))
-    return (spec, tuple(_leaf_key(x, dynamic_dims.get(i, ())) for i, x in enumerate(leaves)))
+    return (spec, tuple(_leaf_key(x, dynamic_dims.get(i)) for i, x in enumerate(leaves)))
 
 
-def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
+def _dynamic_shapes(args: tuple, kwargs: dict, ints: bool) -> tuple:
+    """Every tensor dim, and with `ints` every int input (sizes passed as numbers: Qwen-Image's
+    `img_shapes`, LTX's `height`), symbolic where the forward allows it (export specializes the rest)."""
+
     def spec(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             return {d: Dim.AUTO for d in range(x.dim())}
-        return None
+        return Dim.AUTO if ints and type(x) is int else None
 
     # export wants one spec per positional argument, then one per keyword argument, in order
     return tuple(pytree.tree_map(spec, a) for a in (*args, *kwargs.values()))
@@ -102,8 +105,7 @@ def _quiet(names: tuple[str, ...] = ("torch._export", "torch.fx.experimental.sym
             logger.setLevel(level)
 
 
-def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.export.ExportedProgram:
-    shapes = _dynamic_shapes(args, kwargs) if dynamic else None
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, shapes: tuple | None) -> torch.export.ExportedProgram:
     # a failed export prints its partial graph to stderr (hundreds of lines; the engine says once
     # why the forward cannot be captured): what else an export prints (the forward's own warnings)
     # is passed on
@@ -121,15 +123,21 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = True) -> CapturedGraph:
-    """Export `model(*args, **kwargs)`; dims are kept symbolic where the model allows it."""
-    try:
-        ep = _export(model, args, kwargs, dynamic)
-    except Exception:
-        if not dynamic:
-            raise
-        # a failed dynamic export leaves its dim markings on the input tensors: retry on aliases
-        fresh = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
-        ep = _export(model, pytree.tree_map(fresh, args), pytree.tree_map(fresh, kwargs), dynamic=False)
+    """Export `model(*args, **kwargs)`; sizes (tensor dims, int inputs) are kept symbolic where the
+    model allows it."""
+    # An int input may meet Python that takes no SymInt (an lru_cache keyed on it: NucleusMoE's
+    # rope), a tensor dim a size-dependent branch: each failure keeps fewer sizes symbolic.
+    has_ints = any(type(x) is int for x in pytree.tree_leaves((args, kwargs)))
+    for ints in ((True, False) if has_ints else (False,)) if dynamic else ():
+        try:
+            ep = _export(model, args, kwargs, _dynamic_shapes(args, kwargs, ints))
+            break
+        except Exception:
+            # a failed dynamic export leaves its dim markings on the input tensors: retry on aliases
+            fresh = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
+            args, kwargs = pytree.tree_map(fresh, args), pytree.tree_map(fresh, kwargs)
+    else:
+        ep = _export(model, args, kwargs, None)
     sig = ep.graph_signature
     if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
         raise NotImplementedError("the forward mutates buffers or inputs; dittofx cannot cache it")
@@ -154,6 +162,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = T
             dims = tuple(d for d, s in enumerate(val.shape) if not isinstance(s, int))
             if dims:
                 dynamic_dims[i] = dims
+        elif isinstance(val, torch.SymInt):
+            dynamic_dims[i] = ()
     _strip_asserts(gm)
     _drop_noop_conversions(gm)
     gm.graph.lint()

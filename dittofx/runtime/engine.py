@@ -114,13 +114,17 @@ def _state_shapes(entry: Entry, leaves: list) -> tuple:
 
 
 def _symbol_bindings(entry: Entry, leaves: list) -> dict:
+    """Each symbol of the capture -> its value in these inputs (tensor dims, int inputs)."""
     bindings = {}
     for node, leaf in zip(entry.captured.user_placeholders(), leaves):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and isinstance(leaf, torch.Tensor):
-            for d, s in enumerate(val.shape):
-                if not isinstance(s, int) and s.node.expr.is_Symbol:
-                    bindings[s.node.expr] = leaf.shape[d]
+            pairs = zip(val.shape, leaf.shape)
+        else:
+            pairs = [(val, leaf)] if isinstance(val, torch.SymInt) else []
+        for symbolic, concrete in pairs:
+            if not isinstance(symbolic, int) and symbolic.node.expr.is_Symbol:
+                bindings[symbolic.node.expr] = concrete
     return bindings
 
 
@@ -441,8 +445,8 @@ class Engine:
 
     def _warn_if_numbers_change(self, sizes: tuple) -> None:
         """A capture specializes on the values of Python-number inputs: one whose value changes at
-        every call (a timestep passed as a float) is a capture per call; sizes passed as numbers
-        (Qwen-Image's `img_shapes`) are a capture per resolution."""
+        every call (a timestep passed as a float) is a capture per call; sizes passed as ints that
+        cannot stay symbolic (NucleusMoE keys an lru_cache on its `img_shapes`) a capture per resolution."""
         context, (spec, leaves) = sizes
         for entry in self.entries:
             for other_context, (other_spec, other) in entry.state_shapes:
@@ -457,7 +461,8 @@ class Engine:
                         "dittofx: a Python-number input of %s changed value (%s): each value is captured as its own graph "
                         "(seconds per capture on a large model; under torch.compile each is compiled too, and dynamo's "
                         "recompile limit, 64, runs out after about 30 of them). Pass numbers that change per step, such as "
-                        "the timestep, as tensors; sizes given as numbers make a graph per resolution.",
+                        "the timestep, as tensors; sizes given as ints that the forward cannot take symbolically make a graph per "
+                        "resolution.",
                         type(self.model).__name__, ", ".join(f"{a!r} -> {b!r}" for a, b in numbers),
                     )  # fmt: skip
                     return
