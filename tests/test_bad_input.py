@@ -229,3 +229,27 @@ def test_a_model_without_a_module_list_is_refused_at_optimize():
     with pytest.raises(ValueError, match=r"no transformer block chain found in NoBlocks: it has no nn.ModuleList"):
         dittofx.optimize(model, {})
     assert_untouched(model, before)
+
+
+def test_a_first_call_the_model_itself_refuses_leaves_it_optimized(caplog):
+    """A first call with inputs the model's own forward raises on (a text width the model was not
+    built for) raises the model's error, as the plain model does, without export's traceback of the
+    op that failed on fake tensors; the model stays optimized (it was detached: every later call ran
+    uncached, silently), and the next request, with good inputs, caches as a fresh model does."""
+    z = zoo.get("flux")
+    cfg = {"residual_diff_threshold": 0.3, "max_warmup_steps": 1, "num_inference_steps": 4}
+    plain, model, fresh = z.build(), dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg)
+    bad = z.inputs(0, 1.0)
+    bad["encoder_hidden_states"] = bad["encoder_hidden_states"][..., :8]
+    with torch.no_grad(), pytest.raises(RuntimeError) as want:
+        plain(**bad)
+    with torch.no_grad(), pytest.raises(RuntimeError) as got, caplog.at_level(logging.WARNING):
+        model(**bad)
+    assert type(got.value) is type(want.value) and str(got.value) == str(want.value)
+    assert not [r.name for r in caplog.records if r.levelno >= logging.ERROR]
+    steps = [z.inputs(s, 1 - s / 4) for s in range(4)]
+    with torch.no_grad():
+        got_out, want_out = [model(**kw)[0] for kw in steps], [fresh(**kw)[0] for kw in steps]
+    got_cached, want_cached = (dittofx.summary(m, log_table=False)[0].cached_steps for m in (model, fresh))
+    assert got_cached == want_cached and 0 < len(want_cached) < 3, (got_cached, want_cached)
+    assert all(torch.equal(g, w) for g, w in zip(got_out, want_out))

@@ -89,19 +89,24 @@ def _dynamic_shapes(args: tuple, kwargs: dict, ints: bool) -> tuple:
     return tuple(pytree.tree_map(spec, a) for a in (*args, *kwargs.values()))
 
 
+# export warns for every dim it specializes (batch 1, fixed channels); a failed export dumps its
+# graph ("Unable to find user code") and logs the traceback of the op that failed on fake tensors
+# (an error that the export raises anyway): expected, not news (a failure is said once, by the
+# engine, with its reason)
+QUIET_LOGGERS = {"torch._export": logging.ERROR, "torch.fx.experimental.symbolic_shapes": logging.ERROR,
+                 "torch._subclasses.fake_tensor": logging.CRITICAL}  # fmt: skip
+
+
 @contextlib.contextmanager
-def _quiet(names: tuple[str, ...] = ("torch._export", "torch.fx.experimental.symbolic_shapes")):
-    """export warns for every dim it specializes (batch 1, fixed channels), and a failed export
-    dumps its graph ("Unable to find user code"): expected, not news (a failure is said once, by
-    the engine, with its reason)."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+def _quiet():
+    loggers = {logging.getLogger(name): level for name, level in QUIET_LOGGERS.items()}
+    saved = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(level)
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in saved.items():
             logger.setLevel(level)
 
 

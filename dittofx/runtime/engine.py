@@ -291,7 +291,8 @@ class Engine:
         self.length_from_pipeline = False  # num_steps was set by a pipeline's call (not the config or dittofx.refresh)
         self._warned: set[str] = set()  # the warnings said once per model
         self._first_timesteps: dict[str, _TimestepWatch] = {}  # per branch, request length unknown: see _watch_timesteps
-        self.ran = False  # a call got through the pre-hook (till then a failure detaches)
+        self.ran = False  # a call got through the pre-hook (till then a failure of ours detaches)
+        self.forward_error: BaseException | None = None  # the model's own forward raised it on a call's inputs
         self.capturing = False
         self.path = "torch.export graph"
         self.blockwise: Blockwise | None = None  # set when the forward cannot be captured
@@ -503,15 +504,22 @@ class Engine:
             return model(*args, **kwargs)
 
     def _capture(self, args: tuple, kwargs: dict, dynamic: bool) -> CapturedGraph:
+        self.forward_error = None
         with self._as_original() as model:
             try:
-                try:
-                    return capture(model, args, kwargs, dynamic)
-                except Exception:
-                    # some models build tables lazily on their first eager call (e.g. rope caches)
-                    with torch.no_grad():
-                        model(*args, **kwargs)
-                    return capture(model, args, kwargs, dynamic)
+                return capture(model, args, kwargs, dynamic)
+            except Exception:
+                pass
+            # some models build tables lazily on their first eager call (e.g. rope caches); an error
+            # of that call is the model's own on these inputs (a wrong shape), raised as it is
+            try:
+                with torch.no_grad():
+                    model(*args, **kwargs)
+            except Exception as own:
+                self.forward_error = own
+                raise
+            try:
+                return capture(model, args, kwargs, dynamic)
             except Exception as err:
                 raise CaptureError(
                     f"{type(model).__name__}.forward cannot be captured as one graph with torch.export "
@@ -1091,8 +1099,11 @@ class Engine:
             return None
         try:
             head = self.pre_call(args, kwargs)
-        except Exception:
-            if not self.ran:  # the first call failed: leave the model exactly as it was
+        except Exception as err:
+            # a first call that failed leaves the model as it was, unless the model's own forward
+            # raised on its inputs (then the next call, with good inputs, captures)
+            own, self.forward_error = err is self.forward_error, None  # not kept: its traceback holds tensors
+            if not self.ran and not own:
                 self.detach()
             raise
         # the split head's tensors reach the forward as an input of the call, not through the
