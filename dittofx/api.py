@@ -365,10 +365,16 @@ def _warn_if_never_caches(cfg: CacheConfig) -> None:
         if cfg.residual_diff_threshold == 0:
             log.warning("dittofx: this config can never prune a block: residual_diff_threshold=0 (no diff is ever < 0)")
         return
-    if cfg.residual_diff_threshold == 0:
-        reasons.append("residual_diff_threshold=0 (no diff is ever < 0)")
-    if cfg.max_cached_steps == 0 or cfg.max_continuous_cached_steps == 0:
-        reasons.append("max_cached_steps or max_continuous_cached_steps is 0")
+    if not (cfg.has_mask and cfg.steps_computation_policy == "static"):  # a static mask's 0s cache whatever
+        if cfg.residual_diff_threshold == 0:  # the diff-based gates say (SPEC §3: gate 3 decides first)
+            reasons.append("residual_diff_threshold=0 (no diff is ever < 0)")
+        if cfg.max_cached_steps == 0 or cfg.max_continuous_cached_steps == 0:
+            reasons.append("max_cached_steps or max_continuous_cached_steps is 0")
+        if cfg.max_accumulated_residual_diff_threshold == 0:
+            reasons.append("max_accumulated_residual_diff_threshold=0 (only a diff of exactly 0 fits; None turns that gate off)")
+    mask, steps = cfg.steps_computation_mask, cfg.num_inference_steps
+    if mask is not None and steps is not None and len(mask) >= steps and all(mask[:steps]):
+        reasons.append(f"steps_computation_mask has no 0 in its first num_inference_steps={steps} steps")
     if cfg.num_inference_steps is not None and cfg.max_warmup_steps >= cfg.num_inference_steps and cfg.warmup_interval == 1:
         reasons.append(f"max_warmup_steps={cfg.max_warmup_steps} >= num_inference_steps={cfg.num_inference_steps}")
     if reasons:

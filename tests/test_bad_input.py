@@ -188,6 +188,8 @@ def test_already_optimized_and_refresh_errors(pixart):
         ({"max_warmup_steps": 8, "num_inference_steps": 8}, "can never cache a step: max_warmup_steps=8 >= num_inference_steps=8"),
         ({"method": "teacache", "coefficients": [1.0, 0.0], "num_inference_steps": 2}, "can never cache a step: num_inference_steps=2"),
         ({"method": "dbprune", "residual_diff_threshold": 0.0}, "can never prune a block: residual_diff_threshold=0"),
+        ({"max_accumulated_residual_diff_threshold": 0.0}, "can never cache a step: max_accumulated_residual_diff_threshold=0"),
+        ({"steps_computation_mask": [1, 1, 1, 1], "num_inference_steps": 4}, "can never cache a step: steps_computation_mask has no 0"),
     ],
 )
 def test_a_config_that_can_never_cache_warns(pixart, cfg, words, caplog):
@@ -196,10 +198,30 @@ def test_a_config_that_can_never_cache_warns(pixart, cfg, words, caplog):
     assert [r.getMessage() for r in caplog.records if words in r.getMessage()], caplog.text
 
 
-def test_a_config_that_can_cache_does_not_warn(pixart, caplog):
+STATIC_FAST = {"scm_steps_mask_policy": "fast", "scm_steps_policy": "static", "max_warmup_steps": 2, "num_inference_steps": 10}
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "num_inference_steps": 8},
+        # a static mask's 0s cache with no diff measured: the diff-based gates do not stop them
+        dict(STATIC_FAST, residual_diff_threshold=0.0),
+        dict(STATIC_FAST, max_cached_steps=0),
+        dict(STATIC_FAST, max_accumulated_residual_diff_threshold=0.0),
+        # steps past a mask's end count as 0
+        {"steps_computation_mask": [1, 1, 1], "num_inference_steps": 4, "max_warmup_steps": 1, "residual_diff_threshold": 1.0},
+    ],
+)
+def test_a_config_that_can_cache_does_not_warn(pixart, cfg, caplog):
     with caplog.at_level(logging.WARNING, logger="dittofx"):
-        dittofx.optimize(pixart.build(), {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "num_inference_steps": 8})
+        model = dittofx.optimize(pixart.build(), cfg)
     assert "never" not in caplog.text
+    steps = cfg["num_inference_steps"]
+    with torch.no_grad():
+        for s in range(steps):
+            model(**pixart.inputs(s, 1 - s / steps))
+    assert dittofx.summary(model, log_table=False)[0].cached_steps  # it does cache
 
 
 def test_numpy_scalars_are_taken_as_the_python_numbers_they_hold():
