@@ -1,4 +1,5 @@
-"""Differential test: dittofx DBCache against cache-dit's own DBCache (two independent implementations).
+"""Differential test: dittofx DBCache against cache-dit's own DBCache (two independent implementations),
+with TaylorSeer and steps computation masks.
 
 Two fresh instances of the same tiny zoo model get the same DBCache config, one through
 `cache_dit.enable_cache(BlockAdapter(...))`, one through `dittofx.optimize(...)`. Both run the same
@@ -15,6 +16,13 @@ Where SPEC §3 and cache-dit 1.5.3 meet (paths under .venv/lib/python3.11/site-p
   drift semantics of SPEC; mean/mean == sum/sum for equal element counts.
 * `max_cached_steps` / `max_continuous_cached_steps`: `len(cached) >= max` / `run >= max` -> compute,
   with the run reset in `mark_step_begin` when the previous step was not cached; SPEC gates 4/5.
+* TaylorSeer (`calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=k)`): the same Taylor
+  update on compute steps and forecast on cached steps, of the middle's output (SPEC §4), once
+  cache-dit's `TaylorSeerState.derivative` forms D(i+1) wherever D(i)_old exists, as SPEC §4 says:
+  cache-dit 1.5.3 forms one only when its state's `current_step > 1` (calibrators/taylorseer.py), and
+  a state made lazily at step 0 counts one step behind, so its first forecasts extrapolate with D0
+  alone. That one condition is patched out on the cache-dit side (`_taylorseer_as_spec`).
+* steps computation mask (`steps_computation_mask`, policy "dynamic" / "static"): SPEC gate 3.
 * CFG, `enable_separate_cfg=True`, `cfg_compute_first=False`: even transformer calls are the non-CFG
   branch, odd calls the CFG branch, each with its own counters/buffers (`is_separate_cfg_step`);
   dittofx: call parity, branches "cond" / "uncond".
@@ -25,6 +33,10 @@ Deliberate differences, kept out of the configs below:
   (compute steps too) to a sum that is never reset, and `can_cache` compares that sum *before* the
   current diff with `>=`; SPEC gate 6 sums the cached steps' diffs since the last compute plus the
   current diff, with `>`. Not comparable; not set here.
+* steps mask and warmup: cache-dit shortens the warmup to the mask's leading 1s (`warmup_steps` is
+  `min(max_warmup_steps, leading ones)`, cache_context.py), so a mask 0 inside `max_warmup_steps`
+  may cache there; SPEC gate 1 computes every warmup step. The masks here start with as many 1s as
+  `max_warmup_steps`.
 * `residual_diff_threshold >= 1.0`: cache-dit's `similarity()` caches unconditionally without
   measuring (`if threshold >= 1.0: ... return True`); SPEC compares the diff. Thresholds here are < 1.
 * `cfg_diff_compute_separate=False`: dittofx follows SPEC §3 (the second branch of a step reuses the first
@@ -51,7 +63,8 @@ from dataclasses import dataclass
 import cache_dit  # a declared test dependency (pinned 1.5.3): no importorskip, a missing one fails
 import pytest
 import torch
-from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
+from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig
+from cache_dit.caching.cache_contexts.calibrators.taylorseer import TaylorSeerState
 from torch.utils._pytree import tree_leaves
 
 import dittofx
@@ -67,6 +80,7 @@ class Case:
     config: dict  # DBCache fields given to both, threshold added from the model's own diffs
     requests: int = 1
     cfg: bool = False  # two calls per step (cond, uncond) with enable_separate_cfg=True
+    taylorseer_order: int = 0  # 0: no TaylorSeer
 
 
 CASES = [
@@ -85,7 +99,52 @@ CASES = [
     # Sana (Pattern_3), Bn=0: the middle runs to the end of the chain.
     Case("sana", ForwardPattern.Pattern_3,
          dict(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=2, max_continuous_cached_steps=2)),
+    # TaylorSeer order 2 over two requests (its history starts again), max_cached_steps.
+    Case("pixart", ForwardPattern.Pattern_3,
+         dict(Fn_compute_blocks=1, Bn_compute_blocks=1, max_warmup_steps=2, max_cached_steps=5),
+         requests=2, taylorseer_order=2),
+    # TaylorSeer on a dual stream (the text stream is forecast too), Fn=2.
+    Case("cogvideox", ForwardPattern.Pattern_0,
+         dict(Fn_compute_blocks=2, Bn_compute_blocks=1, max_warmup_steps=2), taylorseer_order=1),
+    # TaylorSeer with separate CFG branches (a history each).
+    Case("wan", ForwardPattern.Pattern_2,
+         dict(Fn_compute_blocks=1, Bn_compute_blocks=1, max_warmup_steps=2, max_continuous_cached_steps=2),
+         cfg=True, taylorseer_order=2),
+    # a dynamic mask (its 1s compute, its 0s go to the diff), and a static one with TaylorSeer.
+    Case("pixart", ForwardPattern.Pattern_3,
+         dict(Fn_compute_blocks=1, Bn_compute_blocks=1, max_warmup_steps=2,
+              steps_computation_mask=[1, 1, 0, 0, 1, 0, 0, 1, 0, 1])),
+    Case("pixart", ForwardPattern.Pattern_3,
+         dict(Fn_compute_blocks=1, Bn_compute_blocks=1, max_warmup_steps=2,
+              steps_computation_mask=[1, 1, 0, 0, 1, 0, 0, 1, 0, 1], steps_computation_policy="static"),
+         taylorseer_order=2),
 ]  # fmt: skip
+
+
+def _case_id(case: Case) -> str:
+    extras = [f"taylor{case.taylorseer_order}"] * bool(case.taylorseer_order)
+    extras += [f"mask-{case.config.get('steps_computation_policy', 'dynamic')}"] * ("steps_computation_mask" in case.config)
+    return "-".join([case.name, *extras])
+
+
+@pytest.fixture(autouse=True)
+def _taylorseer_as_spec(monkeypatch):
+    """cache-dit's TaylorSeer with SPEC §4's derivative rule (see the module doc string): D(i+1)
+    wherever D(i)_old exists; its code otherwise (a shape change resets, the window is the number
+    of steps since the last compute)."""
+
+    def derivative(self, Y):
+        dY = [Y] + [None] * (self.order - 1)
+        window = self.current_step - self.last_non_approximated_step
+        if self.state["dY_prev"][0] is not None and Y.shape != self.state["dY_prev"][0].shape:
+            self.reset()
+        for i in range(self.n_derivatives):
+            if self.state["dY_prev"][i] is None:
+                break
+            dY[i + 1] = (dY[i] - self.state["dY_prev"][i]) / window
+        return dY
+
+    monkeypatch.setattr(TaylorSeerState, "derivative", derivative)
 
 
 def _calls(z, case: Case):
@@ -134,7 +193,8 @@ def _run_cachedit(z, case: Case, threshold: float):
         forward_pattern=case.pattern,
         check_forward_pattern=False,
     )
-    cache_dit.enable_cache(adapter, cache_config=config)
+    calibrator = TaylorSeerCalibratorConfig(taylorseer_order=case.taylorseer_order) if case.taylorseer_order else None
+    cache_dit.enable_cache(adapter, cache_config=config, calibrator_config=calibrator)
     outputs, stats = [], []
     with torch.no_grad():
         for request, step, branch, kw in _calls(z, case):
@@ -152,6 +212,8 @@ def _run_dittofx(z, case: Case, threshold: float):
     config = dict(case.config, residual_diff_threshold=threshold, num_inference_steps=STEPS)
     if case.cfg:
         config["enable_separate_cfg"] = True
+    if case.taylorseer_order:
+        config.update(enable_taylorseer=True, taylorseer_order=case.taylorseer_order)
     dittofx.optimize(model, config)
     outputs, stats = [], []
     with torch.no_grad():
@@ -168,7 +230,8 @@ def _threshold(z, case: Case) -> float:
     so that some steps cache and some compute: between the two diffs around the median; with CFG,
     between the two branches' diffs at the first eligible step (same history there), so that the
     branches' decisions part."""
-    probe = Case(case.name, case.pattern, dict(case.config, max_cached_steps=-1, max_continuous_cached_steps=-1),
+    unlimited = {k: v for k, v in case.config.items() if not k.startswith("steps_computation")}
+    probe = Case(case.name, case.pattern, dict(unlimited, max_cached_steps=-1, max_continuous_cached_steps=-1),
                  cfg=case.cfg)  # fmt: skip
     _, (stats,) = _run_cachedit(z, probe, threshold=0.999)  # < 1: cache-dit still measures the diff
     if case.cfg:
@@ -179,7 +242,7 @@ def _threshold(z, case: Case) -> float:
     return (diffs[len(diffs) // 2 - 1] + diffs[len(diffs) // 2]) / 2
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_dittofx_matches_cachedit(case: Case):
     z = zoo.get(case.name)
     threshold = _threshold(z, case)
@@ -199,7 +262,7 @@ def test_dittofx_matches_cachedit(case: Case):
             # the config is meaningful: some steps cache, some compute after warmup
             assert 0 < len(want_cached) < STEPS - 1, (where, want_cached)
             # no measured diff so close to the threshold that fp32 rounding could flip a decision
-            margin = min(abs(d - threshold) for d in want_diffs.values()) / threshold
+            margin = min((abs(d - threshold) for d in want_diffs.values()), default=threshold) / threshold  # a static mask measures none
             assert margin > 1e-4, (where, "ambiguous threshold", threshold, want_diffs)
             assert got_cached == want_cached, (where, "cached steps", got_cached, want_cached, got_diffs, want_diffs)
             # every diff cache-dit measured, dittofx measured too, with the same value
