@@ -6,11 +6,13 @@
 
 from . import kernels  # registers the torch.ops.dittofx custom ops
 from . import teacache
+from .aot import aoti_configs
 from .api import CacheStats, disable, explain, export, optimize, refresh, reset, summary
 from .masks import steps_mask
 from .config import CacheConfig, DBCacheConfig, DBPruneConfig, TeaCacheConfig
 
 __all__ = [
+    "aoti_configs",
     "CacheConfig",
     "CacheStats",
     "DBCacheConfig",

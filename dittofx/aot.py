@@ -15,6 +15,7 @@ graph (rather than a switch inside the kernels) leaves the eager and compiled pa
 
 from __future__ import annotations
 
+import io
 import os
 
 import torch
@@ -26,10 +27,13 @@ from .passes.partition import UnpairedOutputError
 from .runtime.engine import CaptureError, Engine, Entry
 from .runtime.state import CacheState
 
-__all__ = ["export_program"]
+__all__ = ["aoti_configs", "export_program"]
+
 
 def aoti_configs() -> dict:
-    """Inductor settings for the package.
+    """Inductor settings a package of an exported program needs (`dittofx.export` compiles with
+    them; pass them to `torch._inductor.aoti_compile_and_package(ep, inductor_configs=...)` to
+    compile an exported program yourself).
     - Uniform-value constant folding turns a small buffer (a 0-d counter) into its value at compile
       time even when the program mutates it, so a package would restart every counter on every call
       (pytorch/pytorch#165444, fixed upstream by #185077, not in torch 2.13): off.
@@ -94,9 +98,17 @@ def _torch_kernels(ep: torch.export.ExportedProgram) -> None:
 
 
 def export_program(
-    engine: Engine, example_inputs: tuple[tuple, dict], path: str | os.PathLike | None = None
+    engine: Engine, example_inputs: tuple[tuple, dict], path: str | os.PathLike | io.IOBase | None = None,
+    inductor_configs: dict | None = None,
 ) -> torch.export.ExportedProgram:
     """See `dittofx.export`."""
+    cfg = engine.cfg
+    if cfg.enable_separate_cfg and not cfg.cfg_diff_compute_separate:
+        raise ValueError(
+            "cfg_diff_compute_separate=False: a program holds one CFG branch's state and decides its steps itself, so "
+            "the second branch cannot reuse the first's decisions; export supports cfg_diff_compute_separate=True "
+            "(each branch decides on its own diff, one program per branch)"
+        )
     if engine.num_steps is None:
         raise ValueError(
             "num_inference_steps=None: an exported program detects a new request by counting steps; "
@@ -121,5 +133,7 @@ def export_program(
     ep = ep.run_decompositions()
     if path is not None:
         # compiled before anyone runs `ep.module()`, which shares (and advances) the state buffers
-        torch._inductor.aoti_compile_and_package(ep, package_path=os.fspath(path), inductor_configs=aoti_configs())
+        package = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+        configs = {**(inductor_configs or {}), **aoti_configs()}
+        torch._inductor.aoti_compile_and_package(ep, package_path=package, inductor_configs=configs)
     return ep

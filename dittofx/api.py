@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 import logging
 import math
 import os
@@ -205,7 +206,11 @@ def _check_example_inputs(example_inputs: Any) -> None:
         isinstance(example_inputs, tuple) and len(example_inputs) == 2
         and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], dict)
     ):  # fmt: skip
-        raise TypeError(f"example_inputs={type(example_inputs).__name__}: must be a tuple (args: tuple, kwargs: dict)")
+        if isinstance(example_inputs, tuple):  # name its parts' types (tensors' reprs are long)
+            got = f"({', '.join(type(x).__name__ for x in example_inputs)})"
+        else:
+            got = type(example_inputs).__name__
+        raise TypeError(f"example_inputs={got}: must be a tuple (args: tuple, kwargs: dict), e.g. ((), {{'hidden_states': x, ...}})")
 
 
 def _group_name(group: Any) -> str | None:
@@ -569,7 +574,10 @@ def _shape(node) -> str:
 
 
 def export(
-    model: torch.nn.Module, example_inputs: tuple[tuple, dict], path: str | os.PathLike | None = None
+    model: torch.nn.Module,
+    example_inputs: tuple[tuple, dict],
+    path: str | os.PathLike | io.IOBase | None = None,
+    inductor_configs: dict[str, Any] | None = None,
 ) -> torch.export.ExportedProgram:
     """The optimized `model` as a `torch.export` program, and an AOTInductor package at `path`.
 
@@ -578,11 +586,31 @@ def export(
     `torch._inductor.aoti_load_package(path)` where dittofx is not installed. It holds one state (one
     CFG branch: export one per branch), is specialized to the shapes of `example_inputs=(args,
     kwargs)`, returns the tuple of the model's output tensors, and starts a new request by itself
-    every `num_inference_steps` calls (which the config must set). `path=None`: no package.
-    Returns the program (its `.module()` runs it eagerly, sharing the program's state).
+    every `num_inference_steps` calls (which the config must set). `path=None`: no package;
+    `inductor_configs` go to its compile, with `dittofx.aoti_configs()` (which a package of the
+    program needs: compile the returned program yourself only with them).
+    Returns the program (its `.module()` runs it eagerly on the program's own state buffers: run a
+    `copy.deepcopy(ep).module()` to try it, or a package compiled or saved after starts mid-request).
     """
     if is_pipeline(model):
         raise ValueError(f"model={type(model).__name__}: export one transformer of the pipeline (e.g. pipe.transformer), not the pipeline")
     engine = _engine(model)
     _check_example_inputs(example_inputs)
-    return export_program(engine, example_inputs, path)
+    _check_package_path(path)
+    if inductor_configs is not None and not isinstance(inductor_configs, dict):
+        raise TypeError(f"inductor_configs={inductor_configs!r}: must be a dict of inductor settings or None")
+    return export_program(engine, example_inputs, path, inductor_configs or {})
+
+
+def _check_package_path(path: Any) -> None:
+    """Said before the (long) capture and export, in the words of what is allowed."""
+    if path is None or (isinstance(path, io.IOBase) and path.writable() and path.seekable()):
+        return
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path={path!r}: must be a file path ending in .pt2, a writable seekable binary buffer, or None")
+    name = os.fspath(path)
+    if not str(name).endswith(".pt2"):
+        raise ValueError(f"path={name!r}: an AOTInductor package's path must end in .pt2")
+    folder = os.path.dirname(os.path.abspath(name))
+    if not os.path.isdir(folder):
+        raise ValueError(f"path={name!r}: its folder {folder!r} does not exist")

@@ -167,12 +167,57 @@ def test_export_bad_input(pixart):
         dittofx.export(dittofx.optimize(lumina2.build(), CFG), ((), lumina2.inputs(0, 1.0)))
     with pytest.raises(TypeError, match="example_inputs=dict"):
         dittofx.export(dittofx.optimize(pixart.build(), CFG), pixart.inputs(0, 1.0))
+    with pytest.raises(TypeError, match=r"example_inputs=\(list, dict\): must be a tuple \(args: tuple, kwargs: dict\)"):
+        dittofx.export(dittofx.optimize(pixart.build(), CFG), ([], pixart.inputs(0, 1.0)))
+    separate = dict(CFG, enable_separate_cfg=True, cfg_diff_compute_separate=False)
+    with pytest.raises(ValueError, match="cfg_diff_compute_separate=False: .* export supports cfg_diff_compute_separate=True"):
+        dittofx.export(dittofx.optimize(pixart.build(), separate), example)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
         text_encoder_2=None, tokenizer_2=None, transformer=zoo.get("flux").build(),
     )  # fmt: skip
     with pytest.raises(ValueError, match="pipe.transformer"):
         dittofx.export(dittofx.optimize(pipe, CFG), example)
+
+
+@pytest.mark.parametrize(
+    "path, exc, words",
+    [
+        ("model.zip", ValueError, "path='model.zip': an AOTInductor package's path must end in .pt2"),
+        (5, TypeError, "path=5: must be a file path ending in .pt2, a writable seekable binary buffer, or None"),
+        ("no/such/folder/m.pt2", ValueError, "its folder"),
+    ],
+)
+def test_a_bad_package_path_is_refused_before_the_export(pixart, monkeypatch, path, exc, words):
+    """Told at once (not after the capture and export, or as torch's bare assertion), and the model
+    goes on with its request as if export had not been called."""
+    monkeypatch.chdir(os.path.dirname(__file__))
+    model, twin = dittofx.optimize(build(pixart), CFG), dittofx.optimize(build(pixart), CFG)
+    steps = step_inputs(pixart)
+    with torch.no_grad():
+        for m in (model, twin):
+            m(**steps[0])
+        with pytest.raises(exc) as info:
+            dittofx.export(model, ((), steps[0]), path)
+        assert words in str(info.value)
+        assert len(model._dittofx.entries) == 1  # nothing captured for the export
+        assert all(torch.equal(model(**kw)[0], twin(**kw)[0]) for kw in steps[1:6])
+
+
+def test_package_settings_are_the_users_and_dittofx_aoti_configs(pixart, monkeypatch):
+    """`inductor_configs` reach the package's compile with `dittofx.aoti_configs()` over them (a
+    package without them restarts its counters: pytorch#165444); a buffer is a package path too."""
+    import io
+
+    seen = {}
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda ep, package_path, inductor_configs: seen.update(path=package_path, configs=inductor_configs))
+    buffer = io.BytesIO()
+    user = {"max_autotune": True, "joint_graph_constant_folding": True}
+    dittofx.export(dittofx.optimize(build(pixart), CFG), ((), inputs(pixart, 0, 1.0)), buffer, inductor_configs=user)
+    assert seen["path"] is buffer
+    assert seen["configs"] == {**user, **dittofx.aoti_configs()} and seen["configs"]["joint_graph_constant_folding"] is False
+    with pytest.raises(TypeError, match="inductor_configs=.*must be a dict"):
+        dittofx.export(dittofx.optimize(build(pixart), CFG), ((), inputs(pixart, 0, 1.0)), inductor_configs=[("a", 1)])
 
 
 class _CondMatmuls(torch.nn.Module):
