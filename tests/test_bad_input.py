@@ -198,6 +198,24 @@ def test_a_config_that_can_never_cache_warns(pixart, cfg, words, caplog):
     assert [r.getMessage() for r in caplog.records if words in r.getMessage()], caplog.text
 
 
+@pytest.mark.parametrize(
+    "name, cfg, words",
+    [
+        ("pixart", {"Fn_compute_blocks": 3, "Bn_compute_blocks": 1}, "can never cache a step: Fn_compute_blocks + Bn_compute_blocks = 3 + 1 = every block of the chain (transformer_blocks)"),
+        ("lumina2", {"Fn_compute_blocks": 2, "Bn_compute_blocks": 2}, "can never cache a step: Fn_compute_blocks + Bn_compute_blocks = 2 + 2"),  # block by block
+    ],
+)
+def test_a_chain_with_no_block_between_fn_and_bn_is_said_to_never_cache(name, cfg, words, caplog):
+    """Known once the chain is found (optimize sees every ModuleList, the feed-forward's too), said at
+    the first call, once. (DBPrune refuses it: no block left to prune.)"""
+    z = zoo.get(name)
+    model = dittofx.optimize(z.build(), dict(cfg, residual_diff_threshold=0.5, max_warmup_steps=0))
+    with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
+        for s in range(3):
+            model(**z.inputs(s, 1 - s / 3))
+    assert caplog.text.count(words) == 1, caplog.text
+
+
 STATIC_FAST = {"scm_steps_mask_policy": "fast", "scm_steps_policy": "static", "max_warmup_steps": 2, "num_inference_steps": 10}
 
 

@@ -545,6 +545,7 @@ class Engine:
         opts = self._options([n.name for n in captured.user_placeholders() if isinstance(n.meta.get("val"), torch.Tensor)])
         built = rewrite_captured(captured, self.model, cfg, opts, split=self.split is not None or self.replays is not None)
         self._warn_if_blocks_compiled(built.chain.lists)
+        self._warn_if_middle_empty(len(built.chain.blocks), built.chain.lists)
         return Entry(
             captured=captured,
             chain=built.chain,
@@ -559,6 +560,17 @@ class Engine:
             switches=switches,
             held=tuple(getattr(m, "processor", None) for m in self._stateful),
         )
+
+    def _warn_if_middle_empty(self, n_blocks: int, lists: list[str]) -> None:
+        """Fn + Bn = every block of the chain (SPEC allows it): a cached step skips nothing."""
+        cfg = self.cfg
+        if cfg.Fn_compute_blocks + cfg.Bn_compute_blocks == n_blocks:
+            self._warn_once(
+                "middle empty",
+                "dittofx: %s: this config can never cache a step: Fn_compute_blocks + Bn_compute_blocks = %d + %d = every "
+                "block of the chain (%s), so no block is left between them to skip",
+                type(self.model).__name__, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, ", ".join(lists),
+            )  # fmt: skip
 
     def _warn_if_blocks_compiled(self, lists: list[str]) -> None:
         """Blocks compiled on their own (diffusers' `compile_repeated_blocks`, `module.compile()`)
@@ -845,6 +857,7 @@ class Engine:
         try:
             chain = learn_chain(self.model, run, self.cfg.blocks)
             blockwise = Blockwise(self, chain, self.cfg.Fn_compute_blocks, self.cfg.Bn_compute_blocks)
+            self._warn_if_middle_empty(len(chain), chain.lists)
             self._forward_signature = inspect.signature(self._forward_of_model())
             self.options = self._options(list(self._forward_signature.parameters))
             blockwise.install()
