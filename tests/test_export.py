@@ -169,6 +169,10 @@ def test_export_bad_input(pixart):
         dittofx.export(dittofx.optimize(pixart.build(), CFG), pixart.inputs(0, 1.0))
     with pytest.raises(TypeError, match=r"example_inputs=\(list, dict\): must be a tuple \(args: tuple, kwargs: dict\)"):
         dittofx.export(dittofx.optimize(pixart.build(), CFG), ([], pixart.inputs(0, 1.0)))
+    optimized = dittofx.optimize(pixart.build(), CFG)  # the model's own error, not a capture's
+    with pytest.raises(TypeError, match="got an unexpected keyword argument 'not_an_input'"):
+        dittofx.export(optimized, ((), dict(example[1], not_an_input=1)))
+    assert optimized._dittofx.forward_error is None  # not kept (its traceback holds tensors)
     separate = dict(CFG, enable_separate_cfg=True, cfg_diff_compute_separate=False)
     with pytest.raises(ValueError, match="cfg_diff_compute_separate=False: .* export supports cfg_diff_compute_separate=True"):
         dittofx.export(dittofx.optimize(pixart.build(), separate), example)

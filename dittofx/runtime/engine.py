@@ -844,7 +844,10 @@ class Engine:
         symbolic capture, sizes pass between the regions as SymInt operands of the cond; at static
         shapes export makes them ints, and its placeholder naming then fails: FLUX, SD3, ...)"""
         leaves = pytree.tree_leaves((args, kwargs))
-        entry = self._build(args, kwargs, dynamic=False)
+        try:
+            entry = self._build(args, kwargs, dynamic=False)
+        finally:
+            self.forward_error = None  # only the pre-hook asks whose error it was (its traceback holds tensors)
         sizes = input_key(args, kwargs, {})
         entry.state_shapes[sizes] = _state_shapes(entry, leaves)
         return entry, sizes, _constants_on_inputs_device(entry, leaves)
