@@ -316,6 +316,42 @@ def test_a_controlnet_residual_added_after_the_blocks_keeps_the_chain_whole():
     assert "single_transformer_blocks" in dittofx.explain(optimized).split("middle = ")[1].splitlines()[0]
 
 
+def _flux_controlnet_call(model, tokens: int, seed: int) -> dict:
+    """A FLUX transformer call as FluxControlNetPipeline makes it: its keyword arguments in another
+    order than the forward's signature, the ControlNet's residual lists among them."""
+    g = torch.Generator().manual_seed(seed)
+    text, inner = 7, model.config.num_attention_heads * model.config.attention_head_dim
+    return dict(
+        hidden_states=torch.randn(1, tokens, model.config.in_channels, generator=g),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([3.5]),
+        pooled_projections=torch.randn(1, model.config.pooled_projection_dim, generator=g),
+        encoder_hidden_states=torch.randn(1, text, model.config.joint_attention_dim, generator=g),
+        controlnet_block_samples=[0.1 * torch.randn(1, tokens, inner, generator=g) for _ in model.transformer_blocks],
+        controlnet_single_block_samples=[0.1 * torch.randn(1, tokens, inner, generator=g) for _ in model.single_transformer_blocks],
+        txt_ids=torch.zeros(text, 3),
+        img_ids=torch.randn(tokens, 3, generator=g),
+        joint_attention_kwargs=None,
+        return_dict=False,
+    )
+
+
+def test_keyword_arguments_out_of_the_signatures_order_keep_dims_symbolic():
+    """torch.export matches a tuple of dim specs to the forward's parameters in the signature's
+    order in one place and in the call's order in another: such a call (FLUX ControlNet's pipeline)
+    failed the symbolic export and got a static capture, a capture per resolution. The specs go by
+    parameter name: one symbolic graph, right at another number of tokens."""
+    model = zoo.get("flux").build()
+    first, other = _flux_controlnet_call(model, 16, seed=1), _flux_controlnet_call(model, 36, seed=2)
+    graph = capture(model, (), first)
+    names = [n.name for n in graph.user_placeholders()]
+    assert graph.dynamic_dims[names.index("hidden_states")] == (1, 2)  # tokens and channels, as in-order calls
+    live = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        got = graph.gm(*(live[f] for f in graph.state_fqns), *graph.constants, *torch.utils._pytree.tree_leaves(other))[0]
+        torch.testing.assert_close(got, model(**other)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_failed_export_passes_on_what_it_printed_but_its_partial_graph(monkeypatch, capsys):
     """What the forward prints while export traces it (a deprecation notice) reaches stderr; the
     partial graph torch prints for a failed export does not."""

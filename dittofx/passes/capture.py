@@ -11,6 +11,7 @@ working with no weight copies.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import sys
@@ -76,7 +77,7 @@ def input_key(args: tuple, kwargs: dict, dynamic_dims: dict[int, tuple[int, ...]
     return (spec, tuple(_leaf_key(x, dynamic_dims.get(i)) for i, x in enumerate(leaves)))
 
 
-def _dynamic_shapes(args: tuple, kwargs: dict, ints: bool) -> tuple:
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, ints: bool) -> dict[str, Any]:
     """Every tensor dim, and with `ints` every int input (sizes passed as numbers: Qwen-Image's
     `img_shapes`, LTX's `height`), symbolic where the forward allows it (export specializes the rest)."""
 
@@ -85,8 +86,12 @@ def _dynamic_shapes(args: tuple, kwargs: dict, ints: bool) -> tuple:
             return {d: Dim.AUTO for d in range(x.dim())}
         return Dim.AUTO if ints and type(x) is int else None
 
-    # export wants one spec per positional argument, then one per keyword argument, in order
-    return tuple(pytree.tree_map(spec, a) for a in (*args, *kwargs.values()))
+    # one spec per parameter of the forward, by name: export (torch 2.13) matches a tuple of specs
+    # to the parameters in the signature's order in one place and in the call's in another, so a
+    # call passing its keyword arguments out of the signature's order (FLUX ControlNet's pipeline)
+    # failed there and was captured with static shapes
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    return {name: pytree.tree_map(spec, value) for name, value in bound.items()}
 
 
 # export warns for every dim it specializes (batch 1, fixed channels); a failed export dumps its
@@ -110,7 +115,7 @@ def _quiet():
             logger.setLevel(level)
 
 
-def _export(model: torch.nn.Module, args: tuple, kwargs: dict, shapes: tuple | None) -> torch.export.ExportedProgram:
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, shapes: dict | None) -> torch.export.ExportedProgram:
     # a failed export prints its partial graph to stderr (hundreds of lines; the engine says once
     # why the forward cannot be captured): what else an export prints (the forward's own warnings)
     # is passed on
@@ -135,7 +140,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = T
     has_ints = any(type(x) is int for x in pytree.tree_leaves((args, kwargs)))
     for ints in ((True, False) if has_ints else (False,)) if dynamic else ():
         try:
-            ep = _export(model, args, kwargs, _dynamic_shapes(args, kwargs, ints))
+            ep = _export(model, args, kwargs, _dynamic_shapes(model, args, kwargs, ints))
             break
         except Exception:
             # a failed dynamic export leaves its dim markings on the input tensors: retry on aliases
