@@ -305,8 +305,38 @@ def validate(cfg: CacheConfig) -> CacheConfig:
     return cfg
 
 
+def _from_cache_dit(config: Any) -> Any:
+    """cache-dit's own config objects (`cache_dit.DBCacheConfig`, `cache_dit.DBPruneConfig`) as the
+    dict of their fields (cache-dit's defaults included: the object is cache-dit's); `config`
+    as it is if it is none of them."""
+    kind = type(config)
+    if not (kind.__module__.startswith("cache_dit.") and dataclasses.is_dataclass(config)):
+        return config
+    if kind.__name__ == "TaylorSeerCalibratorConfig":
+        raise TypeError(
+            f"cache_config={kind.__name__}(taylorseer_order={getattr(config, 'taylorseer_order', '?')}): cache-dit's "
+            f"calibrator config is no cache config; in dittofx TaylorSeer is part of it: "
+            f"{{..., 'enable_taylorseer': True, 'taylorseer_order': k}}"
+        )
+    method = {"DBCacheConfig": "dbcache", "DBPruneConfig": "dbprune"}.get(kind.__name__)
+    if method is None:
+        return config
+    ours = {f.name for f in dataclasses.fields(_METHODS[method])}
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "cache_type"}
+    defaults = {f.name: f.default for f in dataclasses.fields(kind)}
+    unsupported = sorted(k for k, v in values.items() if k not in ours and v != defaults[k])
+    if unsupported:
+        raise ValueError(
+            f"cache_config=cache_dit.{kind.__name__} sets {', '.join(f'{k}={values[k]!r}' for k in unsupported)}: "
+            f"not supported by dittofx; its fields for method={method!r}: {sorted(ours)}"
+        )
+    return {"method": method, **{k: v for k, v in values.items() if k in ours}}
+
+
 def parse_config(cache_config: Any) -> CacheConfig:
-    """Turn a config object or a cache-dit / vLLM-omni style dict into a validated config."""
+    """Turn a config object (ours or cache-dit's) or a cache-dit / vLLM-omni style dict into a
+    validated config."""
+    cache_config = _from_cache_dit(cache_config)
     if isinstance(cache_config, tuple(_METHODS.values())):
         return validate(cache_config)
     if not isinstance(cache_config, Mapping):
@@ -322,6 +352,7 @@ def merge_config(base: CacheConfig, changes: Any) -> CacheConfig:
     """`base` with the fields a partial dict names replaced (a whole config, or a dict naming
     another method, replaces it all), as cache-dit's `ParamsModifier` overwrites the shared config
     with only what it sets."""
+    changes = _from_cache_dit(changes)
     if isinstance(changes, tuple(_METHODS.values())):
         return validate(changes)
     if not isinstance(changes, Mapping):

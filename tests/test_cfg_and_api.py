@@ -364,3 +364,35 @@ def test_inputs_that_require_grad_are_said_to_get_no_graph(pixart, caplog):
         model(**kwargs)
     assert not out.requires_grad
     assert caplog.text.count("got inputs that require grad: dittofx is for inference") == 1
+
+
+def test_cache_dit_config_objects_are_taken_with_their_own_defaults():
+    """A cache-dit user's `cache_dit.DBCacheConfig(...)` / `DBPruneConfig(...)` is read field by field,
+    cache-dit's defaults included (its Fn_compute_blocks is 8, ours 1); a field dittofx does not
+    have is refused by name when set, and cache-dit's TaylorSeer calibrator config says where
+    TaylorSeer goes in dittofx."""
+    import cache_dit
+
+    from dittofx.config import parse_config
+
+    got = parse_config(cache_dit.DBCacheConfig(residual_diff_threshold=0.2, steps_computation_mask=[1, 1, 0, 1], num_inference_steps=4))
+    assert got == dittofx.DBCacheConfig(
+        Fn_compute_blocks=8, Bn_compute_blocks=0, residual_diff_threshold=0.2, max_warmup_steps=8,
+        steps_computation_mask=(1, 1, 0, 1), num_inference_steps=4,
+    )  # fmt: skip
+    prune = parse_config(cache_dit.DBPruneConfig(Fn_compute_blocks=1, non_prune_block_ids=[3]))
+    assert prune == dittofx.DBPruneConfig(Fn_compute_blocks=1, max_warmup_steps=8, non_prune_block_ids=(3,))
+    with pytest.raises(ValueError, match=r"cache_dit.DBCacheConfig sets force_refresh_step_hint=3: not supported by dittofx"):
+        parse_config(cache_dit.DBCacheConfig(force_refresh_step_hint=3))
+    with pytest.raises(TypeError, match=r"TaylorSeerCalibratorConfig\(taylorseer_order=2\): .*'enable_taylorseer': True"):
+        dittofx.optimize(zoo.get("pixart").build(), cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=2))
+    # through optimize: the same schedule as the equivalent dict
+    z, stats = zoo.get("pixart"), []
+    for cfg in (cache_dit.DBCacheConfig(Fn_compute_blocks=1, residual_diff_threshold=0.06, max_warmup_steps=1, num_inference_steps=6),
+                {"residual_diff_threshold": 0.06, "max_warmup_steps": 1, "num_inference_steps": 6}):  # fmt: skip
+        model = dittofx.optimize(z.build(), cfg)
+        with torch.no_grad():
+            for s in range(6):
+                model(**z.inputs(s, 1 - s / 6))
+        stats.append(dittofx.summary(model, log_table=False)[0].cached_steps)
+    assert stats[0] == stats[1] and 0 < len(stats[0]) < 5, stats
