@@ -510,7 +510,9 @@ def _explain(engine: Engine, component: str) -> str:
     for i, entry in enumerate(engine.entries):
         part, chain = entry.partition, entry.chain
         n = len(chain)
-        lines.append(f"graph {i}: {len(entry.captured.gm.graph.nodes)} nodes, symbolic input dims {entry.captured.dynamic_dims}")
+        names = [node.name for node in entry.captured.user_placeholders()]
+        symbolic = ", ".join(f"{names[j]}{list(dims) if dims else ''}" for j, dims in entry.captured.dynamic_dims.items())
+        lines.append(f"graph {i}: {len(entry.captured.gm.graph.nodes)} nodes, symbolic inputs (dims, or int value): {symbolic or 'none'}")
         lines.append(f"  block lists seen: {chain.candidates}; chain: {' -> '.join(chain.lists)} ({n} blocks)")
         first_mid, last_mid = chain.blocks[part.fn_blocks].path if part.fn_blocks < n else "-", (
             chain.blocks[n - part.bn_blocks - 1].path if n - part.bn_blocks - 1 >= part.fn_blocks else "-"
