@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -30,7 +31,7 @@ from .runtime.state import CacheState
 __all__ = ["aoti_configs", "export_program"]
 
 
-def aoti_configs() -> dict:
+def aoti_configs() -> dict[str, Any]:
     """Inductor settings a package of an exported program needs (`dittofx.export` compiles with
     them; pass them to `torch._inductor.aoti_compile_and_package(ep, inductor_configs=...)` to
     compile an exported program yourself).
@@ -99,7 +100,7 @@ def _torch_kernels(ep: torch.export.ExportedProgram) -> None:
 
 def export_program(
     engine: Engine, example_inputs: tuple[tuple, dict], path: str | os.PathLike | io.IOBase | None = None,
-    inductor_configs: dict | None = None,
+    inductor_configs: dict[str, Any] | None = None,
 ) -> torch.export.ExportedProgram:
     """See `dittofx.export`."""
     cfg = engine.cfg

@@ -376,7 +376,7 @@ def _warn_if_never_caches(cfg: CacheConfig) -> None:
         if cfg.max_cached_steps == 0 or cfg.max_continuous_cached_steps == 0:
             reasons.append("max_cached_steps or max_continuous_cached_steps is 0")
         if cfg.max_accumulated_residual_diff_threshold == 0:
-            reasons.append("max_accumulated_residual_diff_threshold=0 (only a diff of exactly 0 fits; None turns that gate off)")
+            reasons.append("max_accumulated_residual_diff_threshold=0 (a step caches only if its diff is exactly 0; None turns that gate off)")
     mask, steps = cfg.steps_computation_mask, cfg.num_inference_steps
     if mask is not None and steps is not None and len(mask) >= steps and all(mask[:steps]):
         reasons.append(f"steps_computation_mask has no 0 in its first num_inference_steps={steps} steps")
@@ -601,12 +601,12 @@ def export(
     _check_package_path(path)
     if inductor_configs is not None and not isinstance(inductor_configs, dict):
         raise TypeError(f"inductor_configs={inductor_configs!r}: must be a dict of inductor settings or None")
-    return export_program(engine, example_inputs, path, inductor_configs or {})
+    return export_program(engine, example_inputs, path, inductor_configs)
 
 
 def _check_package_path(path: Any) -> None:
     """Said before the (long) capture and export, in the words of what is allowed."""
-    if path is None or (isinstance(path, io.IOBase) and path.writable() and path.seekable()):
+    if path is None or (isinstance(path, io.IOBase) and not isinstance(path, io.TextIOBase) and path.writable() and path.seekable()):
         return
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path={path!r}: must be a file path ending in .pt2, a writable seekable binary buffer, or None")
