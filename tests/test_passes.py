@@ -38,7 +38,7 @@ def test_chain_detection_matches_the_models_main_lists(name):
 
 def test_capture_keeps_dims_symbolic_and_runs_on_live_weights():
     z, model, graph, _ = captured("flux", dynamic=True)
-    assert graph.dynamic_dims[0] == (1, 2)  # hidden_states: tokens and channels symbolic, batch 1 specialized
+    assert graph.dynamic_dims[0] == (1,)  # hidden_states: tokens symbolic; batch 1 and the embedder's channels specialized
     live = dict(model.named_parameters()) | dict(model.named_buffers())
     kwargs = z.inputs(3, 0.7)
 
@@ -345,7 +345,7 @@ def test_keyword_arguments_out_of_the_signatures_order_keep_dims_symbolic():
     first, other = _flux_controlnet_call(model, 16, seed=1), _flux_controlnet_call(model, 36, seed=2)
     graph = capture(model, (), first)
     names = [n.name for n in graph.user_placeholders()]
-    assert graph.dynamic_dims[names.index("hidden_states")] == (1, 2)  # tokens and channels, as in-order calls
+    assert graph.dynamic_dims[names.index("hidden_states")] == (1,)  # tokens, as for in-order calls
     live = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         got = graph.gm(*(live[f] for f in graph.state_fqns), *graph.constants, *torch.utils._pytree.tree_leaves(other))[0]

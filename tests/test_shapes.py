@@ -135,3 +135,52 @@ def test_graphs_wrong_at_new_sizes_get_one_symbolic_recapture_then_static_ones(m
     assert [bool(e.captured.dynamic_dims) for e in entries] == [True, True, False]  # 8, 16 symbolic; 12 static
     assert [e.recaptured for e in entries] == [False, True, True]
     assert checked == [0, 0, 1]  # at 16: the first graph; at 12: both symbolic ones; the sizes seen are not checked again
+
+
+class _FramesBranch(torch.nn.Module):
+    """A temporal term only when `num_frames > 1`, weighted by the step: small at the first step."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.inp, self.extra, self.out = torch.nn.Linear(d, d), torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, timestep, num_frames: int):
+        h = self.inp(x)
+        if num_frames > 1:
+            h = h + (1 - timestep / 1000) * self.extra(h)
+        for block in self.blocks:
+            h = h + 0.1 * torch.tanh(block(h))
+        return (self.out(h),)
+
+
+def test_an_int_input_outside_the_range_its_graph_was_traced_for_gets_a_graph_of_its_own():
+    """export records `if num_frames > 1` as a range of the int's symbol (not an assert in the
+    graph): the graph captured at num_frames=1 is not offered num_frames=2 (the check against the
+    model's own forward, at the first step where the term is 0, let it serve the whole request)."""
+    torch.manual_seed(0)
+    plain = _FramesBranch()
+    model = dittofx.optimize(_FramesBranch(), {"residual_diff_threshold": 0.0, "max_warmup_steps": 0, "num_inference_steps": 4})
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 6, 8)
+    with torch.no_grad():
+        for frames in (1, 2, 1):
+            for t in (1000.0, 750.0, 500.0, 250.0):
+                assert torch.equal(model(x, torch.tensor([t]), frames)[0], plain(x, torch.tensor([t]), frames)[0]), (frames, t)
+    assert len(model._dittofx.entries) == 2
+
+
+def test_an_int_export_specialized_keys_its_graph_by_value():
+    """LTX's first call for one image (num_frames=1): export specializes the 1 (its placeholder is a
+    SymInt equal to 1), so that graph serves 1 frame only; a video after it gets a graph of its own
+    (the first graph sized its cache state for one frame's tokens and crashed on every longer call)."""
+    z = zoo.get("ltx")
+    model = dittofx.optimize(z.build(), {"residual_diff_threshold": 0.0, "max_warmup_steps": 0, "num_inference_steps": 2})
+    plain = z.build()
+    with torch.no_grad():
+        for frames in (1, 2, 3, 1):
+            for s in range(2):
+                kwargs = dict(z.inputs(s, 1 - s / 2), num_frames=frames)
+                kwargs["hidden_states"] = kwargs["hidden_states"].repeat(1, frames, 1)
+                assert torch.equal(model(**kwargs)[0], plain(**kwargs)[0]), (frames, s)
+    assert [e.captured.dynamic_dims.get(4) for e in model._dittofx.entries] == [None, ()]  # num_frames: 1, then symbolic

@@ -220,6 +220,35 @@ def test_a_timestep_given_as_a_python_number_is_no_timestep_to_watch(caplog):
     assert caplog.text.count("a Python-number input of CastingDiT changed value (1000.0 -> 750.0)") == 1
 
 
+class IntScaled(torch.nn.Module):
+    """Takes an int that scales its input (a step index, say): export keeps it symbolic."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x, step: int):
+        h = x * (1 + step / 100)
+        for block in self.blocks:
+            h = h + block(h)
+        return h
+
+
+def test_an_int_changing_every_call_stays_symbolic_and_its_check_is_said(caplog):
+    """An int changing at every call is one symbolic graph, but each new value is checked against
+    the model's own forward (a run of it per call): said once."""
+    torch.manual_seed(0)
+    plain = IntScaled()
+    model = dittofx.optimize(IntScaled(), CFG)
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 8, 4)
+    with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
+        for s in range(3):
+            assert torch.equal(model(x, s + 5), plain(x, s + 5))
+    assert len(model._dittofx.entries) == 1 and model._dittofx.entries[0].captured.dynamic_dims[1] == ()
+    assert caplog.text.count("a Python-number input of IntScaled changed value (5 -> 6): the graph keeps it symbolic") == 1
+
+
 def test_blocks_compiled_on_their_own_are_said_to_compile_nothing(caplog):
     """diffusers' regional compile (compile_repeated_blocks) compiles the block modules, which the
     rewritten graph never calls: said once, naming torch.compile(model)."""

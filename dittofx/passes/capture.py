@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
+from torch.utils._sympy.value_ranges import ValueRanges
 
 __all__ = ["CapturedGraph", "InputKey", "capture", "input_key", "resolve_state"]
 
@@ -38,6 +39,9 @@ class CapturedGraph:
     num_user_inputs: int
     out_spec: pytree.TreeSpec
     dynamic_dims: dict[int, tuple[int, ...]]  # user-input index -> dims kept symbolic (an int input: ())
+    # symbol -> the values it may take: export records a branch on a size (`if num_frames > 1`) as
+    # a range, not as an assert in the graph; a graph serves inputs outside its ranges wrongly
+    ranges: dict[Any, ValueRanges]
 
     def weight_placeholders(self) -> list[fx.Node]:
         """The placeholders fed from the model (parameters, buffers, lifted constants)."""
@@ -132,22 +136,34 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, shapes: dict | No
         sys.stderr.write(printed.getvalue())
 
 
+def _export_most_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """Export with tensor dims and int inputs symbolic, else dims only, else static: an int input
+    may meet Python that takes no SymInt (an lru_cache keyed on it: NucleusMoE's rope), a dim a
+    size-dependent branch export cannot hold."""
+    has_ints = any(type(x) is int for x in pytree.tree_leaves((args, kwargs)))
+    for ints in (True, False) if has_ints else (False,):
+        try:
+            return _export(model, args, kwargs, _dynamic_shapes(model, args, kwargs, ints))
+        except Exception:
+            # a failed dynamic export leaves its dim markings on the input tensors: retry on aliases
+            args, kwargs = pytree.tree_map(_alias, args), pytree.tree_map(_alias, kwargs)
+    return _export(model, args, kwargs, None)
+
+
+def _symbolic(size: Any) -> bool:
+    """A size the graph holds for any value: a SymInt export specialized (`int(n)` in the forward:
+    Qwen-Image's text length; a 1 it saw) is one value, kept in the graph as a constant."""
+    return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols)
+
+
+def _alias(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = True) -> CapturedGraph:
     """Export `model(*args, **kwargs)`; sizes (tensor dims, int inputs) are kept symbolic where the
     model allows it."""
-    # An int input may meet Python that takes no SymInt (an lru_cache keyed on it: NucleusMoE's
-    # rope), a tensor dim a size-dependent branch: each failure keeps fewer sizes symbolic.
-    has_ints = any(type(x) is int for x in pytree.tree_leaves((args, kwargs)))
-    for ints in ((True, False) if has_ints else (False,)) if dynamic else ():
-        try:
-            ep = _export(model, args, kwargs, _dynamic_shapes(model, args, kwargs, ints))
-            break
-        except Exception:
-            # a failed dynamic export leaves its dim markings on the input tensors: retry on aliases
-            fresh = lambda x: x.detach() if isinstance(x, torch.Tensor) else x  # noqa: E731
-            args, kwargs = pytree.tree_map(fresh, args), pytree.tree_map(fresh, kwargs)
-    else:
-        ep = _export(model, args, kwargs, None)
+    ep = _export_most_symbolic(model, args, kwargs) if dynamic else _export(model, args, kwargs, None)
     sig = ep.graph_signature
     if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
         raise NotImplementedError("the forward mutates buffers or inputs; dittofx cannot cache it")
@@ -169,10 +185,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = T
     for i, node in enumerate(placeholders[n_state:]):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            dims = tuple(d for d, s in enumerate(val.shape) if not isinstance(s, int))
+            dims = tuple(d for d, s in enumerate(val.shape) if _symbolic(s))
             if dims:
                 dynamic_dims[i] = dims
-        elif isinstance(val, torch.SymInt):
+        elif _symbolic(val):
             dynamic_dims[i] = ()
     _strip_asserts(gm)
     _drop_noop_conversions(gm)
@@ -185,6 +201,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = T
         num_user_inputs=len(placeholders) - n_state,
         out_spec=ep.call_spec.out_spec,
         dynamic_dims=dynamic_dims,
+        ranges=dict(ep.range_constraints),
     )
 
 

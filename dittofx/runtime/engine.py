@@ -128,6 +128,12 @@ def _symbol_bindings(entry: Entry, leaves: list) -> dict:
     return bindings
 
 
+def _within_ranges(entry: Entry, leaves: list) -> bool:
+    """Whether these inputs' sizes lie in the ranges export traced the graph for."""
+    ranges = entry.captured.ranges
+    return all(value in ranges[symbol] for symbol, value in _symbol_bindings(entry, leaves).items() if symbol in ranges)
+
+
 def _constants_on_inputs_device(entry: Entry, leaves: list) -> torch.device:
     """The inputs' device, where the graph's lifted constants are moved if they are elsewhere."""
     device = next(x.device for x in leaves if isinstance(x, torch.Tensor))
@@ -421,9 +427,11 @@ class Engine:
                 return entry, sizes
         if sizes in self.uncapturable:  # tried once: not again at every call
             raise self.uncapturable[sizes]
-        same_structure = [e for e in self.entries if e.context == context and input_key(args, kwargs, e.captured.dynamic_dims) == e.key]
-        if not same_structure:
-            self._warn_if_numbers_change(sizes)
+        same_structure = [
+            e for e in self.entries
+            if e.context == context and input_key(args, kwargs, e.captured.dynamic_dims) == e.key and _within_ranges(e, leaves)
+        ]  # fmt: skip
+        self._warn_if_numbers_change(sizes, captured=not same_structure)
         original = functools.cache(lambda: pytree.tree_leaves(self._original_forward(args, kwargs)))
         for entry in same_structure:
             if self._still_valid(entry, leaves, original):
@@ -444,10 +452,12 @@ class Engine:
         self.entries.append(entry)
         return entry, sizes
 
-    def _warn_if_numbers_change(self, sizes: tuple) -> None:
-        """A capture specializes on the values of Python-number inputs: one whose value changes at
-        every call (a timestep passed as a float) is a capture per call; sizes passed as ints that
-        cannot stay symbolic (NucleusMoE keys an lru_cache on its `img_shapes`) a capture per resolution."""
+    def _warn_if_numbers_change(self, sizes: tuple, captured: bool) -> None:
+        """A capture specializes on the values of Python-number inputs it cannot keep symbolic: one
+        whose value changes at every call (a timestep passed as a float) is a capture per call; sizes
+        passed as ints that cannot stay symbolic (NucleusMoE keys an lru_cache on its `img_shapes`) a
+        capture per resolution. An int kept symbolic (not `captured` again) is checked against the
+        model's own forward at each new value: said where it changed while no tensor size did."""
         context, (spec, leaves) = sizes
         for entry in self.entries:
             for other_context, (other_spec, other) in entry.state_shapes:
@@ -456,15 +466,20 @@ class Engine:
                 differ = [(a, b) for a, b in zip(other, leaves) if a != b]
                 numbers = [(a[2], b[2]) for a, b in differ if a[0] == b[0] == "V" and _is_number(a[2]) and _is_number(b[2])]
                 sized = [a for a, b in differ if a[0] == b[0] == "T" and a[1:3] == b[1:3]]
-                if numbers and len(numbers) + len(sized) == len(differ):
+                if numbers and len(numbers) + len(sized) == len(differ) and (captured or not sized):
+                    cost = (
+                        "each value is captured as its own graph (seconds per capture on a large model; under "
+                        "torch.compile each is compiled too, and dynamo's recompile limit, 64, runs out after about 30 of "
+                        "them); sizes given as ints that the forward cannot take symbolically make a graph per resolution"
+                        if captured else
+                        "the graph keeps it symbolic, but each new value is checked once against the model's own forward "
+                        "(an uncached run of it)"
+                    )  # fmt: skip
                     self._warn_once(
                         "numbers change",
-                        "dittofx: a Python-number input of %s changed value (%s): each value is captured as its own graph "
-                        "(seconds per capture on a large model; under torch.compile each is compiled too, and dynamo's "
-                        "recompile limit, 64, runs out after about 30 of them). Pass numbers that change per step, such as "
-                        "the timestep, as tensors; sizes given as ints that the forward cannot take symbolically make a graph per "
-                        "resolution.",
-                        type(self.model).__name__, ", ".join(f"{a!r} -> {b!r}" for a, b in numbers),
+                        "dittofx: a Python-number input of %s changed value (%s): %s. Pass numbers that change per step, "
+                        "such as the timestep, as tensors.",
+                        type(self.model).__name__, ", ".join(f"{a!r} -> {b!r}" for a, b in numbers), cost,
                     )  # fmt: skip
                     return
 
