@@ -62,27 +62,34 @@ def test_recompiles_across_steps_requests_and_resolutions():
     assert frames[-1] - frames[REQUESTS - 1] <= 2, frames
 
 
-def test_pixart_two_captures_serve_four_resolutions():
-    z = zoo.get("pixart")
-    cfg = {"residual_diff_threshold": 0.2, "max_warmup_steps": 1, "num_inference_steps": 4}
+def compiled_over_sizes(z, cfg: dict, requests: list[list[dict]]):
+    """Each request through one optimized model compiled with dynamo's eager backend, against a fresh
+    optimized model per request (its own capture at those sizes): the model, the compiled frames
+    after each request, and each request's outputs and cached steps."""
     torch._dynamo.reset()
     model = dittofx.optimize(z.build(), cfg)
     counter = CompileCounterWithBackend("eager")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
-    frames = []
-    for side in (8, 8, 16, 12, 20):
-        steps = test_shapes.request(1, side, seed=side)
+    frames, results = [], []
+    for steps in requests:
         got, got_cached = run(compiled, steps)
-        want, want_cached = run(dittofx.optimize(z.build(), cfg), steps)  # a fresh model: its own capture
+        want, want_cached = run(dittofx.optimize(z.build(), cfg), steps)
         assert got_cached == want_cached
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
         frames.append(counter.frame_count)
+        results.append((got, got_cached))
+    return model, frames, results
+
+
+def test_pixart_two_captures_serve_four_resolutions():
+    cfg = {"residual_diff_threshold": 0.2, "max_warmup_steps": 1, "num_inference_steps": 4}
+    requests = [test_shapes.request(1, side, seed=side) for side in (8, 8, 16, 12, 20)]
+    model, frames, _ = compiled_over_sizes(zoo.get("pixart"), cfg, requests)
     assert [bool(e.captured.dynamic_dims) for e in model._dittofx.entries] == [True, True]
     # two variants (warmup's compute graph, then the device decision) per capture, each compiled
     # once: none for the second request, two at the second size, none after
     assert frames == [2, 2, 4, 4, 4], frames
-
 
 
 def qwen_request(side: int, steps: int) -> list[dict]:
@@ -100,22 +107,13 @@ def test_sizes_given_as_ints_stay_symbolic():
     serves four resolutions, and dynamo recompiles each variant once, at the second."""
     z = zoo.get("qwenimage")
     cfg = {"residual_diff_threshold": 0.4, "max_warmup_steps": 1, "num_inference_steps": 4}
-    torch._dynamo.reset()
-    model = dittofx.optimize(z.build(), cfg)
-    counter = CompileCounterWithBackend("eager")
-    compiled = torch.compile(model, fullgraph=True, backend=counter)
-    frames, schedules = [], []
-    for side in (4, 4, 8, 6, 10):
-        steps = qwen_request(side, 4)
-        got, got_cached = run(compiled, steps)
-        want, want_cached = run(dittofx.optimize(z.build(), cfg), steps)  # a fresh model: its own capture
-        assert got_cached == want_cached
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
-        with torch.no_grad():  # the first step computes: the uncached model's output
-            torch.testing.assert_close(got[0], z.build()(**steps[0])[0], rtol=1e-5, atol=1e-6)
-        frames.append(counter.frame_count)
-        schedules.append(got_cached)
+    requests = [qwen_request(side, 4) for side in (4, 4, 8, 6, 10)]
+    model, frames, results = compiled_over_sizes(z, cfg, requests)
+    with torch.no_grad():  # each request's first step computes: the uncached model's output
+        plain = z.build()
+        for steps, (got, _) in zip(requests, results):
+            torch.testing.assert_close(got[0], plain(**steps[0])[0], rtol=1e-5, atol=1e-6)
+    schedules = [cached for _, cached in results]
     assert any(0 < len(c) < 3 for c in schedules), schedules  # the threshold both caches and computes
     # one capture, with img_shapes' height and width (leaves 5, 6) symbolic; its frame count, the
     # text length (the model's int() of it) and the channels are specialized
