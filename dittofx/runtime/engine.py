@@ -431,10 +431,10 @@ class Engine:
             e for e in self.entries
             if e.context == context and input_key(args, kwargs, e.captured.dynamic_dims) == e.key and _within_ranges(e, leaves)
         ]  # fmt: skip
-        self._warn_if_numbers_change(sizes, captured=not same_structure)
         original = functools.cache(lambda: pytree.tree_leaves(self._original_forward(args, kwargs)))
         for entry in same_structure:
             if self._still_valid(entry, leaves, original):
+                self._warn_if_numbers_change(sizes, entry, checked=True)
                 entry.state_shapes[sizes] = _state_shapes(entry, leaves)
                 return entry, sizes
         # A symbolic graph wrong at these sizes took a size-dependent branch without a guard, e.g.
@@ -448,40 +448,47 @@ class Engine:
             raise
         entry.recaptured = bool(same_structure)
         entry.context = context
+        self._warn_if_numbers_change(sizes, entry, checked=False)
         entry.state_shapes[sizes] = _state_shapes(entry, leaves)
         self.entries.append(entry)
         return entry, sizes
 
-    def _warn_if_numbers_change(self, sizes: tuple, captured: bool) -> None:
-        """A capture specializes on the values of Python-number inputs it cannot keep symbolic: one
-        whose value changes at every call (a timestep passed as a float) is a capture per call; sizes
-        passed as ints that cannot stay symbolic (NucleusMoE keys an lru_cache on its `img_shapes`) a
-        capture per resolution. An int kept symbolic (not `captured` again) is checked against the
-        model's own forward at each new value: said where it changed while no tensor size did."""
+    def _warn_if_numbers_change(self, sizes: tuple, serving: Entry, checked: bool) -> None:
+        """Python-number inputs that changed value since an earlier call, now served by `serving`
+        (`checked`: a graph already there, checked against the model's own forward at these inputs).
+        A number the graph bakes in is a capture per value: a timestep passed as a float is a
+        capture per call, ints that cannot stay symbolic (NucleusMoE keys an lru_cache on its
+        `img_shapes`) a capture per resolution. An int kept symbolic costs a run of the model's own
+        forward per new value: said where it changed while no tensor size did (a per-call int)."""
         context, (spec, leaves) = sizes
         for entry in self.entries:
             for other_context, (other_spec, other) in entry.state_shapes:
                 if other_context != context or other_spec != spec or len(other) != len(leaves):
                     continue
-                differ = [(a, b) for a, b in zip(other, leaves) if a != b]
-                numbers = [(a[2], b[2]) for a, b in differ if a[0] == b[0] == "V" and _is_number(a[2]) and _is_number(b[2])]
-                sized = [a for a, b in differ if a[0] == b[0] == "T" and a[1:3] == b[1:3]]
-                if numbers and len(numbers) + len(sized) == len(differ) and (captured or not sized):
-                    cost = (
-                        "each value is captured as its own graph (seconds per capture on a large model; under "
-                        "torch.compile each is compiled too, and dynamo's recompile limit, 64, runs out after about 30 of "
-                        "them); sizes given as ints that the forward cannot take symbolically make a graph per resolution"
-                        if captured else
-                        "the graph keeps it symbolic, but each new value is checked once against the model's own forward "
-                        "(an uncached run of it)"
-                    )  # fmt: skip
+                differ = {i: (a, b) for i, (a, b) in enumerate(zip(other, leaves)) if a != b}
+                numbers = {i: (a[2], b[2]) for i, (a, b) in differ.items() if a[0] == b[0] == "V" and _is_number(a[2]) and _is_number(b[2])}
+                sized = [a for a, b in differ.values() if a[0] == b[0] == "T" and a[1:3] == b[1:3]]
+                if not numbers or len(numbers) + len(sized) != len(differ):
+                    continue
+                changed = ", ".join(f"{a!r} -> {b!r}" for a, b in numbers.values())
+                if any(i not in serving.captured.dynamic_dims for i in numbers):
                     self._warn_once(
-                        "numbers change",
-                        "dittofx: a Python-number input of %s changed value (%s): %s. Pass numbers that change per step, "
-                        "such as the timestep, as tensors.",
-                        type(self.model).__name__, ", ".join(f"{a!r} -> {b!r}" for a, b in numbers), cost,
+                        "numbers captured",
+                        "dittofx: a Python-number input of %s changed value (%s): each value is captured as its own graph "
+                        "(seconds per capture on a large model; under torch.compile each is compiled too, and dynamo's "
+                        "recompile limit, 64, runs out after about 30 of them). Pass numbers that change per step, such as "
+                        "the timestep, as tensors; sizes given as ints that the forward cannot take symbolically make a "
+                        "graph per resolution.", type(self.model).__name__, changed,
                     )  # fmt: skip
-                    return
+                elif checked and not sized:
+                    self._warn_once(
+                        "numbers checked",
+                        "dittofx: a Python-number input of %s changed value (%s) with no tensor size changing: the graph "
+                        "keeps it symbolic, but each new value is checked once against the model's own forward (an uncached "
+                        "run of it); a number that changes at every call, such as a timestep, is better passed as a tensor.",
+                        type(self.model).__name__, changed,
+                    )  # fmt: skip
+                return
 
     def _still_valid(self, entry: Entry, leaves: list, original: Callable[[], list]) -> bool:
         """A graph with symbolic dims runs at new sizes only if export traced no size-dependent
