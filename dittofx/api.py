@@ -326,12 +326,12 @@ def _in_pipeline_call(module: torch.nn.Module, pipeline: str | None) -> bool:
     return engine is not None
 
 
-def _pipeline_call_failed(pipe: Any, optimized: list[str], err: BaseException) -> None:
-    """A transformer whose first call refused its config restored itself (a ValueError/TypeError:
-    e.g. `non_prune_block_ids` past its chain): the pipeline is restored whole, never left half
-    cached. (Other errors, e.g. the model's own on bad inputs, leave the other transformers be.)"""
+def _pipeline_call_failed(pipe: Any, optimized: list[str]) -> None:
+    """A transformer whose first call failed in dittofx (its config refused: `non_prune_block_ids`
+    past its chain) restored itself: the pipeline is restored whole, never left half cached. (The
+    model's own error on bad inputs leaves every transformer optimized: Engine._pre_hook.)"""
     lost = [name for name in optimized if _find_engine(getattr(pipe, name)) is None]
-    if lost and isinstance(err, (ValueError, TypeError)) and hasattr(type(pipe), "_dittofx_names"):
+    if lost and hasattr(type(pipe), "_dittofx_names"):
         disable(pipe)
         log.warning(
             "dittofx: pipeline %s: %s failed at its first call and was restored; so is the whole pipeline "

@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from ..patterns.chain import int_hint
 
-__all__ = ["cond_branch", "copy_meta", "dense", "flat", "is_view", "memory_order", "unflat"]
+__all__ = ["cond_branch", "copy_meta", "dense", "flat", "fresh_flat", "is_view", "memory_order", "unflat"]
 
 
 def copy_meta(dst: fx.Node, src: fx.Node) -> fx.Node:
@@ -54,6 +54,16 @@ def dense(graph: fx.Graph, node: fx.Node, order: list[int] | None) -> fx.Node:
     if order:
         node = graph.call_function(torch.ops.aten.permute.default, (node, order))
     return graph.call_function(torch.ops.aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
+
+
+def fresh_flat(graph: fx.Graph, value: fx.Node, eager: fx.Node, order: list[int] | None) -> fx.Node:
+    """What a cond branch returns for `eager` (the graph's value that `value`, in the branch, computes):
+    both branches must return fresh tensors of one layout, so a view (FLUX's slice of its text+image
+    stream) or a strided value is copied dense, in the eager value's memory order `order` (ACE-Step
+    and HunyuanVideo carry a transposed stream: what reads it after the cond reduces in that order)."""
+    if is_view(eager) or not eager.meta["val"].is_contiguous():
+        value = dense(graph, value, order)
+    return flat(graph, value)
 
 
 def unflat(graph: fx.Graph, item: fx.Node, like: fx.Node, order: list[int] | None) -> fx.Node:

@@ -22,7 +22,7 @@ from ..patterns.chain import Block, int_hint, numel_hint
 from ..runtime import gates
 from ..runtime.state import state_names
 from .partition import Partition, PartitionError, pair_carried
-from .fx_utils import cond_branch, copy_meta, dense, flat, is_view, memory_order, unflat
+from .fx_utils import cond_branch, copy_meta, dense, flat, fresh_flat, memory_order, unflat
 from .rewrite import begin_graph
 from .sizes import cond_operands
 
@@ -150,17 +150,16 @@ class PruneRewritePass(PassBase):
             local: dict[fx.Node, fx.Node] = {}
             for nd in [*recipe, *b.nodes]:
                 local[nd] = copy_meta(graph.node_copy(nd, lambda a: local[a] if a in local else benv[to_parent[a]]), nd)
-            return [
-                flat(graph, dense(graph, local[o], orders[o])) if is_view(o) or not o.meta["val"].is_contiguous() else flat(graph, local[o])
-                for o in b.outputs
-            ]
+            return [fresh_flat(graph, local[o], o, orders[o]) for o in b.outputs]
 
         def prune_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
-            # input + residual keeps the input's strides, which need not be the output's
-            return [
-                flat(graph, dense(graph, graph.call_function(gates.add_residual, (benv[to_parent[b.pairs[o]]], benv[r])), orders[o]))
-                for o, r in zip(b.outputs, res)
-            ]
+            # input + residual keeps the input's strides: copied into the output's memory order
+            # where either is not the dims' own order (else it is fresh and dense already)
+            outs = []
+            for o, r in zip(b.outputs, res):
+                out = graph.call_function(gates.add_residual, (benv[to_parent[b.pairs[o]]], benv[r]))
+                outs.append(flat(graph, dense(graph, out, orders[o]) if orders[o] or memory_order(b.pairs[o]) else out))
+            return outs
 
         prune_gm = cond_branch(gm, operands, prune_body, f"PruneBranch{j}")
         run_gm = cond_branch(gm, operands, run_body, f"RunBranch{j}")

@@ -22,7 +22,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..runtime import gates
 from ..runtime.state import SCALARS, state_names
 from .partition import Partition, PartitionError
-from .fx_utils import cond_branch, copy_meta, dense, flat, is_view, memory_order, unflat
+from .fx_utils import cond_branch, copy_meta, dense, flat, fresh_flat, is_view, memory_order, unflat
 from .sizes import cond_operands
 
 __all__ = ["CacheRewritePass", "DECISIONS", "RewriteOptions", "begin_graph"]
@@ -199,16 +199,7 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
         local: dict[fx.Node, fx.Node] = {}
         for node in [*recipe, *(nd for nd in nodes if region[nd] == "middle")]:
             local[node] = copy_meta(graph.node_copy(node, lambda n: local[n] if n in local else benv[to_parent[n]]), node)
-        # both branches must return fresh tensors of one layout: views (e.g. FLUX's slice of its
-        # text+image stream) and strided values are copied to dense ones, in the eager value's
-        # memory order (ACE-Step carries a transposed stream: what reads it after the middle
-        # reduces in that order)
-        return [
-            flat(graph, dense(graph, local[o], orders[o]))
-            if is_view(o) or not o.meta["val"].is_contiguous()
-            else flat(graph, local[o])
-            for o in outs
-        ]
+        return [fresh_flat(graph, local[o], o, orders[o]) for o in outs]
 
     def cache_body(graph: fx.Graph, benv: dict) -> list[fx.Node]:
         args = tuple(benv[a] for a in at)

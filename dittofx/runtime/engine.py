@@ -1191,7 +1191,7 @@ def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     if engine.blockwise is not None:
         return engine.blockwise.call(lambda: engine._forward_of_model()(*args, **kwargs))
     if engine.current is None:  # inputs with no graph (Engine.prepare): the model's own forward
-        own = engine._saved["forward"]
+        own = engine._saved["forward"]  # not _forward_of_model(): dynamo cannot trace making a bound method
         out = own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
         engine.uncached_returned = True
         return out

@@ -22,7 +22,7 @@ __all__ = ["is_pipeline", "pipeline_transformers", "attach_refresh", "detach_ref
 Refresh = Callable[[torch.nn.Module, int | None], None]
 # a transformer: its pipeline's call starts (the class name; returns whether it is optimized) or ends (None)
 InCall = Callable[[torch.nn.Module, str | None], bool]
-Failed = Callable[[Any, list[str], BaseException], None]  # a call raised: the pipeline, its transformers optimized at the start, the error
+Failed = Callable[[Any, list[str]], None]  # a call raised: the pipeline, its transformers optimized at the start
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -128,8 +128,8 @@ def attach_refresh(pipe: Any, names: list[str], refresh: Refresh, in_call: InCal
         try:
             with counting_timesteps(self, names, refresh):
                 return base.__call__(self, *args, **kwargs)
-        except BaseException as err:
-            failed(self, optimized, err)
+        except BaseException:
+            failed(self, optimized)
             raise
         finally:
             for name in names:
