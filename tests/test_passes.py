@@ -155,6 +155,28 @@ def test_rewrite_puts_the_middle_inside_one_cond():
     assert not any(n.meta.get("dittofx_region") == "middle" for n in cached.graph.nodes if n.op == "call_function")
 
 
+def test_rewrite_passes_leave_their_input_module_as_it_was():
+    """Graph in, graph out: the cond branches live on the output module, not added to the input
+    (rewrite runs three times, once per decision form, on one captured module)."""
+    from dittofx.passes.prune import PruneRewritePass, prunable_blocks
+    from dittofx.passes.rewrite import CacheRewritePass
+
+    z, model, graph, weights = captured("pixart")
+    chain = find_chain(graph.gm, model, weights)
+    part = partition(graph.gm, chain, 1, 0, weights)
+    before = (graph.gm.code, dict(graph.gm.named_modules()), dict(graph.gm.named_buffers()))
+    opts = RewriteOptions(0.1, float("inf"), 0, 1, -1, -1, "timestep")
+    passes = [CacheRewritePass(part, opts, d) for d in ("device", "compute", "cache")]
+    passes.append(PruneRewritePass(part, prunable_blocks(graph.gm, part, ()), threshold=0.1, max_warmup_steps=1,
+                                   warmup_interval=1, timestep_input="timestep"))  # fmt: skip
+    for p in passes:
+        out = p(graph.gm).graph_module
+        assert (graph.gm.code, dict(graph.gm.named_modules()), dict(graph.gm.named_buffers())) == before
+        conds = out.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond)
+        assert all(isinstance(out.get_submodule(c.args[k].target), torch.fx.GraphModule) for c in conds for k in (1, 2))
+    assert len(conds) == len(chain) - 1  # DBPrune's: a cond per prunable block
+
+
 def test_input_structure_changes_recapture_and_resolution_changes_do_not():
     z = zoo.get("flux")
     model = dittofx.optimize(z.build(), {"residual_diff_threshold": 0.0})

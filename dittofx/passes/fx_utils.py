@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -9,7 +10,7 @@ import torch.fx as fx
 
 from ..patterns.chain import int_hint
 
-__all__ = ["cond_branch", "copy_meta", "dense", "flat", "fresh_flat", "is_view", "memory_order", "unflat"]
+__all__ = ["cond_branch", "copy_meta", "dense", "flat", "fresh_flat", "is_view", "memory_order", "new_module", "unflat"]
 
 
 def copy_meta(dst: fx.Node, src: fx.Node) -> fx.Node:
@@ -31,6 +32,13 @@ def cond_branch(gm: fx.GraphModule, operands: list[fx.Node], body, name: str) ->
     outs = body(graph, env)
     graph.output(tuple(outs))
     return fx.GraphModule(gm, graph, class_name=name)
+
+
+def new_module(gm: fx.GraphModule, graph: fx.Graph, branches: dict[str, fx.GraphModule], name: str) -> fx.GraphModule:
+    """`graph` as a module whose attributes are `gm`'s that it reads plus the new cond `branches`:
+    a pass leaves its input module as it was (graph in, graph out)."""
+    read = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")} - branches.keys()
+    return fx.GraphModule({**{t: functools.reduce(getattr, t.split("."), gm) for t in read}, **branches}, graph, class_name=name)
 
 
 def flat(graph: fx.Graph, node: fx.Node) -> fx.Node:

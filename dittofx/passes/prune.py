@@ -22,7 +22,7 @@ from ..patterns.chain import Block, int_hint, numel_hint
 from ..runtime import gates
 from ..runtime.state import state_names
 from .partition import Partition, PartitionError, pair_carried
-from .fx_utils import cond_branch, copy_meta, dense, flat, fresh_flat, memory_order, unflat
+from .fx_utils import cond_branch, copy_meta, dense, flat, fresh_flat, memory_order, new_module, unflat
 from .rewrite import begin_graph
 from .sizes import cond_operands
 
@@ -114,6 +114,7 @@ class PruneRewritePass(PassBase):
         residuals = iter(st[f"residual_{j}"] for j in range(len(outs)))
         by_start = {b.nodes[0]: (j, b) for j, b in enumerate(blocks)}
         done: set[fx.Node] = set()
+        branches: dict[str, fx.GraphModule] = {}
         for node in nodes:
             if part.region.get(node) != "middle" or node in done:
                 continue
@@ -122,7 +123,7 @@ class PruneRewritePass(PassBase):
                 continue
             j, b = by_start[node]
             res = [next(residuals) for _ in b.outputs]
-            self._block(g, gm, b, j, res, env, on_host, pruned, x, st)
+            self._block(g, gm, b, j, res, env, on_host, pruned, x, st, branches)
             done.update(b.nodes)
 
         g.call_function(gates.finish_prune, (step, valid, st["hist_diff"], st["hist_cached"], diffs, pruned))
@@ -132,10 +133,11 @@ class PruneRewritePass(PassBase):
             elif node.op != "placeholder" and part.region[node] in ("Bn", "epilogue"):
                 copy(node)
         g.lint()
-        return fx.GraphModule(gm, g, class_name="DittofxPruned")
+        return new_module(gm, g, branches, "DittofxPruned")
 
-    def _block(self, g, gm, b: PrunableBlock, j, res, env, on_host, pruned, x, st) -> None:
-        """cond(pruned[j]: paired inputs + residuals, else: the block), then the stores. Both
+    def _block(self, g, gm, b: PrunableBlock, j, res, env, on_host, pruned, x, st, branches) -> None:
+        """cond(pruned[j]: paired inputs + residuals, else: the block), then the stores (its branch
+        modules go into `branches` by attribute name). Both
         branches return each output 1-D in its eager memory order (a transposed stream, as
         HunyuanVideo's, included), as rewrite's cond does."""
         try:  # floats are no cond operands: the branch computes them again from the sizes they come from
@@ -161,10 +163,8 @@ class PruneRewritePass(PassBase):
                 outs.append(flat(graph, dense(graph, out, orders[o]) if orders[o] or memory_order(b.pairs[o]) else out))
             return outs
 
-        prune_gm = cond_branch(gm, operands, prune_body, f"PruneBranch{j}")
-        run_gm = cond_branch(gm, operands, run_body, f"RunBranch{j}")
-        gm.add_submodule(f"dittofx_prune_{j}", prune_gm)
-        gm.add_submodule(f"dittofx_run_{j}", run_gm)
+        branches[f"dittofx_prune_{j}"] = cond_branch(gm, operands, prune_body, f"PruneBranch{j}")
+        branches[f"dittofx_run_{j}"] = cond_branch(gm, operands, run_body, f"RunBranch{j}")
         pred = g.call_function(torch.ops.aten.select.int, (on_host, 0, j))
         cond = g.call_function(
             torch.ops.higher_order.cond,

@@ -22,7 +22,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..runtime import gates
 from ..runtime.state import SCALARS, state_names
 from .partition import Partition, PartitionError
-from .fx_utils import cond_branch, copy_meta, dense, flat, fresh_flat, is_view, memory_order, unflat
+from .fx_utils import cond_branch, copy_meta, dense, flat, fresh_flat, is_view, memory_order, new_module, unflat
 from .sizes import cond_operands
 
 __all__ = ["CacheRewritePass", "DECISIONS", "RewriteOptions", "begin_graph"]
@@ -129,8 +129,9 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
         env[node] = copy_meta(g.node_copy(node, skeleton_arg), node)
     bases = [env[part.base[o]] for o in outs]
 
+    branches: dict[str, fx.GraphModule] = {}
     if decision == "device":
-        diff, cache = _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, at)
+        diff, cache = _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, at, branches)
     else:
         fixed = g.call_function(gates.fixed_decision, (step,), {"cache": decision == "cache"})
         diff = g.call_function(operator.getitem, (fixed, 0))
@@ -159,11 +160,12 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
         elif node.op != "placeholder" and region[node] in ("Bn", "epilogue"):
             copy(node)
     g.lint()
-    return fx.GraphModule(gm, g, class_name="DittofxCached")
+    return new_module(gm, g, branches, "DittofxCached")
 
 
-def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, at):
-    """Gates and diff in the graph; the middle inside torch.cond(cache, forecast, middle)."""
+def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, at, branches):
+    """Gates and diff in the graph; the middle inside torch.cond(cache, forecast, middle), whose
+    branch modules go into `branches` by attribute name."""
     region = part.region
     step, valid, cached_count, cont_count, acc = (st[n] for n in ("step", "valid", "cached_count", "cont_count", "acc"))
     gate = g.call_function(
@@ -208,10 +210,8 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
 
     orders = {o: memory_order(o) for o in outs}
 
-    cache_gm = cond_branch(gm, operands, cache_body, "CacheBranch")
-    compute_gm = cond_branch(gm, operands, compute_body, "ComputeBranch")
-    gm.add_submodule("dittofx_cache_branch", cache_gm)
-    gm.add_submodule("dittofx_compute_branch", compute_gm)
+    branches["dittofx_cache_branch"] = cond_branch(gm, operands, cache_body, "CacheBranch")
+    branches["dittofx_compute_branch"] = cond_branch(gm, operands, compute_body, "ComputeBranch")
     cond = g.call_function(
         torch.ops.higher_order.cond,
         (cache, g.get_attr("dittofx_cache_branch"), g.get_attr("dittofx_compute_branch"), tuple(operands)),
