@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -47,9 +48,15 @@ class RewriteOptions:
     gap_in_timesteps: bool = False  # TaylorSeer's gap in the timestep input's units, not in steps
     newton: bool = False  # TaylorSeer as a Newton polynomial through the stored computes
 
-    def gate_options(self) -> dict:
-        """The keyword arguments of `gates.step_gate`."""
+    def decision_options(self, decision: str) -> dict:
+        """The keyword arguments of `gates.decide_step` for a step decided by `decision`."""
         return dict(
+            decision=decision,
+            in_timesteps=self.gap_in_timesteps,
+            threshold=self.threshold,
+            acc_limit=self.acc_limit,
+            group=self.group,
+            teacache_coefficients=self.teacache_coefficients,
             max_warmup_steps=self.max_warmup_steps,
             warmup_interval=self.warmup_interval,
             max_cached_steps=self.max_cached_steps,
@@ -58,6 +65,10 @@ class RewriteOptions:
             static_mask=self.static_mask,
             last_step_computes=self.last_step_computes,
         )
+
+    def forecast_at(self, valid: Any, elapsed: Any, times: Any, now: Any) -> tuple:
+        """`gates.forecast`'s arguments after (residual, carried): Newton's takes the stored positions too."""
+        return (valid, elapsed, times, now) if self.newton else (valid, elapsed)
 
 
 DECISIONS = ("device", "compute", "cache")
@@ -115,11 +126,6 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
     g, st, env, copy = begin_graph(gm, part, state_names(len(outs)), opt.timestep_input)
     residuals = [st[f"residual_{j}"] for j in range(len(outs))]
     step, _num, last_ts, valid, cached_count, cont_count, acc = (st[n] for n in SCALARS)
-    # where this step sits (begin_step put its timestep in last_ts), and how far the last compute is
-    now = g.call_function(gates.position, (step, last_ts), {"in_timesteps": opt.gap_in_timesteps})
-    elapsed = g.call_function(gates.since_last_compute, (now, st["taylor_times"]))
-    # the forecast's arguments after (residual, base): Newton's needs the stored positions too
-    at = (valid, elapsed, st["taylor_times"], now) if opt.newton else (valid, elapsed)
 
     # the skeleton of the middle (blocks skipped, code between them kept) gives each output's base
     def skeleton_arg(n: fx.Node) -> fx.Node:
@@ -129,13 +135,20 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
         env[node] = copy_meta(g.node_copy(node, skeleton_arg), node)
     bases = [env[part.base[o]] for o in outs]
 
+    # where this step sits (begin_step put its timestep in last_ts), how far the last compute is,
+    # and the decision (on the device, or the host's)
+    decided = g.call_function(
+        gates.decide_step,
+        (step, st["num_steps"], last_ts, valid, cached_count, cont_count, acc, st["mask"], st["p"], st["taylor_times"],
+         env[part.h_fn], env[part.h0]),
+        opt.decision_options(decision),
+    )  # fmt: skip
+    diff, cache, elapsed, now = (g.call_function(operator.getitem, (decided, i)) for i in range(4))
+    at = opt.forecast_at(valid, elapsed, st["taylor_times"], now)
     branches: dict[str, fx.GraphModule] = {}
     if decision == "device":
-        diff, cache = _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, at, branches)
+        _cond_middle(g, gm, part, cache, env, nodes, outs, residuals, bases, at, branches)
     else:
-        fixed = g.call_function(gates.fixed_decision, (step,), {"cache": decision == "cache"})
-        diff = g.call_function(operator.getitem, (fixed, 0))
-        cache = g.call_function(operator.getitem, (fixed, 1))
         if decision == "compute":
             for node in nodes:
                 if region[node] == "middle":
@@ -163,30 +176,10 @@ def rewrite(gm: fx.GraphModule, part: Partition, opt: RewriteOptions, decision: 
     return new_module(gm, g, branches, "DittofxCached")
 
 
-def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, at, branches):
-    """Gates and diff in the graph; the middle inside torch.cond(cache, forecast, middle), whose
-    branch modules go into `branches` by attribute name."""
+def _cond_middle(g, gm, part, cache, env, nodes, outs, residuals, bases, at, branches) -> None:
+    """The middle inside torch.cond(cache, forecast, middle), whose branch modules go into
+    `branches` by attribute name."""
     region = part.region
-    step, valid, cached_count, cont_count, acc = (st[n] for n in ("step", "valid", "cached_count", "cont_count", "acc"))
-    gate = g.call_function(
-        gates.step_gate,
-        (step, valid, cached_count, cont_count, st["mask"], st["num_steps"]),
-        opt.gate_options(),
-    )
-    if opt.teacache_coefficients is not None:
-        decision = g.call_function(
-            gates.teacache_decide,
-            (env[part.h_fn], st["p"], gate, acc),
-            dict(coefficients=opt.teacache_coefficients, threshold=opt.threshold, group=opt.group),
-        )
-    else:
-        decision = g.call_function(
-            gates.decide,
-            (env[part.h_fn], env[part.h0], st["p"], gate, acc),
-            dict(threshold=opt.threshold, acc_limit=opt.acc_limit, group=opt.group),
-        )
-    diff = g.call_function(operator.getitem, (decision, 0))
-    cache = g.call_function(operator.getitem, (decision, 1))
     # views as operands (e.g. the chunks of one modulation linear that TeaCache's middle reads)
     # alias each other, which torch.cond refuses under compile: hand the branches copies
     # floats are no cond operands: the branch computes them again from the sizes they come from
@@ -218,4 +211,3 @@ def _device_decision(g, gm, part, opt, st, env, nodes, outs, residuals, bases, a
     )
     for j, (out, base) in enumerate(zip(outs, bases)):  # the base has the output's shape
         env[out] = copy_meta(unflat(g, g.call_function(operator.getitem, (cond, j)), base, orders[out]), out)
-    return diff, cache

@@ -601,7 +601,7 @@ class Blockwise:
     def _forecast(self, st: _Step) -> list[torch.Tensor]:
         """The carried streams after a skipped middle: what reaches its last block + the residual."""
         s, (_diff, _cache, elapsed, now) = st.state, st.decided
-        at = (s.valid, elapsed, s.taylor_times, now) if self.engine.options.newton else (s.valid, elapsed)
+        at = self.engine.options.forecast_at(s.valid, elapsed, s.taylor_times, now)
         residuals = [getattr(s, name) for name in s.residual_names]
         for name, r, b in zip(self.carried, residuals, st.bases):
             if r.shape[1:] != b.shape:
@@ -646,21 +646,11 @@ class Blockwise:
         )
 
     def _gates(self, s: Any, st: _Step) -> tuple:
-        """begin_step, the step's position, and the decision on state `s`: (diff, cache, elapsed, position)."""
-        opt = self.engine.options
+        """begin_step, then the step's position and decision on state `s`: (diff, cache, elapsed, position)."""
         gates.begin_step(
             s.step, s.num_steps, s.last_ts, s.valid, s.cached_count, s.cont_count, s.acc, s.hist_diff, s.hist_cached, st.timestep
         )
-        now = gates.position(s.step, s.last_ts, in_timesteps=opt.gap_in_timesteps)
-        elapsed = gates.since_last_compute(now, s.taylor_times)
-        if st.decision == "device":
-            gate = gates.step_gate(s.step, s.valid, s.cached_count, s.cont_count, s.mask, s.num_steps, **opt.gate_options())
-            if opt.teacache_coefficients is not None:
-                diff, cache = gates.teacache_decide(
-                    st.h_fn, s.p, gate, s.acc, coefficients=opt.teacache_coefficients, threshold=opt.threshold, group=opt.group
-                )
-            else:
-                diff, cache = gates.decide(st.h_fn, st.h0, s.p, gate, s.acc, threshold=opt.threshold, acc_limit=opt.acc_limit, group=opt.group)
-        else:
-            diff, cache = gates.fixed_decision(s.step, cache=st.decision == "cache")
-        return diff, cache, elapsed, now
+        return gates.decide_step(
+            s.step, s.num_steps, s.last_ts, s.valid, s.cached_count, s.cont_count, s.acc, s.mask, s.p, s.taylor_times,
+            st.h_fn, st.h0, **self.engine.options.decision_options(st.decision),
+        )  # fmt: skip

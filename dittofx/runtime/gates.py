@@ -9,14 +9,15 @@ every step of every request.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .. import kernels
 
 __all__ = [
-    "begin_step", "step_gate", "decide", "teacache_decide", "fixed_decision", "finish_step", "position", "since_last_compute", "forecast",
+    "begin_step", "decide_step", "step_gate", "decide", "teacache_decide", "fixed_decision", "finish_step", "position", "since_last_compute",
+    "forecast",
     "prune_decide", "add_residual", "prune_store", "finish_prune",
 ]  # fmt: skip
 
@@ -63,6 +64,45 @@ def begin_step(
     hist_diff.copy_(torch.where(new, torch.full_like(hist_diff, math.nan), hist_diff))
     hist_cached.copy_(torch.where(new, torch.full_like(hist_cached, -1), hist_cached))
     last_ts.copy_(ts)
+
+
+def decide_step(
+    step: torch.Tensor,
+    num_steps: torch.Tensor,
+    last_ts: torch.Tensor,
+    valid: torch.Tensor,
+    cached_count: torch.Tensor,
+    cont_count: torch.Tensor,
+    acc: torch.Tensor,
+    mask: torch.Tensor,
+    p: torch.Tensor,
+    times: torch.Tensor,
+    h_fn: torch.Tensor,
+    h0: torch.Tensor,
+    *,
+    decision: str,
+    in_timesteps: bool,
+    threshold: float,
+    acc_limit: float,
+    group: str | None,
+    teacache_coefficients: tuple[float, ...] | None,
+    **gate_options: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """After begin_step: where this step sits, how far the last compute is, and the decision, made
+    on the device (`decision="device"`: gates and diff, SPEC §3 or TeaCache's §6) or taken from the
+    host ("compute" / "cache": no diff). The one sequence the rewritten graph (a node) and the
+    block-by-block path (a call) both run. Returns (diff, cache, elapsed, position)."""
+    now = position(step, last_ts, in_timesteps=in_timesteps)
+    elapsed = since_last_compute(now, times)
+    if decision != "device":
+        diff, cache = fixed_decision(step, cache=decision == "cache")
+    else:
+        gate = step_gate(step, valid, cached_count, cont_count, mask, num_steps, **gate_options)
+        if teacache_coefficients is not None:
+            diff, cache = teacache_decide(h_fn, p, gate, acc, coefficients=teacache_coefficients, threshold=threshold, group=group)
+        else:
+            diff, cache = decide(h_fn, h0, p, gate, acc, threshold=threshold, acc_limit=acc_limit, group=group)
+    return diff, cache, elapsed, now
 
 
 def step_gate(
