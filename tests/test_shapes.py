@@ -186,3 +186,19 @@ def test_an_int_export_specialized_keys_its_graph_by_value(caplog):
                 assert torch.equal(model(**kwargs)[0], plain(**kwargs)[0]), (frames, s)
     assert [e.captured.dynamic_dims.get(4) for e in model._dittofx.entries] == [None, ()]  # num_frames: 1, then symbolic
     assert "Python-number input" not in caplog.text
+
+
+def test_a_capture_export_kept_no_size_symbolic_in_says_why(caplog):
+    """Cosmos takes `np.sqrt` of a ratio of sizes: a symbolic size makes it a SymFloat numpy cannot
+    take, so its capture is static: said once, with export's reason (FLUX's stays symbolic: no word)."""
+    for name, static in (("cosmos", True), ("flux", False)):
+        z = zoo.get(name)
+        model = dittofx.optimize(z.build(), {"residual_diff_threshold": 0.0, "max_warmup_steps": 0, "num_inference_steps": 2})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
+            for s in range(2):
+                model(**z.inputs(s, 1 - s / 2), return_dict=False)
+        said = [r.getMessage() for r in caplog.records if "captured with every size fixed" in r.getMessage()]
+        assert len(said) == static, (name, said)
+        assert not static or "sqrt" in said[0]
+        assert (model._dittofx.entries[0].captured.dynamic_dims == {}) == static

@@ -371,3 +371,63 @@ def test_sizes_given_as_numbers_are_said_to_make_a_graph_per_resolution(caplog):
     assert len(model._dittofx.entries) == 3
     assert caplog.text.count("a Python-number input of NucleusMoEImageTransformer2DModel changed value (4 -> 6, 4 -> 6)") == 1
     assert caplog.text.count("a Python-number input") == 1
+
+
+def scaled_output(forward):
+    """A user's wrapper of a model's forward: its output halved."""
+
+    def wrapped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return (out[0] * 0.5, *out[1:])
+
+    return wrapped
+
+
+def test_a_forward_wrapped_after_optimize_is_served_and_left_in_place_by_disable(caplog):
+    z = zoo.get("pixart")
+    plain, optimized = z.build(), dittofx.optimize(z.build(), CFG)
+    plain.forward, optimized.forward = scaled_output(plain.forward), scaled_output(optimized.forward)
+    want = request(plain, z)
+    assert all(torch.equal(g, w) for g, w in zip(request(optimized, z), want))
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        dittofx.disable(optimized)
+    assert "forward was replaced after dittofx.optimize" in caplog.text
+    assert all(torch.equal(g, w) for g, w in zip(request(optimized, z), want))  # the wrapper kept, the model's own inside
+
+
+def test_offload_hooks_added_after_optimize_are_refused_and_undo_it():
+    """accelerate's offload wraps forward and loads the weights inside the wrapper, after the
+    pre-hook gathered them (they are on "meta" till then): refused with what to do."""
+    from accelerate import cpu_offload
+
+    z = zoo.get("pixart")
+    plain, optimized = z.build(), dittofx.optimize(z.build(), CFG)
+    cpu_offload(plain, execution_device=torch.device("cpu"))
+    cpu_offload(optimized, execution_device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="wrapped after dittofx.optimize by hooks that move its weights") as err:
+        request(optimized, z)
+    assert "dittofx.optimize was undone" in "\n".join(getattr(err.value, "__notes__", []))
+    assert not hasattr(optimized, "_dittofx")
+    assert all(torch.equal(g, w) for g, w in zip(request(optimized, z), request(plain, z)))
+
+
+def test_a_model_moved_to_meta_and_back_starts_its_state_over():
+    """`to("meta")` then `to_empty` (weights loaded again): the cache state would hold whatever the
+    memory held (7s here, as if so); it is dropped, and the next request runs as on a new model."""
+    z = zoo.get("flux")
+    cfg = {"residual_diff_threshold": 0.3, "max_warmup_steps": 1, "num_inference_steps": 4}
+    weights = z.build().state_dict()
+    fresh, moved = dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg)
+    request(moved, z, 4)
+    moved.to("meta")
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in z.inputs(0, 1.0).items()}
+    with torch.no_grad():
+        assert moved(**meta, return_dict=False)[0].is_meta  # (no autocast on "meta" to ask about)
+    moved.to_empty(device="cpu")
+    for buffer in moved._dittofx_states.buffers():
+        buffer.fill_(7)
+    moved.load_state_dict(weights)
+    for _ in range(2):  # (a 7 as the request length would run the second request on as steps 4-7)
+        got, want = request(moved, z, 4), request(fresh, z, 4)
+        assert dittofx.summary(moved, log_table=False)[0].cached_steps == dittofx.summary(fresh, log_table=False)[0].cached_steps
+        assert all(torch.equal(g, w) for g, w in zip(got, want))

@@ -42,6 +42,8 @@ class CapturedGraph:
     # symbol -> the values it may take: export records a branch on a size (`if num_frames > 1`) as
     # a range, not as an assert in the graph; a graph serves inputs outside its ranges wrongly
     ranges: dict[Any, ValueRanges]
+    # why export kept no size symbolic where it was asked to (None: it kept what the model allows)
+    static_because: str | None = None
 
     def weight_placeholders(self) -> list[fx.Node]:
         """The placeholders fed from the model (parameters, buffers, lifted constants)."""
@@ -136,18 +138,20 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, shapes: dict | No
         sys.stderr.write(printed.getvalue())
 
 
-def _export_most_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+def _export_most_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram, str | None]:
     """Export with tensor dims and int inputs symbolic, else dims only, else static: an int input
     may meet Python that takes no SymInt (an lru_cache keyed on it: NucleusMoE's rope), a dim a
-    size-dependent branch export cannot hold."""
+    size-dependent branch export cannot hold (Cosmos's `np.sqrt` of a size ratio). Returns the
+    program and, where it is static, why the last symbolic try failed."""
     has_ints = any(type(x) is int for x in pytree.tree_leaves((args, kwargs)))
     for ints in (True, False) if has_ints else (False,):
         try:
-            return _export(model, args, kwargs, _dynamic_shapes(model, args, kwargs, ints))
-        except Exception:
+            return _export(model, args, kwargs, _dynamic_shapes(model, args, kwargs, ints)), None
+        except Exception as err:
+            why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
             # a failed dynamic export leaves its dim markings on the input tensors: retry on aliases
             args, kwargs = pytree.tree_map(_alias, args), pytree.tree_map(_alias, kwargs)
-    return _export(model, args, kwargs, None)
+    return _export(model, args, kwargs, None), why
 
 
 def _symbolic(size: Any) -> bool:
@@ -163,7 +167,7 @@ def _alias(x: Any) -> Any:
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = True) -> CapturedGraph:
     """Export `model(*args, **kwargs)`; sizes (tensor dims, int inputs) are kept symbolic where the
     model allows it."""
-    ep = _export_most_symbolic(model, args, kwargs) if dynamic else _export(model, args, kwargs, None)
+    ep, static_because = _export_most_symbolic(model, args, kwargs) if dynamic else (_export(model, args, kwargs, None), None)
     sig = ep.graph_signature
     if sig.buffers_to_mutate or getattr(sig, "user_inputs_to_mutate", None):
         raise NotImplementedError("the forward mutates buffers or inputs; dittofx cannot cache it")
@@ -202,6 +206,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = T
         out_spec=ep.call_spec.out_spec,
         dynamic_dims=dynamic_dims,
         ranges=dict(ep.range_constraints),
+        static_because=static_because,
     )
 
 

@@ -39,7 +39,7 @@ from .blockwise import Blockwise, BlockwiseConfigError, BlockwiseError, bind_arg
 from . import graphs as own_graphs
 from . import structure
 from .graphs import Replays
-from .state import HISTORY, SCALARS, CacheState, mark_static, normal_tensors
+from .state import HISTORY, SCALARS, CacheState, CacheStates, mark_static, normal_tensors
 
 __all__ = ["Engine", "Entry", "CaptureError", "context_parallel_group"]
 
@@ -283,7 +283,7 @@ class Engine:
         self.entries: list[Entry] = []
         self.uncapturable: dict[tuple, Exception] = {}  # input keys whose capture failed -> why
         self._shelf: dict[tuple, list[Entry]] = {}  # graphs of earlier adapter/processor switches (oldest first)
-        self.states = torch.nn.ModuleDict()
+        self.states = CacheStates()
         # the graph for this call, its entry, its leading inputs (a plain list, see pre_call) and
         # the number of the split head's tensors it takes last (0: not a split step)
         self.current: tuple[fx.GraphModule, Entry, list[torch.Tensor], int] | None = None
@@ -323,6 +323,7 @@ class Engine:
         self._hook = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         forward = with_own_code(_cached_forward) if self.replays is None else torch._dynamo.disable(_cached_forward, reason=OWN_GRAPHS)
         model.forward = types.MethodType(forward, model)
+        self._forward_function = forward  # (a deep copy's engine shares it: functions copy as themselves)
         model.cache_context = _CacheContext(self, getattr(model, "cache_context", None))
         model._dittofx = self
 
@@ -345,13 +346,39 @@ class Engine:
         if self.blockwise is not None:
             self.blockwise.remove()
         self._hook.remove()
-        for attr, value in self._saved.items():
+        saved = dict(self._saved)
+        if not self._forward_is_ours():  # wrapped after optimize: the wrapper stays, ours inside it runs the model's own
+            log.warning(
+                "dittofx: %s.forward was replaced after dittofx.optimize (%r): left in place; the dittofx forward it may "
+                "call now runs the model's class forward%s", type(model).__name__, model.__dict__.get("forward"),
+                "" if saved["forward"] is None else f" (the instance forward it had before optimize, {saved['forward']!r}, is not restored)",
+            )  # fmt: skip
+            del saved["forward"]
+        for attr, value in saved.items():
             if value is None:
                 model.__dict__.pop(attr, None)
             else:
                 model.__dict__[attr] = value
         del model._modules["_dittofx_states"]
         del model.__dict__["_dittofx"]
+
+    def _forward_is_ours(self) -> bool:
+        """Whether the model's instance forward is still the one `attach` installed."""
+        forward = self.model.__dict__.get("forward")
+        return getattr(forward, "__self__", None) is self.model and getattr(forward, "__func__", None) is self._forward_function
+
+    def _refuse_a_forward_that_moves_weights(self) -> None:
+        """accelerate's offload hooks (and diffusers' hook registry) wrap forward and move the weights
+        inside the wrapper, after the pre-hook gathered them for the graph: a graph would read them
+        where they were (meta, or the offload device). Wrapped before optimize, they are kept."""
+        if self._forward_is_ours() or not any(h in self.model.__dict__ for h in ("_hf_hook", "_diffusers_hook")):
+            return
+        raise RuntimeError(
+            f"dittofx: {type(self.model).__name__}.forward was wrapped after dittofx.optimize by hooks that move its weights "
+            f"during the call (accelerate's cpu_offload / enable_model_cpu_offload / enable_sequential_cpu_offload, or "
+            f"diffusers' offloading hooks), after dittofx gathered them: call dittofx.disable(model) and set up the "
+            f"offload first, then dittofx.optimize (accelerate's cpu_offload set up first is served block by block)"
+        )
 
     def refresh(self, num_steps: int | None, from_pipeline: bool = False) -> None:
         """A new request length (None: unknown) and a new request (`dittofx.refresh`; a pipeline's
@@ -415,7 +442,8 @@ class Engine:
         autocast on the inputs' device."""
         weight = next(self.model.parameters(), None)
         device = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # (none on "meta")
+        autocast = torch.get_autocast_dtype(device) if on else None
         return self.model.training, None if weight is None else (weight.dtype, weight.device), autocast
 
     def _entry_for(self, args: tuple, kwargs: dict, leaves: list) -> tuple[Entry, tuple]:
@@ -485,7 +513,9 @@ class Engine:
                         "numbers checked",
                         "dittofx: a Python-number input of %s changed value (%s) with no tensor size changing: the graph "
                         "keeps it symbolic, but each new value is checked once against the model's own forward (an uncached "
-                        "run of it); a number that changes at every call, such as a timestep, is better passed as a tensor.",
+                        "run of it): once per value for sizes given as numbers (a new orientation at the same token count), "
+                        "at every call for a number that changes per call, such as a timestep, which is better passed as a "
+                        "tensor.",
                         type(self.model).__name__, changed,
                     )  # fmt: skip
                 return
@@ -560,6 +590,12 @@ class Engine:
                 f"allows enable_parallelism once per model, so start from a freshly loaded one)"
             )
         captured = self._capture(args, kwargs, dynamic)
+        if captured.static_because:
+            self._warn_once(
+                "static capture", "dittofx: %s was captured with every size fixed: export could not keep its sizes "
+                "symbolic (%s); each new resolution or batch size is a capture of its own (and a recompile under "
+                "torch.compile)", type(self.model).__name__, captured.static_because,
+            )  # fmt: skip
         self._watch()
         self._stateful = structure.stateful_modules(self.model)
         switches = structure.python_state(self._stateful)
@@ -929,6 +965,7 @@ class Engine:
     def pre_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
         """Pick this call's graph and gather its leading inputs; for a step split at its decision,
         run the head and return its tensors."""
+        self._refuse_a_forward_that_moves_weights()
         self._end_request_after_uncached()
         self._capture_again_if_changed()
         if self.length_from_pipeline and self.pipeline_call is None:
@@ -1143,6 +1180,7 @@ class Engine:
             own, self.forward_error = err is self.forward_error, None  # not kept: its traceback holds tensors
             if not self.ran and not own:
                 self.detach()
+                err.add_note(f"dittofx: this first call failed in dittofx, so dittofx.optimize was undone: {type(module).__name__} runs its own forward from now on")
             raise
         # the split head's tensors reach the forward as an input of the call, not through the
         # module: dynamo would take them for static (guarded, CUDA-graph-fixed) module state
@@ -1187,7 +1225,9 @@ def with_own_code(func: types.FunctionType) -> types.FunctionType:
 def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The forward `optimize` installs: run the rewritten graph on live weights and state (and, for
     a split step, on the head's tensors: the tail's last inputs)."""
-    engine: Engine = self._dittofx
+    engine: Engine | None = getattr(self, "_dittofx", None)
+    if engine is None:  # dittofx.disable ran while a forward installed after optimize still wraps this one
+        return type(self).forward(self, *args, **kwargs)
     if engine.blockwise is not None:
         return engine.blockwise.call(lambda: engine._forward_of_model()(*args, **kwargs))
     if engine.current is None:  # inputs with no graph (Engine.prepare): the model's own forward

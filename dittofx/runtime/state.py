@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["CacheState", "HISTORY", "SCALARS", "mark_static", "normal_tensors", "state_names"]
+__all__ = ["CacheState", "CacheStates", "HISTORY", "SCALARS", "mark_static", "normal_tensors", "state_names"]
 
 HISTORY = 1024  # steps of per-request history kept for `summary()`
 
@@ -128,3 +128,15 @@ class CacheState(torch.nn.Module):
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class CacheStates(torch.nn.ModuleDict):
+    """The engine's states by CFG branch. Moved out of "meta" (`model.to_empty`) they would hold
+    whatever the memory held: they are dropped instead, and each branch's next call makes a new one."""
+
+    def _apply(self, fn, recurse=True):
+        was_meta = any(t.is_meta for t in self.buffers())
+        out = super()._apply(fn, recurse)
+        if was_meta and not any(t.is_meta for t in self.buffers()):
+            self.clear()
+        return out
