@@ -364,6 +364,11 @@ def test_inputs_that_require_grad_are_said_to_get_no_graph(pixart, caplog):
         model(**kwargs)
     assert not out.requires_grad
     assert caplog.text.count("got inputs that require grad: dittofx is for inference") == 1
+    trained = dittofx.optimize(pixart.build(), CFG).train()  # a fine-tune: only the parameters require grad
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        trained(**pixart.inputs(0, 1.0))
+        trained.eval()(**pixart.inputs(1, 0.5))  # eval, grad on, nothing requires grad in the inputs: inference
+    assert caplog.text.count("is in train() mode with parameters that require grad: dittofx is for inference") == 1
 
 
 def test_cache_dit_config_objects_are_taken_with_their_own_defaults():

@@ -374,6 +374,22 @@ def test_keyword_arguments_out_of_the_signatures_order_keep_dims_symbolic():
         torch.testing.assert_close(got, model(**other)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_the_same_keywords_in_another_order_share_one_graph():
+    """Two pipelines sharing a transformer may pass its keywords in other orders: the pre-hook puts
+    them in the forward's order, so one graph serves both (it was a capture per order)."""
+    z = zoo.get("flux")
+    plain = z.build()
+    model = dittofx.optimize(z.build(), {"residual_diff_threshold": 0.0, "max_warmup_steps": 0, "num_inference_steps": 2})
+    with torch.no_grad():
+        for reverse in (False, True, False):
+            for s in range(2):
+                kwargs = z.inputs(s, 1 - s / 2)
+                if reverse:
+                    kwargs = dict(reversed(list(kwargs.items())))
+                assert torch.equal(model(**kwargs, return_dict=False)[0], plain(**kwargs, return_dict=False)[0])
+    assert len(model._dittofx.entries) == 1
+
+
 def test_a_failed_export_passes_on_what_it_printed_but_its_partial_graph(monkeypatch, capsys):
     """What the forward prints while export traces it (a deprecation notice) reaches stderr; the
     partial graph torch prints for a failed export does not."""

@@ -303,6 +303,7 @@ class Engine:
         self.path = "torch.export graph"
         self.blockwise: Blockwise | None = None  # set when the forward cannot be captured
         self._forward_signature: inspect.Signature | None = None  # the model forward's: its timestep input, bound arguments
+        self._keyword_rank: dict[str, int] | None = None  # the forward's parameter names -> their position
         self.options: RewriteOptions | None = None  # the block-by-block path's step options (a graph's go into its rewrite)
         # instance attributes we replace, as they were (None: not set on the instance)
         self._saved = {attr: model.__dict__.get(attr) for attr in ("forward", "cache_context")}
@@ -970,14 +971,8 @@ class Engine:
         self._capture_again_if_changed()
         if self.length_from_pipeline and self.pipeline_call is None:
             self._outside_its_pipeline()
-        if torch.is_grad_enabled() and "grad" not in self._warned and any(
-            isinstance(x, torch.Tensor) and x.requires_grad for x in pytree.tree_leaves((args, kwargs))
-        ):
-            self._warn_once(
-                "grad", "dittofx: %s got inputs that require grad: dittofx is for inference, its forward runs under "
-                "torch.no_grad() (the output has no graph to backpropagate); dittofx.disable(model) to train it.",
-                type(self.model).__name__,
-            )  # fmt: skip
+        if torch.is_grad_enabled() and "grad" not in self._warned:
+            self._warn_if_training(args, kwargs)
         prepared = self.prepare(args, kwargs)
         if prepared is None:
             return self._blockwise_call(args, kwargs)
@@ -1019,6 +1014,21 @@ class Engine:
         self.current = (graph, entry, leading, len(head))
         self.ran = True
         return head or None
+
+    def _warn_if_training(self, args: tuple, kwargs: dict) -> None:
+        """A call with grad enabled that looks like a training step: inputs that require grad, or a
+        model in train() mode with parameters that do (a fine-tune). Said once: the forward runs under
+        no_grad, so backward would fail with torch's generic 'does not require grad'."""
+        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in pytree.tree_leaves((args, kwargs))):
+            why = "got inputs that require grad"
+        elif self.model.training and any(p.requires_grad for p in self.model.parameters()):
+            why = "is in train() mode with parameters that require grad"
+        else:
+            return
+        self._warn_once(
+            "grad", "dittofx: %s %s: dittofx is for inference, its forward runs under torch.no_grad() (the output has "
+            "no graph to backpropagate); dittofx.disable(model) to train it.", type(self.model).__name__, why,
+        )  # fmt: skip
 
     def _reuse_first_branch(self, branch: str, decision: str, state: Any) -> str:
         """cfg_diff_compute_separate=False (SPEC §3): a step of the second CFG branch takes the
@@ -1172,8 +1182,9 @@ class Engine:
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.capturing:
             return None
+        ordered = self._in_signature_order(kwargs)
         try:
-            head = self.pre_call(args, kwargs)
+            head = self.pre_call(args, ordered)
         except Exception as err:
             # a first call that failed leaves the model as it was, unless the model's own forward
             # raised on its inputs (then the next call, with good inputs, captures)
@@ -1184,7 +1195,19 @@ class Engine:
             raise
         # the split head's tensors reach the forward as an input of the call, not through the
         # module: dynamo would take them for static (guarded, CUDA-graph-fixed) module state
-        return None if head is None else (args, {**kwargs, HEAD_KWARG: head})
+        if head is not None:
+            return args, {**ordered, HEAD_KWARG: head}
+        return None if ordered is kwargs else (args, ordered)
+
+    def _in_signature_order(self, kwargs: dict) -> dict:
+        """`kwargs` in the order of the forward's parameters (names it does not list last, as given):
+        a graph takes the call's inputs in their flattened order, so callers passing the same
+        keywords in another order (pipelines sharing a transformer) would each get graphs of their own."""
+        if self._keyword_rank is None:
+            self._keyword_rank = {name: i for i, name in enumerate(inspect.signature(self._forward_of_model()).parameters)}
+        rank, names = self._keyword_rank, list(kwargs)
+        ordered = sorted(names, key=lambda name: rank.get(name, len(rank)))
+        return kwargs if ordered == names else {name: kwargs[name] for name in ordered}
 
 
 HEAD_KWARG = "_dittofx_head"
