@@ -431,3 +431,19 @@ def test_a_model_moved_to_meta_and_back_starts_its_state_over():
         got, want = request(moved, z, 4), request(fresh, z, 4)
         assert dittofx.summary(moved, log_table=False)[0].cached_steps == dittofx.summary(fresh, log_table=False)[0].cached_steps
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_pickling_an_optimized_model_says_what_to_save_instead():
+    import io
+    import pickle
+
+    z = zoo.get("pixart")
+    model = dittofx.optimize(z.build(), CFG)
+    for captured in (False, True):  # before the first call, and with graphs captured
+        if captured:
+            request(model, z)
+        for save in (pickle.dumps, lambda m: torch.save(m, io.BytesIO())):
+            with pytest.raises(TypeError, match="cannot be pickled .* save_pretrained are unchanged by optimize"):
+                save(model)
+    dittofx.disable(model)
+    pickle.loads(pickle.dumps(model))

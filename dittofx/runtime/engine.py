@@ -322,11 +322,18 @@ class Engine:
         model = self.model
         model.add_module("_dittofx_states", self.states)
         self._hook = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        model._dittofx = self  # before forward: pickling the model meets the engine (__getstate__) first
         forward = with_own_code(_cached_forward) if self.replays is None else torch._dynamo.disable(_cached_forward, reason=OWN_GRAPHS)
         model.forward = types.MethodType(forward, model)
         self._forward_function = forward  # (a deep copy's engine shares it: functions copy as themselves)
         model.cache_context = _CacheContext(self, getattr(model, "cache_context", None))
-        model._dittofx = self
+
+    def __getstate__(self) -> dict:
+        raise TypeError(
+            f"dittofx: an optimized {type(self.model).__name__} cannot be pickled (torch.save(model), multiprocessing): "
+            f"its graphs hold export's fake tensors. Save its weights (state_dict() and save_pretrained are unchanged by "
+            f"optimize), or dittofx.disable(model) first; copy.deepcopy(model) works"
+        )
 
     def __deepcopy__(self, memo: dict) -> "Engine":
         """The engine of a deep copy of the model: the copy's own state, graphs captured again on
@@ -369,15 +376,19 @@ class Engine:
         return getattr(forward, "__self__", None) is self.model and getattr(forward, "__func__", None) is self._forward_function
 
     def _refuse_a_forward_that_moves_weights(self) -> None:
-        """accelerate's offload hooks (and diffusers' hook registry) wrap forward and move the weights
-        inside the wrapper, after the pre-hook gathered them for the graph: a graph would read them
-        where they were (meta, or the offload device). Wrapped before optimize, they are kept."""
-        if self._forward_is_ours() or not any(h in self.model.__dict__ for h in ("_hf_hook", "_diffusers_hook")):
+        """accelerate's hooks (offload, device alignment) and diffusers' offloading hooks wrap forward
+        and move the weights inside the wrapper, after the pre-hook gathered them for the graph: a
+        graph would read them where they were (meta, or the offload device). Wrapped before optimize,
+        they are kept. (diffusers' context-parallel hooks move no weights: not refused.)"""
+        if self._forward_is_ours():
+            return
+        registry = self.model.__dict__.get("_diffusers_hook")
+        if "_hf_hook" not in self.model.__dict__ and not any("offload" in name for name in getattr(registry, "hooks", {})):
             return
         raise RuntimeError(
             f"dittofx: {type(self.model).__name__}.forward was wrapped after dittofx.optimize by hooks that move its weights "
             f"during the call (accelerate's cpu_offload / enable_model_cpu_offload / enable_sequential_cpu_offload, or "
-            f"diffusers' offloading hooks), after dittofx gathered them: call dittofx.disable(model) and set up the "
+            f"diffusers' group offloading), after dittofx gathered them: call dittofx.disable(model) and set up the "
             f"offload first, then dittofx.optimize (accelerate's cpu_offload set up first is served block by block)"
         )
 
