@@ -1193,8 +1193,8 @@ class Engine:
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.capturing:
             return None
-        ordered = self._in_signature_order(kwargs)
         try:
+            ordered = self._in_signature_order(kwargs)
             head = self.pre_call(args, ordered)
         except Exception as err:
             # a first call that failed leaves the model as it was, unless the model's own forward
@@ -1202,7 +1202,10 @@ class Engine:
             own, self.forward_error = err is self.forward_error, None  # not kept: its traceback holds tensors
             if not self.ran and not own:
                 self.detach()
-                err.add_note(f"dittofx: this first call failed in dittofx, so dittofx.optimize was undone: {type(module).__name__} runs its own forward from now on")
+                log.warning(
+                    "dittofx: the first call of %s failed in dittofx (%s: %s), so dittofx.optimize was undone: the model "
+                    "runs its own forward from now on", type(module).__name__, type(err).__name__, str(err).split("\n")[0],
+                )  # fmt: skip
             raise
         # the split head's tensors reach the forward as an input of the call, not through the
         # module: dynamo would take them for static (guarded, CUDA-graph-fixed) module state
@@ -1215,7 +1218,11 @@ class Engine:
         a graph takes the call's inputs in their flattened order, so callers passing the same
         keywords in another order (pipelines sharing a transformer) would each get graphs of their own."""
         if self._keyword_rank is None:
-            self._keyword_rank = {name: i for i, name in enumerate(inspect.signature(self._forward_of_model()).parameters)}
+            try:
+                names = inspect.signature(self._forward_of_model()).parameters
+            except (TypeError, ValueError):  # a forward with no signature to read: the call's order stays
+                names = ()
+            self._keyword_rank = {name: i for i, name in enumerate(names)}
         rank, names = self._keyword_rank, list(kwargs)
         ordered = sorted(names, key=lambda name: rank.get(name, len(rank)))
         return kwargs if ordered == names else {name: kwargs[name] for name in ordered}
