@@ -146,7 +146,8 @@ def optimize(
     _warn_if_never_caches(cfg)
     engine = Engine(module, cfg, group, split, cuda_graphs)
     if example_inputs is not None:
-        engine.prepare(*example_inputs)  # captures now; raises before anything is attached
+        args, kwargs = example_inputs  # captured now (raises before anything is attached), keywords as calls get them
+        engine.prepare(args, engine.in_signature_order(kwargs))
     engine.attach()
     _tune_dynamo()
     return model

@@ -388,6 +388,12 @@ def test_the_same_keywords_in_another_order_share_one_graph():
                     kwargs = dict(reversed(list(kwargs.items())))
                 assert torch.equal(model(**kwargs, return_dict=False)[0], plain(**kwargs, return_dict=False)[0])
     assert len(model._dittofx.entries) == 1
+    # captured at optimize from keywords in another order: the same graph serves the calls
+    reversed_example = ((), dict(reversed([*z.inputs(0, 1.0).items(), ("return_dict", False)])))
+    model = dittofx.optimize(z.build(), {"residual_diff_threshold": 0.0, "num_inference_steps": 2}, example_inputs=reversed_example)
+    with torch.no_grad():
+        model(**z.inputs(0, 1.0), return_dict=False)
+    assert len(model._dittofx.entries) == 1
 
 
 def test_a_failed_export_passes_on_what_it_printed_but_its_partial_graph(monkeypatch, capsys):

@@ -148,7 +148,7 @@ def _export_most_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict) -> 
         try:
             return _export(model, args, kwargs, _dynamic_shapes(model, args, kwargs, ints)), None
         except Exception as err:
-            why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
             # a failed dynamic export leaves its dim markings on the input tensors: retry on aliases
             args, kwargs = pytree.tree_map(_alias, args), pytree.tree_map(_alias, kwargs)
     return _export(model, args, kwargs, None), why

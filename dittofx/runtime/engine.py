@@ -1194,7 +1194,7 @@ class Engine:
         if self.capturing:
             return None
         try:
-            ordered = self._in_signature_order(kwargs)
+            ordered = self.in_signature_order(kwargs)
             head = self.pre_call(args, ordered)
         except Exception as err:
             # a first call that failed leaves the model as it was, unless the model's own forward
@@ -1213,7 +1213,7 @@ class Engine:
             return args, {**ordered, HEAD_KWARG: head}
         return None if ordered is kwargs else (args, ordered)
 
-    def _in_signature_order(self, kwargs: dict) -> dict:
+    def in_signature_order(self, kwargs: dict) -> dict:
         """`kwargs` in the order of the forward's parameters (names it does not list last, as given):
         a graph takes the call's inputs in their flattened order, so callers passing the same
         keywords in another order (pipelines sharing a transformer) would each get graphs of their own."""
