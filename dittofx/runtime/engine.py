@@ -302,8 +302,6 @@ class Engine:
         self.capturing = False
         self.path = "torch.export graph"
         self.blockwise: Blockwise | None = None  # set when the forward cannot be captured
-        self._forward_signature: inspect.Signature | None = None  # the model forward's: its timestep input, bound arguments
-        self._keyword_rank: dict[str, int] | None = None  # the forward's parameter names -> their position
         self.options: RewriteOptions | None = None  # the block-by-block path's step options (a graph's go into its rewrite)
         # instance attributes we replace, as they were (None: not set on the instance)
         self._saved = {attr: model.__dict__.get(attr) for attr in ("forward", "cache_context")}
@@ -758,10 +756,8 @@ class Engine:
 
     def _timestep_of(self, args: tuple, kwargs: dict) -> Any:
         """The call's timestep input (TIMESTEP_INPUTS), if the forward has one."""
-        if self._forward_signature is None:
-            self._forward_signature = inspect.signature(self._forward_of_model())
-        name = timestep_input(self._forward_signature.parameters)
-        return bind_arguments(self._forward_signature, args, kwargs).get(name) if name else None
+        name = timestep_input(self.forward_signature.parameters)
+        return bind_arguments(self.forward_signature, args, kwargs).get(name) if name else None
 
     def _warn_restart(self, branch: str, step: int) -> None:
         """A fresh state in the middle of a request (calls of one step at different sizes on one
@@ -931,8 +927,7 @@ class Engine:
             chain = learn_chain(self.model, run, self.cfg.blocks)
             blockwise = Blockwise(self, chain, self.cfg.Fn_compute_blocks, self.cfg.Bn_compute_blocks)
             self._warn_if_middle_empty(len(chain), chain.lists)
-            self._forward_signature = inspect.signature(self._forward_of_model())
-            self.options = self._options(list(self._forward_signature.parameters))
+            self.options = self._options(list(self.forward_signature.parameters))
             blockwise.install()
             try:
                 blockwise.replay_check(run)
@@ -957,6 +952,16 @@ class Engine:
     def _forward_of_model(self) -> Callable:
         return self._saved["forward"] or types.MethodType(type(self.model).forward, self.model)
 
+    @functools.cached_property
+    def forward_signature(self) -> inspect.Signature:
+        """The model's own forward's: its timestep input, a call's bound arguments, its keyword order."""
+        return inspect.signature(self._forward_of_model())
+
+    @functools.cached_property
+    def _keyword_rank(self) -> dict[str, int]:
+        """The forward's parameter names -> their position."""
+        return {name: i for i, name in enumerate(self.forward_signature.parameters)}
+
     def _blockwise_call(self, args: tuple, kwargs: dict) -> None:
         if self.replays is not None:
             self._warn_once(
@@ -970,7 +975,7 @@ class Engine:
         decision = self._reuse_first_branch(branch, decision, state)
         self._remember(branch, decision, state)
         name = self.options.timestep_input
-        timestep = bind_arguments(self._forward_signature, args, kwargs).get(name) if name else None
+        timestep = bind_arguments(self.forward_signature, args, kwargs).get(name) if name else None
         self.blockwise.start(branch, decision, timestep if isinstance(timestep, torch.Tensor) else None, counted)
         self.ran = True
 
@@ -1217,12 +1222,6 @@ class Engine:
         """`kwargs` in the order of the forward's parameters (names it does not list last, as given):
         a graph takes the call's inputs in their flattened order, so callers passing the same
         keywords in another order (pipelines sharing a transformer) would each get graphs of their own."""
-        if self._keyword_rank is None:
-            try:
-                names = inspect.signature(self._forward_of_model()).parameters
-            except (TypeError, ValueError):  # a forward with no signature to read: the call's order stays
-                names = ()
-            self._keyword_rank = {name: i for i, name in enumerate(names)}
         rank, names = self._keyword_rank, list(kwargs)
         ordered = sorted(names, key=lambda name: rank.get(name, len(rank)))
         return kwargs if ordered == names else {name: kwargs[name] for name in ordered}
