@@ -97,10 +97,39 @@ class Entry:
         # each slot's dict (the owner's _parameters or _buffers) looked up once: live_state runs at
         # every call, over ~700 tensors for a 28-block DiT
         self._lookups = [((m._parameters if is_p else m._buffers), name) for m, name, is_p in self.slots]
+        self._reads: dict[str, tuple[list[int], list[tuple[int, dict, str]], list[int]]] = {}
 
     def live_state(self) -> list[torch.Tensor]:
         """The weights as they are now (replaced ones included: load_state_dict(assign=True))."""
         return [tensors[name] for tensors, name in self._lookups]
+
+    def leading(self, graph: str, state: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Graph `graph`'s leading inputs: the state, the weights as they are now and the lifted
+        constants, by position, None where the graph reads none. A cache step's graph reads a few
+        of the ~300-700 weights that the compute graph reads, and gathering the rest cost a cache
+        miss or more per weight at every step (~60 us per cached step, wan-cpu)."""
+        reads = self._reads.get(graph)
+        if reads is None:
+            reads = self._reads[graph] = self._leading_reads(graph, len(state))
+        states, weights, constants = reads
+        out: list[torch.Tensor | None] = [None] * (len(state) + len(self._lookups) + len(self.captured.constants))
+        for i in states:
+            out[i] = state[i]
+        for i, tensors, name in weights:
+            out[i] = tensors[name]
+        first_constant = len(state) + len(self._lookups)
+        for i in constants:
+            out[i] = self.captured.constants[i - first_constant]
+        return out
+
+    def _leading_reads(self, graph: str, num_state: int) -> tuple[list[int], list[tuple[int, dict, str]], list[int]]:
+        """The leading positions `graph` reads, as (state positions, (position, owner's dict, name)
+        per weight, constant positions)."""
+        first_constant = num_state + len(self._lookups)
+        placeholders = self.graphs[graph].graph.find_nodes(op="placeholder")[: first_constant + len(self.captured.constants)]
+        read = [i for i, node in enumerate(placeholders) if node.users]
+        weights = [(i, *self._lookups[i - num_state]) for i in read if num_state <= i < first_constant]
+        return [i for i in read if i < num_state], weights, [i for i in read if i >= first_constant]
 
 
 def _concrete(shape, bindings: dict) -> tuple[int, ...]:
@@ -999,16 +1028,11 @@ class Engine:
         entry, sizes, device, leaves = prepared
         branch = self._branch()
         state = self._state_for(branch, entry, sizes, device, args, kwargs)
-        # state, weights and constants go to the graph as one plain list, gathered here rather than
-        # inside the compiled forward: dynamo keeps module buffers at static shapes (every new
-        # resolution's fresh state would recompile; list items get automatic dynamic shapes), and
-        # walking entry.slots there cost ~6 guards per weight, evaluated on every call
-        leading = [*state.tensors(), *entry.live_state(), *entry.captured.constants]
         self._watch_timesteps(branch, args, kwargs)
         (decision, counted), head = self._host_decision(branch), ()
         decision = self._reuse_first_branch(branch, decision, state)
         if decision == "device" and (self.split is not None or self._host_reads_for_own_graphs(device)):
-            head = self._run_head(entry, leading, leaves, branch, state)
+            head = self._run_head(entry, self._leading(entry, "split-head", state), leaves, branch, state)
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
         elif decision == "device" and self.replays is None and "cond without CUDA graphs" not in self._warned and cuda_graphs_in_use(device):
             self._warn_once(
@@ -1027,7 +1051,7 @@ class Engine:
         graph = entry.graphs[decision]
         if self.replays is not None:
             graph = self.replays.get(decision, entry.graphs, branch, state, [*leaves, *head])
-        self.current = (graph, entry, leading, len(head))
+        self.current = (graph, entry, self._leading(entry, decision, state), len(head))
         self.ran = True
         return head or None
 
@@ -1168,6 +1192,16 @@ class Engine:
             "with split_at_decision=True)", torch.version.cuda, torch.__version__, type(self.model).__name__,
         )  # fmt: skip
         return True
+
+    def _leading(self, entry: Entry, graph: str, state: CacheState) -> list[torch.Tensor | None]:
+        """The graph's leading inputs as one plain list, gathered here rather than inside the
+        compiled forward: dynamo keeps module buffers at static shapes (every new resolution's fresh
+        state would recompile; list items get automatic dynamic shapes), and walking entry.slots
+        there cost ~6 guards per weight, evaluated on every call. dittofx's own CUDA graphs check
+        every one's address, so they get them all."""
+        if self.replays is not None:
+            return [*state.tensors(), *entry.live_state(), *entry.captured.constants]
+        return entry.leading(graph, state.tensors())
 
     def _run_head(self, entry: Entry, leading: list[torch.Tensor], leaves: list, branch: str, state: CacheState) -> tuple[torch.Tensor, ...]:
         """The split head (prologue, Fn, gates, diff), run here, before the forward: the forward
