@@ -401,3 +401,14 @@ def test_cache_dit_config_objects_are_taken_with_their_own_defaults():
                 model(**z.inputs(s, 1 - s / 6))
         stats.append(dittofx.summary(model, log_table=False)[0].cached_steps)
     assert stats[0] == stats[1] and 0 < len(stats[0]) < 5, stats
+
+
+def test_a_function_calling_the_model_under_fullgraph_is_told_to_compile_the_module():
+    """torch.compile(fullgraph=True) of a function that calls the optimized model meets the
+    pre-hook, which runs outside dynamo: the error says to compile the module itself."""
+    z = zoo.get("pixart")
+    model = dittofx.optimize(z.build(), {"residual_diff_threshold": 0.1, "num_inference_steps": 2})
+    call = torch.compile(lambda **kw: model(**kw), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match=r"compile the optimized module itself") as err, torch.no_grad():
+        call(**z.inputs(0, 1.0))
+    assert "cuda_graphs=True is called" not in str(err.value)

@@ -1228,7 +1228,11 @@ class Engine:
                 self.states[branch].reset()
             self.host.pop(branch, None)
 
-    @torch._dynamo.disable(reason="dittofx's pre-hook runs outside dynamo; a model optimized with cuda_graphs=True is called without torch.compile")
+    @torch._dynamo.disable(
+        reason="dittofx's forward pre-hook runs outside dynamo: compile the optimized module itself (torch.compile(model) or "
+        "model.compile()), whose call runs its hooks first, not a function that calls it (under fullgraph=True that compile "
+        "cannot hold the hook); with cuda_graphs=True, call the model without torch.compile"
+    )
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.capturing:
             return None
