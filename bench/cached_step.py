@@ -45,7 +45,7 @@ def graph_alone(model: torch.nn.Module, call_kwargs: dict):
     """The graph the model's next call runs, compiled on its own and called on that call's inputs."""
     engine = model._dittofx
     engine._pre_hook(model, (), call_kwargs)
-    graph, _, leading, _ = engine.current
+    graph, _, leading = engine.current
     inputs = pytree.tree_leaves(((), engine.in_signature_order(call_kwargs)))
     compiled = torch.compile(graph, fullgraph=True)
     return lambda: compiled(*leading, *inputs)

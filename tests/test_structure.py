@@ -393,6 +393,28 @@ def test_a_forward_wrapped_after_optimize_is_served_and_left_in_place_by_disable
         dittofx.disable(optimized)
     assert "forward was replaced after dittofx.optimize" in caplog.text
     assert all(torch.equal(g, w) for g, w in zip(request(optimized, z), want))  # the wrapper kept, the model's own inside
+    dittofx.optimize(optimized, CFG)  # the kept wrapper, around the first dittofx forward, is saved by this one
+    assert all(torch.equal(g, w) for g, w in zip(request(optimized, z), want))  # (was: RecursionError)
+    assert dittofx.summary(optimized)[0].computed_steps == [0, 1]
+
+
+def test_a_forward_called_directly_runs_uncached_and_counts_no_step(caplog):
+    """model.forward(...) skips the module's call and so dittofx's pre-hook: it runs as the model's
+    own forward (said once), and the module calls' step count goes on as if it had not happened
+    (it ran the latest module call's graph on a count it did not advance)."""
+    z = zoo.get("pixart")
+    cfg = {"residual_diff_threshold": 0.2, "max_warmup_steps": 1, "num_inference_steps": 6}
+    model, reference, plain = dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg), z.build()
+    with torch.no_grad():
+        for s in range(6):
+            x = z.inputs(s, 1 - s / 6)
+            assert torch.equal(model(**x)[0], reference(**x)[0])
+            if s in (2, 3):
+                assert torch.equal(model.forward(**x)[0], plain(**x)[0])
+    assert dittofx.summary(model)[0].cached_steps == dittofx.summary(reference)[0].cached_steps != []
+    assert caplog.text.count("was called directly") == 1
+    with pytest.raises(Exception, match="compile the module itself"), torch.no_grad():  # fullgraph cannot hold it
+        torch.compile(model.forward, fullgraph=True, backend="eager")(**z.inputs(0, 1.0))
 
 
 def test_offload_hooks_added_after_optimize_are_refused_and_undo_it(caplog):
@@ -463,7 +485,7 @@ def test_a_step_is_given_the_weights_its_graph_reads_as_they_are_now():
     def given(*_):
         if model._dittofx.capturing:
             return
-        graph, entry, leading, _ = model._dittofx.current
+        graph, entry, leading = model._dittofx.current
         name = next(k for k, g in entry.graphs.items() if g is graph)
         everything = [*model._dittofx.states["default"].tensors(), *entry.live_state(), *entry.captured.constants]
         reads = [bool(p.users) for p in graph.graph.find_nodes(op="placeholder")[: len(everything)]]

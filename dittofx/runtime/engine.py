@@ -313,9 +313,8 @@ class Engine:
         self.uncapturable: dict[tuple, Exception] = {}  # input keys whose capture failed -> why
         self._shelf: dict[tuple, list[Entry]] = {}  # graphs of earlier adapter/processor switches (oldest first)
         self.states = CacheStates()
-        # the graph for this call, its entry, its leading inputs (a plain list, see pre_call) and
-        # the number of the split head's tensors it takes last (0: not a split step)
-        self.current: tuple[fx.GraphModule, Entry, list[torch.Tensor], int] | None = None
+        # the graph for this call, its entry and its leading inputs (a plain list, see _leading)
+        self.current: tuple[fx.GraphModule, Entry, list[torch.Tensor | None]] | None = None
         self.host: dict[str, tuple[int, bool]] = {}  # per branch: (host step count, residuals stored)
         self._masks: dict[int | None, list[int] | None] = {}
         self.context_name: str | None = None
@@ -343,6 +342,7 @@ class Engine:
         self.changed: str | None = None
         self.watched = False  # structure.watch has seen the model (a deep copy's engine: not yet)
         self._stateful: list[torch.nn.Module] = []  # the modules whose Python switches the graphs read
+        self._own_running = False  # forward_without_pre_hook is running the model's own forward
 
     # ---- attach / detach -------------------------------------------------------------------
     def attach(self) -> None:
@@ -1051,7 +1051,7 @@ class Engine:
         graph = entry.graphs[decision]
         if self.replays is not None:
             graph = self.replays.get(decision, entry.graphs, branch, state, [*leaves, *head])
-        self.current = (graph, entry, self._leading(entry, decision, state), len(head))
+        self.current = (graph, entry, self._leading(entry, decision, state))
         self.ran = True
         return head or None
 
@@ -1229,9 +1229,9 @@ class Engine:
             self.host.pop(branch, None)
 
     @torch._dynamo.disable(
-        reason="dittofx's forward pre-hook runs outside dynamo: compile the optimized module itself (torch.compile(model) or "
-        "model.compile()), whose call runs its hooks first, not a function that calls it (under fullgraph=True that compile "
-        "cannot hold the hook); with cuda_graphs=True, call the model without torch.compile"
+        reason="dittofx's forward pre-hook runs outside dynamo: a model optimized with cuda_graphs=True is called without "
+        "torch.compile; any other is compiled as a module (torch.compile(model) or model.compile(), whose call runs its "
+        "hooks first), not through a function that calls it (under fullgraph=True that compile cannot hold the hook)"
     )
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.capturing:
@@ -1250,11 +1250,35 @@ class Engine:
                     "runs its own forward from now on", type(module).__name__, type(err).__name__, str(err).split("\n")[0],
                 )  # fmt: skip
             raise
-        # the split head's tensors reach the forward as an input of the call, not through the
-        # module: dynamo would take them for static (guarded, CUDA-graph-fixed) module state
-        if head is not None:
-            return args, {**ordered, HEAD_KWARG: head}
-        return None if ordered is kwargs else (args, ordered)
+        # the pre-hook's part of the call reaches the forward as a keyword of the call: the split
+        # head's tensors (empty on other steps; not through the module, where dynamo would take them
+        # for static, guarded, CUDA-graph-fixed module state), and by being there it tells the
+        # forward that the call went through the module's call and this pre-hook
+        return args, {**ordered, HEAD_KWARG: head or ()}
+
+    @torch._dynamo.disable(
+        reason="dittofx: the model's forward was called without the module's call, so dittofx's pre-hook did not run and it "
+        "runs uncached: compile the module itself (torch.compile(model) or model.compile()), not model.forward"
+    )
+    def forward_without_pre_hook(self, args: tuple, kwargs: dict) -> Any:
+        """A forward call that skipped the module's call and so this pre-hook (`model.forward(...)`,
+        `torch.compile(model.forward)`): the model's own forward, uncached, nothing counted (the
+        graph of the latest module call would run on a step count this call does not advance).
+        Within a capture, or re-entered (a forward wrapped around an earlier dittofx forward, saved
+        by this optimize), the class forward: the saved one would call back into this."""
+        if self.capturing or self._own_running:
+            return type(self.model).forward(self.model, *args, **kwargs)
+        self._warn_once(
+            "forward called", "dittofx: %s.forward was called directly (model.forward(...) or torch.compile(model.forward)), "
+            "not through the module's call, so dittofx's pre-hook did not run: it runs uncached. Call the model "
+            "(model(...)), compile the module (torch.compile(model) or model.compile()), and do not register forward "
+            "pre-hooks after dittofx.optimize that drop keywords", type(self.model).__name__,
+        )  # fmt: skip
+        self._own_running = True
+        try:
+            return self._forward_of_model()(*args, **kwargs)
+        finally:
+            self._own_running = False
 
     def in_signature_order(self, kwargs: dict) -> dict:
         """`kwargs` in the order of the forward's parameters (names it does not list last, as given):
@@ -1304,8 +1328,11 @@ def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The forward `optimize` installs: run the rewritten graph on live weights and state (and, for
     a split step, on the head's tensors: the tail's last inputs)."""
     engine: Engine | None = getattr(self, "_dittofx", None)
+    head = kwargs.pop(HEAD_KWARG, None)
     if engine is None:  # dittofx.disable ran while a forward installed after optimize still wraps this one
         return type(self).forward(self, *args, **kwargs)
+    if head is None:
+        return engine.forward_without_pre_hook(args, kwargs)
     if engine.blockwise is not None:
         return engine.blockwise.call(lambda: engine._forward_of_model()(*args, **kwargs))
     if engine.current is None:  # inputs with no graph (Engine.prepare): the model's own forward
@@ -1313,13 +1340,7 @@ def _cached_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         out = own(*args, **kwargs) if own is not None else type(self).forward(self, *args, **kwargs)
         engine.uncached_returned = True
         return out
-    graph, entry, leading, head_tensors = engine.current
-    head = kwargs.pop(HEAD_KWARG, ())
-    if len(head) != head_tensors:
-        raise RuntimeError(
-            f"{type(self).__name__}: the {HEAD_KWARG!r} keyword that dittofx's pre-hook adds to a split step's call "
-            f"(split_at_decision) is missing: a forward pre-hook registered after dittofx.optimize dropped it"
-        )
+    graph, entry, leading = engine.current
     inputs = [*pytree.tree_leaves((args, kwargs)), *head]
     with torch.no_grad():
         flat = graph(*leading, *inputs) if engine.replays is None else graph(leading, inputs)
