@@ -49,3 +49,27 @@ def test_fullgraph_compile_no_break_no_recompile(case):
     # for the second request
     variants = 1 if cfg.get("method") == "dbprune" else 2
     assert frames == [variants, variants]
+
+
+def test_dynamic_true_with_two_dims_of_one_size():
+    """torch.compile(dynamic=True) where two input dims have one size, so dynamo's duck sizing gives
+    them one symbol (FLUX.1 at 1024²: 4096 image tokens and T5's 4096 features; here 32 and 32).
+    Sizes that the middle reads were torch.cond operands, on which inductor's FakeTensorUpdater
+    failed at the first step decided on the device; the branches now compute them again."""
+    z = zoo.get("flux")
+    h, w = 4, 8
+    assert h * w == z.inputs(0, 1.0)["encoder_hidden_states"].shape[-1]
+
+    def inputs(s):
+        return {**z.inputs(s, 1 - s / STEPS), "hidden_states": zoo._latent(1, 1, h * w, 16, step=s), "img_ids": zoo._img_ids_2d(h, w)}
+
+    cfg = {**CASES["flux-dbcache"][1], "num_inference_steps": STEPS}
+    torch._dynamo.reset()
+    model, eager_model = dittofx.optimize(z.build(), cfg), dittofx.optimize(z.build(), cfg)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        got = [compiled(**inputs(s))[0] for s in range(STEPS)]
+        want = [eager_model(**inputs(s))[0] for s in range(STEPS)]
+    assert dittofx.summary(model)[0].cached_steps == dittofx.summary(eager_model)[0].cached_steps != []
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_, rtol=1e-4, atol=1e-4 * w_.abs().max().item())

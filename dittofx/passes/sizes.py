@@ -22,17 +22,19 @@ def _is_float(node: fx.Node) -> bool:
 
 
 def cond_operands(values: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
-    """What a torch.cond branch that reads `values` is handed, and what it computes again: a float
-    (SymFloat: torch.cond takes no float operand) is made again from the ints and SymInts its size
-    arithmetic starts from. Sana-WM's attention scale `0.25 * (h * w) ** -0.5` is made in block 0,
-    read in block 2. Returns (the float arithmetic, inputs before users; the operands)."""
+    """What a torch.cond branch that reads `values` is handed, and what it computes again: sizes and
+    arithmetic on them are made again from the tensors (and int inputs) they start from. A float
+    (SymFloat) cannot be an operand: Sana-WM's attention scale `0.25 * (h * w) ** -0.5` is made in
+    block 0, read in block 2. A SymInt operand can, but inductor's FakeTensorUpdater fails on one
+    that dynamo's duck sizing unified with another dim (FLUX at 1024² under dynamic=True: 4096
+    image tokens, T5's 4096 features). Returns (the size arithmetic, inputs before users; the operands)."""
     recipe: dict[fx.Node, None] = {}
     operands: dict[fx.Node, None] = {}
 
     def walk(node: fx.Node) -> None:  # post-order: a recipe node follows what it reads
         if node in recipe or node in operands:
             return
-        if _is_float(node) and node.op == "call_function" and node.target in SIZE_OPS:
+        if node.op == "call_function" and node.target in SIZE_OPS:
             for arg in node.all_input_nodes:
                 walk(arg)
             recipe[node] = None
