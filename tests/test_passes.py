@@ -292,9 +292,10 @@ def test_prune_rewrite_runs_every_block_at_threshold_zero_and_prunes_all_past_an
         prunable_blocks(graph.gm, part, tuple(range(len(chain))))
 
 
-def test_cond_operands_remake_floats_from_size_arithmetic_and_refuse_other_floats():
-    """torch.cond takes no float operand: a float made by size arithmetic is made again inside the
-    branch from the ints it starts from; a float from anything else cannot be, and is refused."""
+def test_cond_operands_remake_size_arithmetic_from_tensors_and_refuse_other_floats():
+    """torch.cond takes no float operand, and a SymInt operand can fail in inductor (duck sizing):
+    sizes and arithmetic on them are made again inside the branch from the tensors they start from;
+    a float from anything else cannot be, and is refused."""
     import operator
 
     from dittofx.passes.sizes import cond_operands
@@ -311,7 +312,7 @@ def test_cond_operands_remake_floats_from_size_arithmetic_and_refuse_other_float
     scale = g.call_function(operator.mul, (0.25, inv))
     scale.meta["val"] = 0.25 * 9**-0.5
     recipe, operands = cond_operands([scale, x])
-    assert recipe == [inv, scale] and operands == [area, x]
+    assert recipe == [n, area, inv, scale] and operands == [x]
     item = g.call_function(torch.ops.aten.item.default, (x,))
     item.meta["val"] = 0.5
     with pytest.raises(ValueError, match="a float made by an op that is no size arithmetic"):
