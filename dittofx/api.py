@@ -32,11 +32,19 @@ log = logging.getLogger("dittofx")
 # whose states are inputs) and each input structure / static shape is its own dynamo graph of the
 # model's forward; the default limit (8) is hit by e.g. 3 variants x 4 resolutions. Only raised.
 _RECOMPILE_LIMIT = 64
+_TORCH_RECOMPILE_LIMIT = 8  # torch's default
 _ACCUMULATED_RECOMPILE_LIMIT = 512
 
 
 def _tune_dynamo() -> None:
     cfg = torch._dynamo.config
+    user_set = getattr(cfg, "recompile_limit", _TORCH_RECOMPILE_LIMIT) < _TORCH_RECOMPILE_LIMIT
+    if user_set:  # below torch's own default: set on purpose (e.g. to catch recompiles), so said
+        log.warning(
+            "dittofx: torch._dynamo.config.recompile_limit=%d (below torch's default %d) raised to %d: each graph variant "
+            "of an optimized model is a compile of its forward; set a lower limit after dittofx.optimize to keep it",
+            cfg.recompile_limit, _TORCH_RECOMPILE_LIMIT, _RECOMPILE_LIMIT,
+        )  # fmt: skip
     for name, value in (
         ("recompile_limit", _RECOMPILE_LIMIT),
         ("cache_size_limit", _RECOMPILE_LIMIT),

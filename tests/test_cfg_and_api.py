@@ -411,3 +411,17 @@ def test_a_function_calling_the_model_under_fullgraph_is_told_to_compile_the_mod
     call = torch.compile(lambda **kw: model(**kw), fullgraph=True, backend="eager")
     with pytest.raises(Exception, match=r"any other is compiled as a module \(torch.compile\(model\)"), torch.no_grad():
         call(**z.inputs(0, 1.0))
+
+
+def test_a_recompile_limit_set_below_torchs_default_is_raised_and_said(caplog):
+    """optimize raises dynamo's recompile limit to 64 (never lowers it); a limit below torch's
+    default was set on purpose (to catch recompiles), so raising it is said."""
+    z = zoo.get("pixart")
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level(logging.WARNING, logger="dittofx"):
+        dittofx.optimize(z.build(), {"residual_diff_threshold": 0.1})
+        assert torch._dynamo.config.recompile_limit == 64
+        assert "recompile_limit=2 (below torch's default 8) raised to 64" in caplog.text
+    with torch._dynamo.config.patch(recompile_limit=128):
+        caplog.clear()
+        dittofx.optimize(z.build(), {"residual_diff_threshold": 0.1})
+        assert torch._dynamo.config.recompile_limit == 128 and "raised to" not in caplog.text
