@@ -192,10 +192,11 @@ def casting_inputs(step: int, as_number: bool = False) -> dict:
     return {"x": base + 0.02 * step * drift, "timestep": t if as_number else torch.full((1,), t)}
 
 
-@pytest.mark.parametrize("change", ["weights' dtype", "autocast", "train to eval"])
+@pytest.mark.parametrize("change", ["weights' dtype", "weights assigned in another dtype", "autocast", "train to eval"])
 def test_what_a_capture_bakes_in_besides_the_inputs_gets_a_graph_of_its_own(change):
-    """The weights' dtype (with the inputs' unchanged: the forward casts them), autocast and train
-    mode (dropout) are baked into a capture: after one changes, the model runs as the plain one."""
+    """The weights' dtype (with the inputs' unchanged: the forward casts them; cast in place or
+    new tensors assigned: load_state_dict(assign=True)), autocast and train mode (dropout) are
+    baked into a capture: after one changes, the model runs as the plain one."""
     model, plain = dittofx.optimize(CastingDiT(), CFG), CastingDiT().eval()
     if change != "train to eval":  # a user's module starts in train mode: its first call may come before .eval()
         model.eval()
@@ -203,6 +204,9 @@ def test_what_a_capture_bakes_in_besides_the_inputs_gets_a_graph_of_its_own(chan
         model(**casting_inputs(0))
         if change == "weights' dtype":
             model.to(torch.bfloat16), plain.to(torch.bfloat16)
+        if change == "weights assigned in another dtype":
+            plain.to(torch.bfloat16)
+            model.load_state_dict(plain.state_dict(), assign=True)
         model.eval()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=change == "autocast"):
             for s in range(1, 3):

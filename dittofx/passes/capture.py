@@ -76,10 +76,13 @@ def _leaf_key(leaf: Any, symbolic: tuple[int, ...] | None) -> Any:
     return ("V", type(leaf).__name__, leaf if symbolic is None else -1)
 
 
-def input_key(args: tuple, kwargs: dict, dynamic_dims: dict[int, tuple[int, ...]]) -> InputKey:
+def input_key(
+    args: tuple, kwargs: dict, dynamic_dims: dict[int, tuple[int, ...]], flat: tuple[list, pytree.TreeSpec] | None = None
+) -> InputKey:
     """The key of these inputs for a capture that kept `dynamic_dims` symbolic (`{}`: every size
-    and number concrete), so a graph is reused only where it is valid."""
-    leaves, spec = pytree.tree_flatten((args, kwargs))
+    and number concrete), so a graph is reused only where it is valid. `flat`: the inputs'
+    (leaves, spec) where the caller has them (flattening again cost ~10 us a step)."""
+    leaves, spec = pytree.tree_flatten((args, kwargs)) if flat is None else flat
     return (spec, tuple(_leaf_key(x, dynamic_dims.get(i)) for i, x in enumerate(leaves)))
 
 

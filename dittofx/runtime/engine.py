@@ -343,6 +343,7 @@ class Engine:
         self.watched = False  # structure.watch has seen the model (a deep copy's engine: not yet)
         self._stateful: list[torch.nn.Module] = []  # the modules whose Python switches the graphs read
         self._own_running = False  # forward_without_pre_hook is running the model's own forward
+        self._first_weight_at: tuple[dict, str] | None = None  # (owner's _parameters, name): _first_weight
 
     # ---- attach / detach -------------------------------------------------------------------
     def attach(self) -> None:
@@ -369,7 +370,7 @@ class Engine:
         new = memo[id(self)] = object.__new__(type(self))
         fresh = {
             "entries": [], "uncapturable": {}, "_shelf": {}, "current": None, "replays": None if self.replays is None else Replays(), "_first_timesteps": {},
-            "changed": None, "watched": False, "_stateful": [],
+            "changed": None, "watched": False, "_stateful": [], "_first_weight_at": None,
         }  # fmt: skip
         for name, value in self.__dict__.items():
             setattr(new, name, fresh[name] if name in fresh else copy.deepcopy(value, memo))
@@ -475,20 +476,35 @@ class Engine:
             return "cond" if even != self.cfg.cfg_compute_first else "uncond"
         return "default"
 
+    def _first_weight(self) -> torch.Tensor | None:
+        """next(model.parameters()), read from its owner's dict once found: walking the modules
+        for it cost ~25 us a step (the dict, as Entry's weights are, so a cast or an assign shows)."""
+        if self._first_weight_at is not None:
+            tensors, name = self._first_weight_at
+            if tensors.get(name) is not None:
+                return tensors[name]
+        for module in self.model.modules():
+            for name, weight in module._parameters.items():
+                if weight is not None:
+                    self._first_weight_at = (module._parameters, name)
+                    return weight
+        return None
+
     def _capture_context(self, leaves: list) -> tuple:
         """What a capture bakes in besides the inputs: train or eval mode (dropout), the weights'
         dtype and device (forwards cast their inputs to them in Python: `x.to(self.dtype)`), and
         autocast on the inputs' device."""
-        weight = next(self.model.parameters(), None)
+        weight = self._first_weight()
         device = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
         on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # (none on "meta")
         autocast = torch.get_autocast_dtype(device) if on else None
         return self.model.training, None if weight is None else (weight.dtype, weight.device), autocast
 
-    def _entry_for(self, args: tuple, kwargs: dict, leaves: list) -> tuple[Entry, tuple]:
-        """The graph for these inputs and their concrete-shape key (captured or checked if new)."""
+    def _entry_for(self, args: tuple, kwargs: dict, leaves: list, spec: pytree.TreeSpec) -> tuple[Entry, tuple]:
+        """The graph for these inputs (flattened: `leaves`, `spec`) and their concrete-shape key
+        (captured or checked if new)."""
         context = self._capture_context(leaves)
-        sizes = (context, input_key(args, kwargs, {}))  # every dim concrete
+        sizes = (context, input_key(args, kwargs, {}, (leaves, spec)))  # every dim concrete
         for entry in self.entries:
             if sizes in entry.state_shapes:
                 return entry, sizes
@@ -919,9 +935,9 @@ class Engine:
         forward (said once)."""
         if self.blockwise is not None:
             return None
-        leaves = pytree.tree_leaves((args, kwargs))
+        leaves, spec = pytree.tree_flatten((args, kwargs))
         try:
-            entry, sizes = self._entry_for(args, kwargs, leaves)
+            entry, sizes = self._entry_for(args, kwargs, leaves, spec)
         except (CaptureError, UnpairedOutputError) as err:  # no graph to rewrite
             if self.entries:
                 self._warn_once(
