@@ -11,7 +11,9 @@ them (the other rows' weights in between), and each row's time is its median:
   pre-hook's inputs of one call, so the difference is the pre-hook and the forward around the graph;
 - `dittofx host-decided cache step`: a static mask's cache graph (no diff, no cond), and alone;
 - `dittofx split_at_decision={}`: the head compiled alike in the pre-hook, then the cache tail;
-- `pre-hook`: dittofx's forward pre-hook alone, on the device-decision model.
+- `pre-hook`: dittofx's forward pre-hook alone, on the device-decision model;
+- `dynamo guard check`: the guard check of the compiled forward's frame alone, for the torch.cond
+  graph and for the cache graph (each weight the graph takes is a guarded input).
 
     python bench/cached_step.py --device cpu --out bench/results/cached_step_cpu_<date>.json
     python bench/cached_step.py --device cpu --size-asserts 0 ...   # inductor's input size asserts off
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
 
 import dittofx  # noqa: E402
+from dittofx.runtime.engine import HEAD_KWARG  # noqa: E402
 
 STEPS = 10**6  # one request for the whole run: every call after the first is a cached step
 ALWAYS = {"residual_diff_threshold": 1e9, "max_warmup_steps": 1, "Fn_compute_blocks": e2e.FN, "Bn_compute_blocks": e2e.BN, "num_inference_steps": STEPS}
@@ -49,6 +52,17 @@ def graph_alone(model: torch.nn.Module, call_kwargs: dict):
     inputs = pytree.tree_leaves(((), engine.in_signature_order(call_kwargs)))
     compiled = torch.compile(graph, fullgraph=True)
     return lambda: compiled(*leading, *inputs)
+
+
+def guard_check(model: torch.nn.Module, call_kwargs: dict):
+    """Dynamo's guard check of the compiled forward's frame, alone, for the graph the model's next
+    call runs (the cache entry whose guards pass on that call's frame)."""
+    engine = model._dittofx
+    engine._pre_hook(model, (), call_kwargs)
+    f_locals = {"self": model, "args": (), "kwargs": {**engine.in_signature_order(call_kwargs), HEAD_KWARG: ()}}
+    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(model.forward.__code__)  # its own: e2e.compiled_alone
+    check = next(e.guard_manager.check for e in entries if e.guard_manager.check(f_locals))
+    return lambda: check(f_locals)
 
 
 def rows(spec: e2e.Spec, device: str, dtype: torch.dtype) -> dict:
@@ -72,6 +86,8 @@ def rows(spec: e2e.Spec, device: str, dtype: torch.dtype) -> dict:
             "dittofx host-decided cache step, graph alone": graph_alone(optimized["host"], kwargs),
             "dittofx split_at_decision={}": lambda: compiled["split"](**kwargs),
             "pre-hook (device decision model)": lambda: optimized["pre-hook"]._dittofx._pre_hook(optimized["pre-hook"], (), kwargs),
+            "dynamo guard check (device decision)": guard_check(optimized["device"], kwargs),
+            "dynamo guard check (host-decided cache step)": guard_check(optimized["host"], kwargs),
         }
     return made, optimized
 
@@ -106,7 +122,8 @@ def main() -> None:
     ideal = statistics.median(times["Fn+Bn only"])
     table = [{"row": name, "median_us": statistics.median(t) * 1e6, "vs_ideal": statistics.median(t) / ideal,
               "over_ideal_us": (statistics.median(t) - ideal) * 1e6} for name, t in times.items()]  # fmt: skip
-    table[-1]["vs_ideal"] = table[-1]["over_ideal_us"] = None  # the pre-hook alone is a part, not a step
+    for part in table[-3:]:  # the pre-hook and the guard checks alone are parts, not steps
+        part["vs_ideal"] = part["over_ideal_us"] = None
     print(f"{'row':48s} {'median us':>10s} {'vs ideal':>9s} {'over ideal us':>14s}")
     for r in table:
         print(f"{r['row']:48s} {r['median_us']:10.1f} " + ("" if r["vs_ideal"] is None else f"{r['vs_ideal']:9.3f} {r['over_ideal_us']:14.1f}"))
