@@ -1,12 +1,15 @@
 """An instrument for tests: what a step would make a GPU wait for."""
 
 import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class HostReads(TorchDispatchMode):
     """Counts what would sync a GPU with the host: copies to the CPU, and scalar reads (`.item()`,
-    `bool()`, a torch.cond predicate) of anything that is not such a host copy (or a view of one).
+    `bool()`, a torch.cond predicate) of anything that is not such a host copy (or a view of one, or
+    computed from host copies only).
     On this CPU-only machine the copies are real `_to_copy` calls, so they are seen. Not seen: what
     a custom op's Python implementation does inside (the mode is off while the op runs)."""
 
@@ -19,7 +22,7 @@ class HostReads(TorchDispatchMode):
         self.host: set[int] = set()
 
     def _on_host(self, t) -> bool:
-        return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.host
+        return isinstance(t, torch.Tensor) and not is_fake(t) and t.untyped_storage().data_ptr() in self.host
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -35,6 +38,10 @@ class HostReads(TorchDispatchMode):
         if func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
             self.copies += 1
             self.host.add(out.untyped_storage().data_ptr())
+        elif self.host and func is not torch.ops.aten._to_copy.default:  # computed from host copies only: on the host too
+            inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            if inputs and all(map(self._on_host, inputs)):
+                self.host.update(t.untyped_storage().data_ptr() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
         return out
 
 

@@ -123,6 +123,29 @@ def test_package_runs_without_dittofx_and_matches_python_path(pixart, uncached, 
     assert [cached_steps_seen(outs, uncached) for outs in requests] == [cached, cached]
 
 
+def test_a_dbprune_package_prunes_each_block_on_its_own_decision(tmp_path):
+    """DBPrune's program holds a torch.cond per prunable block, each on its block's flag. A package
+    (AOTInductor's C++ wrapper) ran every cond on the first block's flag while the flags were views
+    of one buffer (helper-51): at a step that prunes some blocks and not others it diverged."""
+    z = zoo.get("wan")
+    cfg = {"method": "dbprune", "residual_diff_threshold": 0.12, "num_inference_steps": STEPS, "max_warmup_steps": 2,
+           "Fn_compute_blocks": 1, "Bn_compute_blocks": 0}  # fmt: skip
+    model = dittofx.optimize(build(z), cfg)
+    with torch.no_grad():
+        want = [model(**kwargs)[0] for kwargs in step_inputs(z)]
+    pruned, prunable = dittofx.summary(model, log_table=False)[0].pruned_blocks, len(model._dittofx.entries[0].pruned_blocks)
+    assert any(0 < n < prunable for n in pruned), (pruned, prunable)  # a step where the blocks' decisions part
+    path = tmp_path / "wan_dbprune.pt2"
+    dittofx.export(dittofx.optimize(build(z), cfg), ((), inputs(z, 0, 1.0)), path)
+    torch.save(step_inputs(z), tmp_path / "inputs.pt")
+    run = subprocess.run(
+        [sys.executable, "-c", PACKAGE_RUN, str(path), str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_matches(torch.load(tmp_path / "outputs.pt"), want)
+
+
 @pytest.mark.parametrize("cfg", [CFG, TAYLOR_MASK], ids=["dbcache", "taylorseer+mask"])
 def test_exported_program_matches_python_path(pixart, uncached, expected, packaged, cfg):
     if cfg is CFG:

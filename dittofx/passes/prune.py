@@ -165,7 +165,10 @@ class PruneRewritePass(PassBase):
 
         branches[f"dittofx_prune_{j}"] = cond_branch(gm, operands, prune_body, f"PruneBranch{j}")
         branches[f"dittofx_run_{j}"] = cond_branch(gm, operands, run_body, f"RunBranch{j}")
-        pred = g.call_function(torch.ops.aten.select.int, (on_host, 0, j))
+        # a buffer of its own per block: AOTInductor's C++ wrapper (torch 2.13) names a cond's
+        # predicate scalar after its buffer, so predicates that are views of one buffer (select)
+        # all read the first block's flag there, and a package pruned every block on it
+        pred = g.call_function(torch.ops.aten.eq.Scalar, (g.call_function(torch.ops.aten.select.int, (on_host, 0, j)), True))
         cond = g.call_function(
             torch.ops.higher_order.cond,
             (pred, g.get_attr(f"dittofx_prune_{j}"), g.get_attr(f"dittofx_run_{j}"), tuple(operands)),
