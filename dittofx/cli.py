@@ -156,12 +156,13 @@ def run_demo(
 
 def format_table(rows: list[Row], num_prompts: int) -> str:
     """The demo table as fixed-width text."""
-    head = f"{'config':<24} {'cached steps c/u':>16} {'time ratio':>10} {'PSNR dB':>8} {'SSIM':>6} {'rel L2':>7} {'prompts ok':>10}"
+    width = max([24, *(len(r.label) for r in rows)])
+    head = f"{'config':<{width}} {'cached steps c/u':>16} {'time ratio':>10} {'PSNR dB':>8} {'SSIM':>6} {'rel L2':>7} {'prompts ok':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
         cached = "/".join(str(len(v)) for v in r.cached_steps.values()) or "0"
         lines.append(
-            f"{r.label:<24} {cached:>16} {r.time_ratio:>10.2f} {r.psnr:>8.2f} {r.ssim:>6.3f} {r.rel_l2:>7.4f} "
+            f"{r.label:<{width}} {cached:>16} {r.time_ratio:>10.2f} {r.psnr:>8.2f} {r.ssim:>6.3f} {r.rel_l2:>7.4f} "
             f"{f'{r.prompts_ok}/{num_prompts}':>10}"
         )
     return "\n".join(lines)
@@ -264,21 +265,26 @@ def _metrics(args: argparse.Namespace) -> int:
 
     for folder in (args.dir_a, args.dir_b):
         if not folder.is_dir():
-            args.parser.error(f"{folder}: no such folder")
-    result = compare_dirs(args.dir_a, args.dir_b)
+            args.parser.error(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
+    try:
+        result = compare_dirs(args.dir_a, args.dir_b)
+    except ValueError as err:
+        args.parser.error(str(err))
     print(f"images {result['images']}  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dittofx`` console script."""
-    parser = argparse.ArgumentParser(prog="dittofx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dittofx", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the fixture DiT uncached and cached; table, grid, plot")
     demo.add_argument("--out", type=Path, default=Path("dittofx-demo"), help="output folder (default ./dittofx-demo)")
     demo.add_argument("--prompts", type=_positive_int, default=8, help="images per run (default 8)")
     demo.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
-    demo.add_argument("--cfg-mode", choices=["separate", "batched"], default="separate")
+    demo.add_argument("--cfg-mode", choices=["separate", "batched"], default="separate",
+                      help="CFG as two calls a step, cond and uncond, each with its own cache state (separate, the default), "
+                           "or as one call on the [uncond, cond] batch (batched)")  # fmt: skip
     demo.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats per run; the fastest counts")
     demo.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
     demo.add_argument("--config", action="append", metavar="JSON",

@@ -70,20 +70,40 @@ def save_pngs(images: np.ndarray, directory: str | Path, names: list[str]) -> No
 
 
 def load_pngs(directory: str | Path) -> dict[str, np.ndarray]:
-    """All *.png of a folder as RGB uint8 arrays, keyed by file name."""
-    from PIL import Image
+    """All .png files of a folder (any case: .PNG too) as RGB uint8 arrays, keyed by file name."""
+    from PIL import Image, UnidentifiedImageError
 
-    files = sorted(Path(directory).glob("*.png"))
+    files = sorted(f for f in Path(directory).iterdir() if f.suffix.lower() == ".png" and f.is_file())
     if not files:
-        raise ValueError(f"no .png files in {directory}")
-    return {f.name: np.asarray(Image.open(f).convert("RGB")) for f in files}
+        raise ValueError(f"{directory}: no .png files")
+    images = {}
+    for f in files:
+        try:
+            images[f.name] = np.asarray(Image.open(f).convert("RGB"))
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{f}: not a readable PNG ({err})") from None
+    return images
+
+
+SSIM_WINDOW = 7  # scikit-image's default window: smaller images have no SSIM
 
 
 def compare_dirs(dir_a: str | Path, dir_b: str | Path) -> dict[str, float]:
-    """PSNR (pooled over all pixels) and mean SSIM between same-named PNGs of two folders."""
+    """PSNR (pooled over all pixels) and mean SSIM between same-named PNGs of two folders; each
+    pair must match in size, the folders' images need not (they are compared pair by pair)."""
     a, b = load_pngs(dir_a), load_pngs(dir_b)
     if a.keys() != b.keys():
-        only = sorted(a.keys() ^ b.keys())
-        raise ValueError(f"folders hold different files, e.g. {only[:5]}")
-    xa, xb = np.stack(list(a.values())), np.stack([b[k] for k in a])
-    return {"images": len(a), "psnr": psnr(xa, xb, 255.0), "ssim": ssim(xa, xb, 255.0)}
+        only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+        raise ValueError(f"the folders hold different files: only in {dir_a}: {only_a[:5]}; only in {dir_b}: {only_b[:5]}")
+    squared_error, pixels, ssims = 0.0, 0, []
+    for name, x in a.items():
+        y = b[name]
+        if x.shape != y.shape:
+            raise ValueError(f"{name}: {x.shape[1]}x{x.shape[0]} in {dir_a}, {y.shape[1]}x{y.shape[0]} in {dir_b}")
+        if min(x.shape[:2]) < SSIM_WINDOW:
+            raise ValueError(f"{name}: {x.shape[1]}x{x.shape[0]}, smaller than SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window")
+        squared_error += float(np.sum((_f64(x) - _f64(y)) ** 2))
+        pixels += x.size
+        ssims.append(ssim(x, y, 255.0))
+    mse = squared_error / pixels
+    return {"images": len(a), "psnr": math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse), "ssim": float(np.mean(ssims))}

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dittofx.cli import main
+from dittofx.cli import Row, format_table, main
 from dittofx.metrics import compare_dirs, load_pngs, psnr, relative_l2, save_pngs, ssim, to_uint8
 
 
@@ -96,3 +96,56 @@ def test_compare_dirs_rejects_different_file_sets(tmp_path):
     save_pngs(pixels, tmp_path / "y", ["a", "c"])
     with pytest.raises(ValueError, match="different files"):
         compare_dirs(tmp_path / "x", tmp_path / "y")
+
+
+def test_compare_dirs_compares_pair_by_pair(tmp_path):
+    """Folders whose images differ in size among themselves: PSNR pooled over all pixels (the sum
+    of squared errors over the pixel count) and SSIM averaged over the pairs, computed here by hand."""
+    rng = np.random.default_rng(3)
+    small, large = (rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((8, 8, 3), (16, 12, 3)))
+    small_b, large_b = ((x.astype(np.int16) + rng.integers(-9, 10, x.shape)).clip(0, 255).astype(np.uint8) for x in (small, large))
+    for folder, images in (("x", (small, large)), ("y", (small_b, large_b))):
+        for name, image in zip(("a", "b"), images):
+            save_pngs(image[None], tmp_path / folder, [name])
+    squared = sum(float(((x.astype(float) - y) ** 2).sum()) for x, y in ((small, small_b), (large, large_b)))
+    want_psnr = 10 * np.log10(255.0**2 / (squared / (small.size + large.size)))
+    result = compare_dirs(tmp_path / "x", tmp_path / "y")
+    assert result["psnr"] == pytest.approx(want_psnr)
+    assert result["ssim"] == pytest.approx((ssim(small, small_b, 255.0) + ssim(large, large_b, 255.0)) / 2)
+
+
+def test_metrics_errors_name_the_file_and_the_problem(tmp_path, capsys):
+    pixels = np.zeros((1, 8, 8, 3), np.uint8)
+    save_pngs(pixels, tmp_path / "x", ["a"])
+    save_pngs(np.zeros((1, 16, 8, 3), np.uint8), tmp_path / "y", ["a"])
+    with pytest.raises(ValueError, match=r"a.png: 8x8 in .*x, 8x16 in .*y"):
+        compare_dirs(tmp_path / "x", tmp_path / "y")
+    save_pngs(pixels, tmp_path / "z", ["only_z"])
+    with pytest.raises(ValueError, match=r"only in .*x: \['a.png'\]; only in .*z: \['only_z.png'\]"):
+        compare_dirs(tmp_path / "x", tmp_path / "z")
+    save_pngs(np.zeros((1, 4, 4, 3), np.uint8), tmp_path / "tiny_a", ["a"])
+    save_pngs(np.zeros((1, 4, 4, 3), np.uint8), tmp_path / "tiny_b", ["a"])
+    with pytest.raises(ValueError, match=r"a.png: 4x4, smaller than SSIM's 7x7 window"):
+        compare_dirs(tmp_path / "tiny_a", tmp_path / "tiny_b")
+    (tmp_path / "upper").mkdir()
+    (tmp_path / "x" / "a.png").rename(tmp_path / "upper" / "A.PNG")
+    assert list(load_pngs(tmp_path / "upper")) == ["A.PNG"]  # the extension in any case
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"bad/a.png: not a readable PNG"):
+        load_pngs(tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"empty: no .png files"):
+        (tmp_path / "empty").mkdir()
+        load_pngs(tmp_path / "empty")
+    # the command line says these as usage errors (exit 2, one line), not tracebacks
+    for dirs, words in ((["bad/a.png", "y"], "bad/a.png: not a folder"), (["missing", "y"], "missing: no such folder"),
+                        (["upper", "y"], "the folders hold different files")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main(["metrics", *(str(tmp_path / d) for d in dirs)])
+        assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_demo_table_columns_stay_aligned_with_long_labels():
+    rows = [Row(label, None, {"cond": [1, 2]}, 1.0, 0.5, 30.0, 0.9, 0.01, 1) for label in ("short", "F1B0_W4_R0.12_T1_SCMfastD_long")]
+    lines = format_table(rows, 1).splitlines()
+    assert len({line.index(" 0.50") for line in lines[2:]}) == 1, lines  # the time ratio column, same place on every row
