@@ -625,3 +625,5 @@ def _check_package_path(path: Any) -> None:
     folder = os.path.dirname(os.path.abspath(name))
     if not os.path.isdir(folder):
         raise ValueError(f"path={name!r}: its folder {folder!r} does not exist")
+    if os.path.isdir(name):
+        raise ValueError(f"path={name!r}: is a folder; a package is one file (an existing file is written over)")

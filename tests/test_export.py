@@ -213,12 +213,14 @@ def test_export_bad_input(pixart):
         ("model.zip", ValueError, "path='model.zip': an AOTInductor package's path must end in .pt2"),
         (5, TypeError, "path=5: must be a file path ending in .pt2, a writable seekable binary buffer, or None"),
         ("no/such/folder/m.pt2", ValueError, "its folder"),
+        ("kernels.pt2", ValueError, "path='kernels.pt2': is a folder"),  # made by the test
     ],
 )
-def test_a_bad_package_path_is_refused_before_the_export(pixart, monkeypatch, path, exc, words):
+def test_a_bad_package_path_is_refused_before_the_export(pixart, monkeypatch, tmp_path, path, exc, words):
     """Told at once (not after the capture and export, or as torch's bare assertion), and the model
     goes on with its request as if export had not been called."""
-    monkeypatch.chdir(os.path.dirname(__file__))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kernels.pt2").mkdir()
     model, twin = dittofx.optimize(build(pixart), CFG), dittofx.optimize(build(pixart), CFG)
     steps = step_inputs(pixart)
     with torch.no_grad():
