@@ -72,6 +72,18 @@ def assert_matches(requests, want):
             assert close(got, w), (s, (got - w).abs().max().item())
 
 
+def run_package(path, z, tmp_path) -> list[list[torch.Tensor]]:
+    """Two requests of zoo model `z`'s steps through the package at `path`, in a process that
+    never imports dittofx: each request's outputs."""
+    torch.save(step_inputs(z), tmp_path / "inputs.pt")
+    run = subprocess.run(
+        [sys.executable, "-c", PACKAGE_RUN, str(path), str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(tmp_path / "outputs.pt")
+
+
 def cached_steps_seen(outs, uncached) -> list[int]:
     """Inputs do not depend on earlier outputs: a computed step gives the uncached model's output."""
     return [s for s, (got, want) in enumerate(zip(outs, uncached)) if not close(got, want)]
@@ -111,13 +123,7 @@ def test_package_runs_without_dittofx_and_matches_python_path(pixart, uncached, 
     _ep, path = packaged
     want, cached = expected
     assert 0 < len(cached) < STEPS - 2, cached  # a schedule worth checking
-    torch.save(step_inputs(pixart), tmp_path / "inputs.pt")
-    run = subprocess.run(
-        [sys.executable, "-c", PACKAGE_RUN, str(path), str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    requests = torch.load(tmp_path / "outputs.pt")
+    requests = run_package(path, pixart, tmp_path)
     assert_matches(requests, want)
     # each request (the second one starts over by itself) caches exactly the Python path's steps
     assert [cached_steps_seen(outs, uncached) for outs in requests] == [cached, cached]
@@ -137,13 +143,7 @@ def test_a_dbprune_package_prunes_each_block_on_its_own_decision(tmp_path):
     assert any(0 < n < prunable for n in pruned), (pruned, prunable)  # a step where the blocks' decisions part
     path = tmp_path / "wan_dbprune.pt2"
     dittofx.export(dittofx.optimize(build(z), cfg), ((), inputs(z, 0, 1.0)), path)
-    torch.save(step_inputs(z), tmp_path / "inputs.pt")
-    run = subprocess.run(
-        [sys.executable, "-c", PACKAGE_RUN, str(path), str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert_matches(torch.load(tmp_path / "outputs.pt"), want)
+    assert_matches(run_package(path, z, tmp_path), want)
 
 
 @pytest.mark.parametrize("cfg", [CFG, TAYLOR_MASK], ids=["dbcache", "taylorseer+mask"])
