@@ -205,7 +205,7 @@ def _check_common(cfg: CacheConfig) -> None:
     if cfg.num_inference_steps is not None:
         _check_int("num_inference_steps", cfg.num_inference_steps, 1, ">= 1 or None")
     if cfg.blocks is not None:
-        if isinstance(cfg.blocks, str) or not all(isinstance(b, str) and b for b in cfg.blocks):
+        if not isinstance(cfg.blocks, (list, tuple)) or not all(isinstance(b, str) and b for b in cfg.blocks):
             raise TypeError(
                 f"blocks={cfg.blocks!r}: must be a list of ModuleList attribute paths, "
                 "e.g. ['transformer_blocks', 'single_transformer_blocks'], or None"
@@ -241,7 +241,7 @@ def _check_blocks_threshold_warmup(cfg: DBCacheConfig | DBPruneConfig) -> None:
 def _validate_dbprune(cfg: DBPruneConfig) -> DBPruneConfig:
     _check_blocks_threshold_warmup(cfg)
     ids = cfg.non_prune_block_ids
-    if isinstance(ids, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise ValueError(f"non_prune_block_ids={ids!r}: must be a list of block indices >= 0 (positions in the chain)")
     _check_common(cfg)
     return cfg
@@ -365,6 +365,15 @@ def merge_config(base: CacheConfig, changes: Any) -> CacheConfig:
     return validate(dataclasses.replace(base, **options) if isinstance(base, cls) else cls(**options))
 
 
+def _other_method_hint(cache_config: Mapping, options: dict) -> str:
+    """For a dict with no "method" whose keys are all another method's (a vLLM-omni TeaCache dict,
+    `{"rel_l1_thresh": 0.2, ...}`): which method to name."""
+    if "method" in cache_config:
+        return ""
+    others = [m for m, c in _METHODS.items() if options.keys() <= {f.name for f in dataclasses.fields(c)}]
+    return f"; all of these keys belong to method={others[0]!r}: add \"method\": \"{others[0]}\"" if others else ""
+
+
 def _fields(cache_config: Mapping) -> tuple[type, dict[str, Any]]:
     """The config class a dict names and its options under our field names (unknown keys raise)."""
     options = dict(cache_config)
@@ -385,7 +394,10 @@ def _fields(cache_config: Mapping) -> tuple[type, dict[str, Any]]:
             raise TypeError(f"cache_config key {key!r}: keys must be strings")
         if key not in names:
             allowed = sorted(names | {"method"} | {alias for alias, name in _ALIASES.items() if name in names})
-            raise ValueError(f"unknown cache_config key {spelled.get(key, key)!r} for method={method!r}; allowed keys: {allowed}")
+            raise ValueError(
+                f"unknown cache_config key {spelled.get(key, key)!r} for method={method!r}; allowed keys: {allowed}"
+                + _other_method_hint(cache_config, options)
+            )
     for key in ("blocks", "steps_computation_mask", "coefficients", "non_prune_block_ids"):
         if isinstance(options.get(key), list):
             options[key] = tuple(options[key])

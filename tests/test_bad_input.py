@@ -52,6 +52,11 @@ CASES = [
     ({"num_inference_steps": 0}, ValueError, ["num_inference_steps=0", ">= 1"]),
     ({"method": "fastcache"}, ValueError, ["method='fastcache'", "dbcache"]),
     ({"blocks": "transformer_blocks"}, TypeError, ["blocks='transformer_blocks'", "list of ModuleList"]),
+    ({"blocks": 5}, TypeError, ["blocks=5", "list of ModuleList"]),
+    ({"method": "dbprune", "non_prune_block_ids": 3}, ValueError, ["non_prune_block_ids=3", "list of block indices"]),
+    # vLLM-omni's TeaCache dict, "method" left out: the keys' method is named
+    ({"rel_l1_thresh": 0.2, "coefficients": [1.0, 0.0]}, ValueError,
+     ["unknown cache_config key 'rel_l1_thresh' for method='dbcache'", "belong to method='teacache': add \"method\": \"teacache\""]),
     ({"method": "dbprune", "cfg_diff_compute_separate": False}, ValueError, ["cfg_diff_compute_separate=False", "method='dbcache' only"]),
     ({"taylorseer_order": 0}, ValueError, ["taylorseer_order=0", ">= 1"]),
     ({"enable_taylorseer": 1}, TypeError, ["enable_taylorseer=1", "True or False"]),
