@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .masks import PRESETS
+from .runtime.state import HISTORY
 
 __all__ = ["DBCacheConfig", "DBPruneConfig", "TeaCacheConfig", "merge_config", "parse_config"]
 
@@ -288,6 +289,8 @@ def validate(cfg: CacheConfig) -> CacheConfig:
         _check_list("steps_computation_mask", mask, "a list of 0/1 ints")
         if not mask or not all(m in (0, 1) and not isinstance(m, float) for m in mask):
             raise ValueError(f"steps_computation_mask={mask!r}: must be a non-empty list of 0/1 ints")
+        if len(mask) > HISTORY:  # the device reads the mask from a buffer of HISTORY steps
+            raise ValueError(f"steps_computation_mask=({len(mask)} steps): must be at most {HISTORY} steps long")
         if cfg.steps_mask_policy is not None:
             raise ValueError(
                 f"steps_computation_mask and scm_steps_mask_policy={cfg.steps_mask_policy!r}: give one of them, not both"

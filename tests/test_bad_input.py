@@ -63,6 +63,7 @@ CASES = [
     ({"scm_steps_mask_policy": "turbo"}, ValueError, ["scm_steps_mask_policy='turbo'", "'fast'"]),
     ({"scm_steps_policy": "always"}, ValueError, ["scm_steps_policy='always'", "'dynamic' or 'static'"]),
     ({"steps_computation_mask": [1, 2, 0]}, ValueError, ["steps_computation_mask=(1, 2, 0)", "0/1 ints"]),
+    ({"steps_computation_mask": [1] * 1025}, ValueError, ["steps_computation_mask=(1025 steps)", "at most 1024 steps"]),
     ({"steps_computation_mask": [1, 0], "scm_steps_mask_policy": "fast"}, ValueError, ["give one of them"]),
     ({"steps_computation_mask": np.array([1, 0, 1])}, TypeError, ["steps_computation_mask=array([1, 0, 1])", "ndarray", ".tolist()"]),
     ({"steps_computation_mask": torch.tensor([1, 0])}, TypeError, ["steps_computation_mask=tensor([1, 0])", "Tensor", "0/1 ints"]),
