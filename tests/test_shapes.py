@@ -7,6 +7,7 @@ import torch
 
 import dittofx
 import zoo
+from reference import NaiveConfig, NaiveDBCache
 
 STEPS = 4
 CFG = {"residual_diff_threshold": 0.2, "max_warmup_steps": 1, "num_inference_steps": STEPS}
@@ -202,3 +203,35 @@ def test_a_capture_export_kept_no_size_symbolic_in_says_why(caplog):
         assert len(said) == static, (name, said)
         assert not static or "sqrt" in said[0]
         assert (model._dittofx.entries[0].captured.dynamic_dims == {}) == static
+
+
+def test_the_measured_stream_is_the_largest_at_each_size():
+    """The graph measures the largest carried stream of the last Fn block, as the reference (and the
+    block-by-block path) picks it per call. FLUX captured with more text (40) than image (16)
+    tokens measured the text stream at every later size of that symbolic graph (helper-52): a
+    request with 7 text tokens must measure the image stream and cache as the reference does."""
+    z = zoo.get("flux")
+
+    def inputs(s, text_tokens):
+        g = torch.Generator().manual_seed(5)
+        return dict(z.inputs(s, 1 - s / 6), encoder_hidden_states=torch.randn(1, text_tokens, 32, generator=g), txt_ids=torch.zeros(text_tokens, 3))
+
+    probe = NaiveDBCache(z.build(), z.block_lists, NaiveConfig(Fn=1, Bn=0, threshold=0.0, max_warmup_steps=1))
+    with torch.no_grad():
+        for s in range(6):
+            probe(**inputs(s, 7), return_dict=False)
+    measured = sorted(d for d in probe.diffs if d == d)
+    threshold = measured[len(measured) // 2] * 1.05
+    cfg = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": threshold, "num_inference_steps": 6, "max_warmup_steps": 1}
+    model = dittofx.optimize(z.build(), cfg)
+    reference = NaiveDBCache(z.build(), z.block_lists, NaiveConfig(Fn=1, Bn=0, threshold=threshold, max_warmup_steps=1))
+    with torch.no_grad():
+        for s in range(6):
+            model(**inputs(s, 40), return_dict=False)
+        got = [model(**inputs(s, 7), return_dict=False)[0] for s in range(6)]
+        want = [reference(**inputs(s, 7), return_dict=False)[0] for s in range(6)]
+    stats = dittofx.summary(model, log_table=False)[0]
+    assert 0 < len(reference.cached_steps) < 5 and stats.cached_steps == reference.cached_steps, (stats.cached_steps, reference.cached_steps)
+    assert stats.diffs[1:] == pytest.approx(reference.diffs[1:], rel=1e-4)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

@@ -16,7 +16,7 @@ the streams, that glue code run on the inputs (`Partition.glue`, kept on cached 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -60,6 +60,9 @@ class Partition:
     h0: fx.Node  # carried hidden state entering the chain
     h_fn: fx.Node  # the same stream after Fn (TeaCache: block 0's modulated input); what `p` stores
     hoisted: list[fx.Node]
+    # the carried outputs of the last Fn block that h_fn was picked from, as the largest at the
+    # capture's sizes (none for TeaCache): at other sizes another may be the largest
+    fn_streams: list[fx.Node] = field(default_factory=list)
 
     def nodes_in(self, name: str) -> list[fx.Node]:
         return [n for n, r in self.region.items() if r == name]
@@ -204,15 +207,16 @@ def partition(
     carried_in = [i for i in middle_inputs if i in dependent]
     base, glue, skip = _skeleton(nodes, blocks[fn_blocks : n - bn_blocks], middle_set, dependent, middle_outputs)
 
+    fn_streams: list[fx.Node] = []
     if signal is not None:
         h_fn, h0 = signal, max(chain_inputs, key=numel_hint)
     else:
         last_fn = blocks[fn_blocks - 1]
-        h_fn, h0 = _fn_stream(dependent, chain_inputs, nodes[start : blocks[0].end + 1], nodes[last_fn.start : last_fn.end + 1])
+        h_fn, h0, fn_streams = _fn_stream(dependent, chain_inputs, nodes[start : blocks[0].end + 1], nodes[last_fn.start : last_fn.end + 1])
     return Partition(
         chain=chain, fn_blocks=fn_blocks, bn_blocks=bn_blocks, region=region,
         middle_inputs=middle_inputs, middle_outputs=middle_outputs, carried_inputs=carried_in, base=base, glue=glue, skip=skip,
-        h0=h0, h_fn=h_fn, hoisted=hoisted,
+        h0=h0, h_fn=h_fn, hoisted=hoisted, fn_streams=fn_streams,
     )
 
 
@@ -226,10 +230,11 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _fn_stream(dependent, chain_inputs, block0_nodes, last_fn_nodes) -> tuple[fx.Node, fx.Node]:
+def _fn_stream(dependent, chain_inputs, block0_nodes, last_fn_nodes) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
     """The carried hidden stream after Fn (the largest carried output of the last Fn block, as it
     returns it: code after it may reshape it, as Latte does between its spatial and temporal
-    blocks, or add to it, as ConsisID's face adapter does) and before Fn."""
+    blocks, or add to it, as ConsisID's face adapter does), before Fn, and the outputs it was
+    picked from."""
     span = set(last_fn_nodes)
     fn_out = [nd for nd in last_fn_nodes if nd in dependent and any(u not in span for u in nd.users)]
     fn_tensors = [nd for nd in fn_out if isinstance(nd.meta.get("val"), torch.Tensor)]
@@ -241,7 +246,7 @@ def _fn_stream(dependent, chain_inputs, block0_nodes, last_fn_nodes) -> tuple[fx
     except PartitionError:  # the stream is sharded on its way into block 0
         fn_pairs = pair_carried(largest, chain_inputs + _entry_views(block0_nodes, chain_inputs))
     ((h_fn, h0),) = fn_pairs.items()
-    return h_fn, h0
+    return h_fn, h0, fn_tensors
 
 
 _VIEW_OPS = {"chunk", "split", "split_with_sizes", "tensor_split", "getitem", "narrow", "slice", "contiguous", "view", "reshape"}

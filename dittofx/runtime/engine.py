@@ -16,6 +16,7 @@ import copy
 import functools
 import inspect
 import logging
+import math
 import sys
 import traceback
 import types
@@ -140,6 +141,23 @@ def _state_shapes(entry: Entry, leaves: list) -> tuple:
     """Concrete shapes of the cache state (p, then each carried middle output) for these inputs."""
     bindings = _symbol_bindings(entry, leaves)
     return tuple(_concrete(n.meta["val"].shape, bindings) for n in entry.state_nodes)
+
+
+def _measures_the_largest_stream(entry: Entry, leaves: list) -> bool:
+    """Whether the stream the graph measures is still the largest carried output of the last Fn
+    block at these inputs' sizes (the carried hidden as the block-by-block path and tests/reference.py
+    pick it, per call). A symbolic graph keeps the pick of its capture's sizes: FLUX captured with
+    more text than image tokens measured the text stream at every later size (helper-52); where
+    another stream is now the largest, these sizes get a capture of their own."""
+    streams = entry.partition.fn_streams
+    if len(streams) < 2:
+        return True
+    bindings = _symbol_bindings(entry, leaves)
+    try:
+        numel = {n: math.prod(_concrete(n.meta["val"].shape, bindings)) for n in streams}
+    except TypeError:  # a size the inputs do not bind (data-dependent): the capture's pick stands
+        return True
+    return numel[entry.partition.h_fn] >= max(numel.values())
 
 
 def _symbol_bindings(entry: Entry, leaves: list) -> dict:
@@ -513,6 +531,7 @@ class Engine:
         same_structure = [
             e for e in self.entries
             if e.context == context and input_key(args, kwargs, e.captured.dynamic_dims) == e.key and _within_ranges(e, leaves)
+            and _measures_the_largest_stream(e, leaves)
         ]  # fmt: skip
         original = functools.cache(lambda: pytree.tree_leaves(self._original_forward(args, kwargs)))
         for entry in same_structure:
