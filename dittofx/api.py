@@ -19,6 +19,7 @@ from .masks import as_count
 from .passes.partition import fn_bn_too_large
 from .patterns.chain import module_lists
 from .runtime.engine import Engine, context_parallel_group
+from .runtime.state import HISTORY
 from .runtime.pipeline import attach_refresh, detach_refresh, is_pipeline, pipeline_transformers
 
 if TYPE_CHECKING:
@@ -608,6 +609,12 @@ def export(
     engine = _engine(model)
     _check_example_inputs(example_inputs)
     _check_package_path(path)
+    mask = engine.mask() if engine.num_steps is not None else None
+    if mask is not None and len(mask) > HISTORY:  # the Python path decides mask steps on the host; a program cannot
+        raise ValueError(
+            f"num_inference_steps={engine.num_steps} with a steps computation mask: an exported program reads its mask "
+            f"from a buffer of {HISTORY} steps; export requests of at most {HISTORY} steps"
+        )
     if inductor_configs is not None and not isinstance(inductor_configs, dict):
         raise TypeError(f"inductor_configs={inductor_configs!r}: must be a dict of inductor settings or None")
     return export_program(engine, example_inputs, path, inductor_configs)

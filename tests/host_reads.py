@@ -20,6 +20,7 @@ class HostReads(TorchDispatchMode):
         self.copies = 0
         self.reads = 0
         self.host: set[int] = set()
+        self.keep: list[torch.Tensor] = []
 
     def _on_host(self, t) -> bool:
         return isinstance(t, torch.Tensor) and not is_fake(t) and t.untyped_storage().data_ptr() in self.host
@@ -37,11 +38,14 @@ class HostReads(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func is torch.ops.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
             self.copies += 1
+            self.keep.append(out)
             self.host.add(out.untyped_storage().data_ptr())
         elif self.host and func is not torch.ops.aten._to_copy.default:  # computed from host copies only: on the host too
             inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             if inputs and all(map(self._on_host, inputs)):
-                self.host.update(t.untyped_storage().data_ptr() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+                made = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+                self.keep.extend(made)  # held while the mode runs: a freed one's address could be a device tensor's next
+                self.host.update(t.untyped_storage().data_ptr() for t in made)
         return out
 
 

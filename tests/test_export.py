@@ -196,6 +196,9 @@ def test_export_bad_input(pixart):
     with pytest.raises(TypeError, match="got an unexpected keyword argument 'not_an_input'"):
         dittofx.export(optimized, ((), dict(example[1], not_an_input=1)))
     assert optimized._dittofx.forward_error is None  # not kept (its traceback holds tensors)
+    long_masked = dittofx.optimize(pixart.build(), dict(CFG, num_inference_steps=1100, scm_steps_mask_policy="fast"))
+    with pytest.raises(ValueError, match="num_inference_steps=1100 with a steps computation mask: .* at most 1024 steps"):
+        dittofx.export(long_masked, example)  # its 1s past step 1024 would be read as 0s (helper-54)
     separate = dict(CFG, enable_separate_cfg=True, cfg_diff_compute_separate=False)
     with pytest.raises(ValueError, match="cfg_diff_compute_separate=False: .* export supports cfg_diff_compute_separate=True"):
         dittofx.export(dittofx.optimize(pixart.build(), separate), example)

@@ -235,3 +235,32 @@ def test_the_measured_stream_is_the_largest_at_each_size():
     assert stats.diffs[1:] == pytest.approx(reference.diffs[1:], rel=1e-4)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_a_graph_whose_stream_is_no_longer_the_largest_serves_where_no_other_can_be_made(caplog):
+    """HunyuanImage with more text (40) than image (16) tokens after a request with fewer: no capture
+    at those sizes pairs the middle (the text stream as the carried hidden), so the graph that
+    measures the image stream goes on serving them, said once, rather than the model running
+    uncached (helper-54)."""
+    z = zoo.get("hunyuanimage")
+
+    def more_text(kw, n=40):
+        out = dict(kw)
+        for k, v in kw.items():
+            dims = [i for i, d in enumerate(v.shape) if d == zoo.TXT_TOKENS] if isinstance(v, torch.Tensor) and ("encoder" in k or "text" in k) else []
+            if dims:
+                out[k] = v.repeat_interleave(-(-n // zoo.TXT_TOKENS), dim=dims[0]).narrow(dims[0], 0, n).clone()
+        return out
+
+    cfg = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.5, "num_inference_steps": 6, "max_warmup_steps": 1}
+    model, plain = dittofx.optimize(z.build(), cfg), z.build()
+    with caplog.at_level(logging.WARNING, logger="dittofx"), torch.no_grad():
+        for s in range(6):
+            model(**z.inputs(s, 1 - s / 6))
+        got = model(**more_text(z.inputs(0, 1.0)))[0]  # step 0 of a request computes: the plain model's output
+        want = plain(**more_text(z.inputs(0, 1.0)))[0]
+        for s in range(1, 6):
+            model(**more_text(z.inputs(s, 1 - s / 6)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert "no graph measuring that one could be made" in caplog.text and "uncached" not in caplog.text
+    assert dittofx.summary(model, log_table=False)[0].cached_steps  # the second request caches

@@ -214,6 +214,21 @@ def test_what_a_capture_bakes_in_besides_the_inputs_gets_a_graph_of_its_own(chan
     assert len(model._dittofx.entries) == 2
 
 
+def test_a_cast_after_the_first_module_was_replaced_gets_a_graph_of_its_own():
+    """The weights' dtype is read from the model as it is now: after the module holding the first
+    weight was replaced (same weights), a cast still captures again (helper-54: a cached owner dict
+    kept the replaced module's float32 weight, and the graph raised a dtype mismatch)."""
+    model, plain = dittofx.optimize(CastingDiT(), CFG).eval(), CastingDiT().eval()
+    with torch.no_grad():
+        model(**casting_inputs(0))
+        replaced = torch.nn.Linear(4, 16)
+        replaced.load_state_dict(model.proj_in.state_dict())
+        model.proj_in = replaced
+        assert torch.equal(model(**casting_inputs(1)), plain(**casting_inputs(1)))
+        model.to(torch.bfloat16), plain.to(torch.bfloat16)
+        assert torch.equal(model(**casting_inputs(2)), plain(**casting_inputs(2)))
+
+
 def test_a_timestep_given_as_a_python_number_is_no_timestep_to_watch(caplog):
     """A Python number is baked into the graph (one capture per value, said once), not read as the
     timestep: no crash in the gates; outputs as the plain model's at threshold 0."""

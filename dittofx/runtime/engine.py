@@ -361,7 +361,6 @@ class Engine:
         self.watched = False  # structure.watch has seen the model (a deep copy's engine: not yet)
         self._stateful: list[torch.nn.Module] = []  # the modules whose Python switches the graphs read
         self._own_running = False  # forward_without_pre_hook is running the model's own forward
-        self._first_weight_at: tuple[dict, str] | None = None  # (owner's _parameters, name): _first_weight
 
     # ---- attach / detach -------------------------------------------------------------------
     def attach(self) -> None:
@@ -388,7 +387,7 @@ class Engine:
         new = memo[id(self)] = object.__new__(type(self))
         fresh = {
             "entries": [], "uncapturable": {}, "_shelf": {}, "current": None, "replays": None if self.replays is None else Replays(), "_first_timesteps": {},
-            "changed": None, "watched": False, "_stateful": [], "_first_weight_at": None,
+            "changed": None, "watched": False, "_stateful": [],
         }  # fmt: skip
         for name, value in self.__dict__.items():
             setattr(new, name, fresh[name] if name in fresh else copy.deepcopy(value, memo))
@@ -494,25 +493,11 @@ class Engine:
             return "cond" if even != self.cfg.cfg_compute_first else "uncond"
         return "default"
 
-    def _first_weight(self) -> torch.Tensor | None:
-        """next(model.parameters()), read from its owner's dict once found: walking the modules
-        for it cost ~25 us a step (the dict, as Entry's weights are, so a cast or an assign shows)."""
-        if self._first_weight_at is not None:
-            tensors, name = self._first_weight_at
-            if tensors.get(name) is not None:
-                return tensors[name]
-        for module in self.model.modules():
-            for name, weight in module._parameters.items():
-                if weight is not None:
-                    self._first_weight_at = (module._parameters, name)
-                    return weight
-        return None
-
     def _capture_context(self, leaves: list) -> tuple:
         """What a capture bakes in besides the inputs: train or eval mode (dropout), the weights'
         dtype and device (forwards cast their inputs to them in Python: `x.to(self.dtype)`), and
         autocast on the inputs' device."""
-        weight = self._first_weight()
+        weight = next(self.model.parameters(), None)
         device = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
         on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # (none on "meta")
         autocast = torch.get_autocast_dtype(device) if on else None
@@ -528,17 +513,21 @@ class Engine:
                 return entry, sizes
         if sizes in self.uncapturable:  # tried once: not again at every call
             raise self.uncapturable[sizes]
-        same_structure = [
+        fitting = [
             e for e in self.entries
             if e.context == context and input_key(args, kwargs, e.captured.dynamic_dims) == e.key and _within_ranges(e, leaves)
-            and _measures_the_largest_stream(e, leaves)
         ]  # fmt: skip
+        same_structure = [e for e in fitting if _measures_the_largest_stream(e, leaves)]
         original = functools.cache(lambda: pytree.tree_leaves(self._original_forward(args, kwargs)))
+
+        def serve(entry: Entry) -> tuple[Entry, tuple]:
+            self._warn_if_numbers_change(sizes, entry, checked=True)
+            entry.state_shapes[sizes] = _state_shapes(entry, leaves)
+            return entry, sizes
+
         for entry in same_structure:
             if self._still_valid(entry, leaves, original):
-                self._warn_if_numbers_change(sizes, entry, checked=True)
-                entry.state_shapes[sizes] = _state_shapes(entry, leaves)
-                return entry, sizes
+                return serve(entry)
         # A symbolic graph wrong at these sizes took a size-dependent branch without a guard, e.g.
         # PixArt's PatchEmbed: its table for the first size, or a new table for any other size. A
         # second symbolic capture, at other sizes, takes the general branch and serves the rest;
@@ -546,6 +535,16 @@ class Engine:
         try:
             entry = self._build(args, kwargs, dynamic=not any(e.recaptured for e in same_structure))
         except (CaptureError, UnpairedOutputError) as err:
+            # a graph that measures another stream than the largest still caches right (HunyuanVideo
+            # with more text than image tokens: no capture at those sizes pairs the middle)
+            for entry in fitting:
+                if entry not in same_structure and self._still_valid(entry, leaves, original):
+                    self._warn_once(
+                        "stream kept", "dittofx: %s: at these sizes another stream than the one its graph measures is the "
+                        "largest, and no graph measuring that one could be made (%s): the graph goes on measuring its own",
+                        type(self.model).__name__, err,
+                    )  # fmt: skip
+                    return serve(entry)
             self.uncapturable[sizes] = err
             raise
         entry.recaptured = bool(same_structure)
