@@ -515,7 +515,8 @@ class Engine:
             raise self.uncapturable[sizes]
         fitting = [
             e for e in self.entries
-            if e.context == context and input_key(args, kwargs, e.captured.dynamic_dims) == e.key and _within_ranges(e, leaves)
+            if e.context == context and input_key(args, kwargs, e.captured.dynamic_dims, (leaves, spec)) == e.key
+            and _within_ranges(e, leaves)
         ]  # fmt: skip
         same_structure = [e for e in fitting if _measures_the_largest_stream(e, leaves)]
         original = functools.cache(lambda: pytree.tree_leaves(self._original_forward(args, kwargs)))
