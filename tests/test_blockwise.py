@@ -502,3 +502,26 @@ def test_an_index_read_after_the_chain_joins_no_list():
         for s in range(8):
             model(**tiny_inputs(s, d=16), y=y)
     assert "chain: blocks (4 blocks)" in dittofx.explain(model) and dittofx.summary(model)[0].cached_steps
+
+
+def test_layerwise_casting_caches_block_by_block_as_the_reference(caplog):
+    """diffusers' layerwise casting (fp8 storage, fp32 compute) casts each layer's weights in place
+    from a hook (`module.to`), which export cannot trace: the forward caches block by block, said
+    once with the hook's line, and caches the reference's steps with its outputs."""
+    z = zoo.get("flux")
+
+    def build():
+        model = z.build()
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        return model
+
+    naive = NaiveConfig(Fn=1, Bn=0, threshold=0.3, max_warmup_steps=1)
+    reference = NaiveDBCache(build(), z.block_lists, naive)
+    cfg = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.3, "num_inference_steps": STEPS, "max_warmup_steps": 1}
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        model = dittofx.optimize(build(), cfg)
+        got, want = run(model, z), run(reference, z)
+    assert model._dittofx.blockwise is not None and "layerwise_casting.py" in caplog.text
+    assert reference.cached_steps and dittofx.summary(model, log_table=False)[0].cached_steps == reference.cached_steps
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
