@@ -104,11 +104,11 @@ def export_program(
 ) -> torch.export.ExportedProgram:
     """See `dittofx.export`."""
     cfg = engine.cfg
-    if cfg.enable_separate_cfg and not cfg.cfg_diff_compute_separate:
+    if cfg.enable_separate_cfg is not False and not cfg.cfg_diff_compute_separate:  # None: branches named by cache_context
         raise ValueError(
-            "cfg_diff_compute_separate=False: a program holds one CFG branch's state and decides its steps itself, so "
-            "the second branch cannot reuse the first's decisions; export supports cfg_diff_compute_separate=True "
-            "(each branch decides on its own diff, one program per branch)"
+            f"cfg_diff_compute_separate=False (enable_separate_cfg={cfg.enable_separate_cfg}): a program holds one CFG "
+            "branch's state and decides its steps itself, so the second branch cannot reuse the first's decisions; export "
+            "supports cfg_diff_compute_separate=True (each branch decides on its own diff, one program per branch)"
         )
     if engine.num_steps is None:
         raise ValueError(

@@ -199,9 +199,10 @@ def test_export_bad_input(pixart):
     long_masked = dittofx.optimize(pixart.build(), dict(CFG, num_inference_steps=1100, scm_steps_mask_policy="fast"))
     with pytest.raises(ValueError, match="num_inference_steps=1100 with a steps computation mask: .* at most 1024 steps"):
         dittofx.export(long_masked, example)  # its 1s past step 1024 would be read as 0s (helper-54)
-    separate = dict(CFG, enable_separate_cfg=True, cfg_diff_compute_separate=False)
-    with pytest.raises(ValueError, match="cfg_diff_compute_separate=False: .* export supports cfg_diff_compute_separate=True"):
-        dittofx.export(dittofx.optimize(pixart.build(), separate), example)
+    for separate_cfg in (True, None):  # None (the default): branches named by the pipeline's cache_context (helper-56)
+        separate = dict(CFG, enable_separate_cfg=separate_cfg, cfg_diff_compute_separate=False)
+        with pytest.raises(ValueError, match=r"cfg_diff_compute_separate=False \(enable_separate_cfg=.*export supports cfg_diff_compute_separate=True"):
+            dittofx.export(dittofx.optimize(pixart.build(), separate), example)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
         text_encoder_2=None, tokenizer_2=None, transformer=zoo.get("flux").build(),
