@@ -310,9 +310,18 @@ def validate(cfg: CacheConfig) -> CacheConfig:
 
 def _from_cache_dit(config: Any) -> Any:
     """cache-dit's own config objects (`cache_dit.DBCacheConfig`, `cache_dit.DBPruneConfig`) as the
-    dict of their fields (cache-dit's defaults included: the object is cache-dit's); `config`
-    as it is if it is none of them."""
+    dict of their fields (cache-dit's defaults included: the object is cache-dit's; a field set to
+    None, as its `reset(...)` leaves every field it is not given, is unset), and a cache-dit
+    `ParamsModifier` as its cache config; `config` as it is if it is none of them."""
     kind = type(config)
+    if kind.__module__.startswith("cache_dit.") and kind.__name__ == "ParamsModifier":
+        held = getattr(config, "_context_kwargs", {})
+        if held.get("calibrator_config") is not None:
+            raise ValueError(
+                f"ParamsModifier(calibrator_config={type(held['calibrator_config']).__name__}(...)): in dittofx TaylorSeer "
+                f"is part of the cache config: {{..., 'enable_taylorseer': True, 'taylorseer_order': k}}"
+            )
+        return _from_cache_dit(held.get("cache_config", {}))
     if not (kind.__module__.startswith("cache_dit.") and dataclasses.is_dataclass(config)):
         return config
     if kind.__name__ == "TaylorSeerCalibratorConfig":
@@ -325,7 +334,7 @@ def _from_cache_dit(config: Any) -> Any:
     if method is None:
         return config
     ours = {f.name for f in dataclasses.fields(_METHODS[method])}
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "cache_type"}
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "cache_type" and getattr(config, f.name) is not None}
     defaults = {f.name: f.default for f in dataclasses.fields(kind)}
     unsupported = sorted(k for k, v in values.items() if k not in ours and v != defaults[k])
     if unsupported:

@@ -1,6 +1,7 @@
 """CFG branches (SPEC §3), refresh/reset, summary and explain."""
 
 import copy
+import dataclasses
 import logging
 
 import pytest
@@ -401,6 +402,26 @@ def test_cache_dit_config_objects_are_taken_with_their_own_defaults():
                 model(**z.inputs(s, 1 - s / 6))
         stats.append(dittofx.summary(model, log_table=False)[0].cached_steps)
     assert stats[0] == stats[1] and 0 < len(stats[0]) < 5, stats
+
+
+def test_cache_dit_partial_configs_and_params_modifiers():
+    """cache-dit's per-transformer form (its Wan 2.2 example): `ParamsModifier(cache_config=
+    DBCacheConfig().reset(max_warmup_steps=2, ...))`, whose `reset` leaves every other field None:
+    the None fields are unset, so only the fields given change the shared config (they were read
+    as set: "sets force_refresh_step_policy=None: not supported"; helper-56)."""
+    import cache_dit
+    from cache_dit import ParamsModifier
+
+    from dittofx.config import merge_config, parse_config
+
+    shared = dittofx.DBCacheConfig(Fn_compute_blocks=2, residual_diff_threshold=0.2, max_warmup_steps=4, num_inference_steps=6)
+    want = dataclasses.replace(shared, max_warmup_steps=2, max_cached_steps=20)
+    partial = cache_dit.DBCacheConfig().reset(max_warmup_steps=2, max_cached_steps=20)
+    assert merge_config(shared, partial) == want
+    assert merge_config(shared, ParamsModifier(cache_config=partial)) == want
+    assert parse_config(cache_dit.DBCacheConfig().reset(residual_diff_threshold=0.1)) == parse_config({"residual_diff_threshold": 0.1})
+    with pytest.raises(ValueError, match=r"ParamsModifier\(calibrator_config=TaylorSeerCalibratorConfig\(...\)\): .*'enable_taylorseer': True"):
+        merge_config(shared, ParamsModifier(calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=2)))
 
 
 def test_a_function_calling_the_model_under_fullgraph_is_told_to_compile_the_module():

@@ -150,6 +150,19 @@ def test_per_expert_configs_match_a_naive_reference_per_expert():
     assert stats["transformer_2", "cond"].config.startswith("DBCache_F1B0_W3I1")
 
 
+def test_cache_dits_list_of_params_modifiers_sets_each_experts_config():
+    """cache-dit's Wan 2.2 form: one `ParamsModifier(cache_config=DBCacheConfig().reset(...))` per
+    transformer in order, None keeping the shared config; only the fields given change it."""
+    import cache_dit
+    from cache_dit import ParamsModifier
+
+    shared = dittofx.DBCacheConfig(residual_diff_threshold=0.2, max_warmup_steps=4)
+    low_noise = ParamsModifier(cache_config=cache_dit.DBCacheConfig().reset(max_warmup_steps=2, max_cached_steps=20))
+    pipe = dittofx.optimize(wan_pipeline(), shared, params_modifiers=[None, low_noise])
+    assert pipe.transformer._dittofx.cfg == shared
+    assert pipe.transformer_2._dittofx.cfg == dittofx.DBCacheConfig(residual_diff_threshold=0.2, max_warmup_steps=2, max_cached_steps=20)
+
+
 def untouched(pipe) -> bool:
     return type(pipe) is WanPipeline and all("_dittofx" not in m.__dict__ for m in (pipe.transformer, pipe.transformer_2))
 
