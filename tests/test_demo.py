@@ -97,3 +97,12 @@ def test_demo_labels_stay_apart_where_two_configs_share_one():
     assert len({config_label(c) for c in same}) == 1
     assert run_labels(same) == ["F1B0_W8_R0.1", "F1B0_W8_R0.1_2", "F1B0_W8_R0.1_3"]  # max_warmup_steps: 8 by default
     assert config_label({}) == "F1B0_W8_R0.08"  # what the empty config runs
+
+
+def test_a_config_the_fixture_refuses_at_its_first_call_is_a_usage_error(capsys, tmp_path):
+    """Fn + Bn over the fixture's 6 blocks passes the config check (it knows no model) and is
+    refused at the first call: a usage error naming the field, not a traceback (helper-56)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--config", '{"Fn_compute_blocks": 7}', "--prompts", "1", "--steps", "2", "--repeats", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--config: " in err and "Fn_compute_blocks + Bn_compute_blocks = 7 + 0" in err and "Traceback" not in err
