@@ -252,7 +252,8 @@ def _optimize_pipeline(
         if other or split_at_decision or cuda_graphs:
             raise ValueError(
                 f"pipeline {type(pipe).__name__}.{other[0] if other else names[0]}: already optimized with "
-                f"{engines[names[0]].cfg.short_name()} (shared with another pipeline, e.g. through from_pipe): optimize this "
+                f"{engines[names[0]].cfg.short_name()} (optimized on its own, or shared with another pipeline, e.g. through "
+                f"from_pipe): optimize this "
                 f"pipeline with no config (or the same one) and no other options to have its calls set the request length "
                 f"too, or dittofx.disable the transformer first"
             )
