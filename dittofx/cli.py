@@ -132,16 +132,18 @@ def run_demo(
     bar.close()
 
     ref, ref_seconds = results[UNCACHED], seconds[UNCACHED]
+    ref_pixels = to_uint8(ref.images)
     rows, images = [], {}
     for label, cfg, _ in runs:
         result = results[label]
         images[label] = result.images
-        save_pngs(to_uint8(result.images), out / "images" / label, names)
+        pixels = to_uint8(result.images)  # the PNGs': PSNR and SSIM as `dittofx metrics` gives them on the files
+        save_pngs(pixels, out / "images" / label, names)
         rows.append(Row(
             label=label, config=cfg, cached_steps=cached.get(label, {}), seconds=seconds[label],
             time_ratio=seconds[label] / ref_seconds,
-            psnr=psnr(result.images, ref.images, 2.0),
-            ssim=ssim(result.images.permute(0, 2, 3, 1), ref.images.permute(0, 2, 3, 1), 2.0),
+            psnr=psnr(pixels, ref_pixels, 255.0),
+            ssim=ssim(pixels, ref_pixels, 255.0),
             rel_l2=relative_l2(result.latents, ref.latents),
             prompts_ok=sum(follows_prompt(im, p) for im, p in zip(result.images, prompts)),
         ))  # fmt: skip

@@ -45,12 +45,11 @@ def test_demo_small_run(tmp_path, capsys):
     assert set(cached) == {"cond", "uncond"}
     assert all(min(v) >= 2 and max(v) < steps for v in cached.values() if v)
     assert lines[label][1] == "/".join(str(len(v)) for v in cached.values())
-    # the demo's float PSNR agrees with `dittofx metrics` on the PNGs it wrote (uint8 rounding only)
+    # the demo's PSNR and SSIM are `dittofx metrics`' on the PNGs it wrote (the table's SSIM was taken
+    # on unclamped floats: 0.962 against 0.848 on the files; helper-56)
     on_disk = compare_dirs(out / "images" / "uncached", out / "images" / label)
-    if rows[label]["psnr"] == float("inf"):
-        assert on_disk["psnr"] == float("inf")
-    else:
-        assert on_disk["psnr"] == pytest.approx(rows[label]["psnr"], abs=0.5)
+    assert rows[label]["psnr"] < float("inf")
+    assert (on_disk["psnr"], on_disk["ssim"]) == pytest.approx((rows[label]["psnr"], rows[label]["ssim"]), rel=1e-9)
 
     grid = Image.open(out / "grid.png")
     plot = Image.open(out / "speed_vs_psnr.png")
