@@ -500,7 +500,7 @@ def _percentiles(values: list[float]) -> str:
 
 
 def _table(stats: list[CacheStats]) -> str:
-    lines = ["dittofx summary"]
+    lines = ["dittofx summary" + ("" if stats else ": no step has run yet")]
     for s in stats:
         lines.append(
             f"  {s.name} [{s.branch}] {s.config}: cached {len(s.cached_steps)}/{len(s.cached_steps) + len(s.computed_steps)} "

@@ -277,6 +277,7 @@ def test_refresh_and_reset_start_the_call_parity_again(pixart):
 
 def test_summary_prints_as_its_table(pixart):
     model = dittofx.optimize(pixart.build(), dict(CFG, residual_diff_threshold=10.0))
+    assert str(dittofx.summary(model, log_table=False)) == "dittofx summary: no step has run yet"
     with torch.no_grad():
         for s in range(3):
             model(**pixart.inputs(s, 1 - s / STEPS))
