@@ -192,7 +192,7 @@ def _save_grid(path: Path, images: dict[str, torch.Tensor], prompts: list[str], 
                 ax.set_title(prompts[j].replace(" ", "\n", 1), fontsize=7)
         axes[i][0].set_ylabel(f"{label}\ncached {cached}\n{row.psnr:.1f} dB", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long row labels (config names) past the left edge
     plt.close(fig)
 
 
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--cfg-mode", choices=["separate", "batched"], default="separate",
                       help="CFG as two calls a step, cond and uncond, each with its own cache state (separate, the default), "
                            "or as one call on the [uncond, cond] batch (batched)")  # fmt: skip
-    demo.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats per run; the fastest counts")
+    demo.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats per run; the fastest counts (default 3)")
     demo.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
     demo.add_argument("--config", action="append", metavar="JSON",
                       help="a cache config as a JSON dict; repeat for several (default: the demo's list)")  # fmt: skip
