@@ -153,6 +153,25 @@ def test_model_without_block_chain_explains_what_was_searched():
     assert_untouched(model, before)
 
 
+def test_a_unet_names_the_block_that_hands_nothing_on():
+    """A UNet's down blocks hand their outputs on through skip connections, not to the next block:
+    the error names the last Fn block, the chain found and `blocks=` (it said only "no carried
+    tensor"; helper-56), and the model is left as it was."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+    ).eval()  # fmt: skip
+    before = snapshot(unet)
+    example = ((torch.randn(1, 4, 8, 8), torch.tensor([10])), {"encoder_hidden_states": torch.randn(1, 3, 8)})
+    with pytest.raises(ValueError, match=r"the last Fn block \(down_blocks.0; chain down_blocks -> .*name the lists that form one with blocks="):
+        dittofx.optimize(unet, {}, example_inputs=example)
+    assert_untouched(unet, before)
+
+
 class LoopedList(NoBlocks):
     """Weight-shared blocks: the forward runs its ModuleList twice."""
 

@@ -212,7 +212,14 @@ def partition(
         h_fn, h0 = signal, max(chain_inputs, key=numel_hint)
     else:
         last_fn = blocks[fn_blocks - 1]
-        h_fn, h0, fn_streams = _fn_stream(dependent, chain_inputs, nodes[start : blocks[0].end + 1], nodes[last_fn.start : last_fn.end + 1])
+        try:
+            h_fn, h0, fn_streams = _fn_stream(dependent, chain_inputs, nodes[start : blocks[0].end + 1], nodes[last_fn.start : last_fn.end + 1])
+        except PartitionError as err:
+            raise PartitionError(
+                f"{err}: the last Fn block ({last_fn.path}; chain {' -> '.join(chain.lists)}, Fn_compute_blocks={fn_blocks}) "
+                f"hands no tensor on to the blocks after it. dittofx caches a chain of blocks that each pass the hidden "
+                f"states to the next (a transformer's); name the lists that form one with blocks=[...]"
+            ) from None
     return Partition(
         chain=chain, fn_blocks=fn_blocks, bn_blocks=bn_blocks, region=region,
         middle_inputs=middle_inputs, middle_outputs=middle_outputs, carried_inputs=carried_in, base=base, glue=glue, skip=skip,
