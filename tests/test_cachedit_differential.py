@@ -39,9 +39,14 @@ Deliberate differences, kept out of the configs below:
   `max_warmup_steps`.
 * `residual_diff_threshold >= 1.0`: cache-dit's `similarity()` caches unconditionally without
   measuring (`if threshold >= 1.0: ... return True`); SPEC compares the diff. Thresholds here are < 1.
-* `cfg_diff_compute_separate=False`: dittofx follows SPEC §3 (the second branch of a step reuses the first
-  branch's decision of that step; tested against an independent expectation in test_cfg_and_api); not compared
-  with cache-dit here.
+* `cfg_diff_compute_separate=False` with `cfg_compute_first=True`: cache-dit reuses a diff only on
+  its CFG branch and only once the other branch recorded one for the step (`similarity`,
+  cache_manager.py), so with the CFG branch first nothing is reused and each branch decides alone;
+  SPEC §3 (and dittofx) has the second branch take the first's decision. Compared with
+  `cfg_compute_first=False` only, where the two agree (tested against an independent expectation
+  in test_cfg_and_api for both orders).
+* batch > 1 (CFG batched in one call): cache-dit takes one mean over the batch; SPEC §3 a diff per
+  sample, a step caching only if every sample passes. The calls here have batch 1.
 * cache-dit's transformer-only enable defaults `enable_separate_cfg` from its adapter registry (True for
   Wan/Qwen-Image) and then splits calls by parity; dittofx defaults to one shared state when no
   `cache_context` name is set. Both sides are given `enable_separate_cfg` explicitly.
@@ -106,6 +111,12 @@ CASES = [
     # TaylorSeer on a dual stream (the text stream is forecast too), Fn=2.
     Case("cogvideox", ForwardPattern.Pattern_0,
          dict(Fn_compute_blocks=2, Bn_compute_blocks=1, max_warmup_steps=2), taylorseer_order=1),
+    # CFG sharing the decision (cfg_diff_compute_separate=False): the uncond call of a step takes
+    # the cond call's (cond first, so cache-dit has the diff to reuse; helper-55).
+    Case("wan", ForwardPattern.Pattern_2,
+         dict(Fn_compute_blocks=1, Bn_compute_blocks=1, max_warmup_steps=2, max_continuous_cached_steps=2,
+              cfg_diff_compute_separate=False),
+         cfg=True),
     # TaylorSeer with separate CFG branches (a history each).
     Case("wan", ForwardPattern.Pattern_2,
          dict(Fn_compute_blocks=1, Bn_compute_blocks=1, max_warmup_steps=2, max_continuous_cached_steps=2),
@@ -230,7 +241,8 @@ def _threshold(z, case: Case) -> float:
     so that some steps cache and some compute: between the two diffs around the median; with CFG,
     between the two branches' diffs at the first eligible step (same history there), so that the
     branches' decisions part."""
-    unlimited = {k: v for k, v in case.config.items() if not k.startswith("steps_computation")}
+    # (each branch measuring its own diff, so that shared decisions are tested where separate ones part)
+    unlimited = {k: v for k, v in case.config.items() if not k.startswith("steps_computation") and k != "cfg_diff_compute_separate"}
     probe = Case(case.name, case.pattern, dict(unlimited, max_cached_steps=-1, max_continuous_cached_steps=-1),
                  cfg=case.cfg)  # fmt: skip
     _, (stats,) = _run_cachedit(z, probe, threshold=0.999)  # < 1: cache-dit still measures the diff
@@ -254,8 +266,10 @@ def test_dittofx_matches_cachedit(case: Case):
     assert len(got_stats) == len(want_stats) == case.requests
     for request, (want, got) in enumerate(zip(want_stats, got_stats)):
         assert sorted(got) == sorted(want), (context, request, got.keys(), want.keys())
-        if case.cfg:  # the threshold makes the branches' decisions part (see _threshold)
+        if case.cfg and case.config.get("cfg_diff_compute_separate", True):  # the threshold makes them part (_threshold)
             assert want["cond"][0] != want["uncond"][0], (context, want)
+        elif case.cfg:  # ... where each branch decided alone; sharing the decision, they do not
+            assert want["cond"][0] == want["uncond"][0], (context, want)
         for branch, (want_cached, want_diffs) in want.items():
             got_cached, got_diffs = got[branch]
             where = f"{context} request={request} branch={branch}"
@@ -265,6 +279,10 @@ def test_dittofx_matches_cachedit(case: Case):
             margin = min((abs(d - threshold) for d in want_diffs.values()), default=threshold) / threshold  # a static mask measures none
             assert margin > 1e-4, (where, "ambiguous threshold", threshold, want_diffs)
             assert got_cached == want_cached, (where, "cached steps", got_cached, want_cached, got_diffs, want_diffs)
+            if branch == "uncond" and not case.config.get("cfg_diff_compute_separate", True):
+                # the second branch takes the first's decision and measures nothing (cache-dit logs the reused diff)
+                assert all(math.isnan(d) for d in got_diffs), (where, got_diffs)
+                continue
             # every diff cache-dit measured, dittofx measured too, with the same value
             for s, d in want_diffs.items():
                 assert math.isfinite(got_diffs[s]), (where, s, got_diffs)
