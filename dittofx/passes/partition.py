@@ -212,14 +212,8 @@ def partition(
         h_fn, h0 = signal, max(chain_inputs, key=numel_hint)
     else:
         last_fn = blocks[fn_blocks - 1]
-        try:
-            h_fn, h0, fn_streams = _fn_stream(dependent, chain_inputs, nodes[start : blocks[0].end + 1], nodes[last_fn.start : last_fn.end + 1])
-        except PartitionError as err:
-            raise PartitionError(
-                f"{err}: the last Fn block ({last_fn.path}; chain {' -> '.join(chain.lists)}, Fn_compute_blocks={fn_blocks}) "
-                f"hands no tensor on to the blocks after it. dittofx caches a chain of blocks that each pass the hidden "
-                f"states to the next (a transformer's); name the lists that form one with blocks=[...]"
-            ) from None
+        where = f"{last_fn.path}; chain {' -> '.join(chain.lists)}, Fn_compute_blocks={fn_blocks}"
+        h_fn, h0, fn_streams = _fn_stream(dependent, chain_inputs, nodes[start : blocks[0].end + 1], nodes[last_fn.start : last_fn.end + 1], where)
     return Partition(
         chain=chain, fn_blocks=fn_blocks, bn_blocks=bn_blocks, region=region,
         middle_inputs=middle_inputs, middle_outputs=middle_outputs, carried_inputs=carried_in, base=base, glue=glue, skip=skip,
@@ -237,16 +231,20 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _fn_stream(dependent, chain_inputs, block0_nodes, last_fn_nodes) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
+def _fn_stream(dependent, chain_inputs, block0_nodes, last_fn_nodes, where: str) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
     """The carried hidden stream after Fn (the largest carried output of the last Fn block, as it
     returns it: code after it may reshape it, as Latte does between its spatial and temporal
     blocks, or add to it, as ConsisID's face adapter does), before Fn, and the outputs it was
-    picked from."""
+    picked from. `where`: the last Fn block and the chain, for the error."""
     span = set(last_fn_nodes)
     fn_out = [nd for nd in last_fn_nodes if nd in dependent and any(u not in span for u in nd.users)]
     fn_tensors = [nd for nd in fn_out if isinstance(nd.meta.get("val"), torch.Tensor)]
     if not fn_tensors:
-        raise PartitionError("the first Fn blocks produce no carried tensor; cannot measure the residual")
+        raise PartitionError(
+            f"the first Fn blocks produce no carried tensor; cannot measure the residual: the last Fn block ({where}) "
+            f"hands no tensor on to the blocks after it. dittofx caches a chain of blocks that each pass the hidden "
+            f"states to the next (a transformer's); name the lists that form one with blocks=[...]"
+        )
     largest = sorted(fn_tensors, key=numel_hint, reverse=True)[:1]
     try:
         fn_pairs = pair_carried(largest, chain_inputs)
