@@ -204,6 +204,24 @@ def test_input_structure_changes_recapture_and_resolution_changes_do_not():
     assert len(engine.entries) == 3  # new dtype: captured again
 
 
+@pytest.mark.parametrize("name", ["flux", "qwenimage", "wan", "pixart"])
+def test_flatten_inputs_is_tree_flatten(name):
+    """The pre-hook's flattening keeps a spec per keywords and value types for calls of plain values:
+    the same leaves (the same objects) and an equal spec as pytree's, call after call; a call with
+    containers in it (Qwen-Image's img_shapes, a dict of attention kwargs) is flattened afresh."""
+    from dittofx.passes.capture import flatten_inputs
+
+    z, specs = zoo.get(name), {}
+    for step, extra in ((0, {}), (1, {}), (2, {"attention_kwargs": {"scale": 1.0}}), (3, {"attention_kwargs": None})):
+        kwargs = dict(z.inputs(step, 1 - step / 4), return_dict=False, **extra)
+        leaves, spec = flatten_inputs((), kwargs, specs)
+        want_leaves, want_spec = torch.utils._pytree.tree_flatten(((), kwargs))
+        assert spec == want_spec and len(leaves) == len(want_leaves)
+        assert all(a is b for a, b in zip(leaves, want_leaves))
+    plain = all(not isinstance(v, (list, tuple, dict)) for v in z.inputs(0, 1.0).values())
+    assert len(specs) == (2 if plain else 0)  # the plain calls' two shapes (no attention_kwargs, and None)
+
+
 def test_split_at_decision_cuts_the_device_graph_at_its_cond():
     """Graph in, graph out: the head is everything before the cond and returns its predicate first;
     head then tail, on copies of one state, do what the device graph does (outputs and state)."""

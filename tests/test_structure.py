@@ -523,3 +523,23 @@ def test_a_step_is_given_the_weights_its_graph_reads_as_they_are_now():
     for got, want in zip(request(model, z), request(plain, z)):
         assert torch.equal(got, want)
     assert len(model._dittofx.entries) == 1
+
+
+def test_first_parameter_is_the_first_of_parameters():
+    """The pre-hook reads the weights' dtype and device from `first_parameter`, a walk standing in
+    for `next(model.parameters(), None)`: the same tensor on every zoo model, and where the root
+    holds parameters, a parameter is registered as None, a module is shared, or there are none."""
+    from dittofx.runtime.engine import first_parameter
+
+    for name in zoo.names():
+        model = zoo.get(name).build()
+        assert first_parameter(model) is next(model.parameters()), name
+    shared = torch.nn.Linear(2, 2)
+    odd = torch.nn.Module()
+    odd.register_parameter("unset", None)
+    odd.empty = torch.nn.Sequential(torch.nn.ReLU())
+    odd.a, odd.b = shared, shared
+    assert first_parameter(odd) is next(odd.parameters()) is shared.weight
+    odd.register_parameter("own", torch.nn.Parameter(torch.ones(1)))
+    assert first_parameter(odd) is next(odd.parameters()) is odd.own
+    assert first_parameter(torch.nn.Sequential(torch.nn.ReLU())) is None

@@ -76,6 +76,26 @@ def _leaf_key(leaf: Any, symbolic: tuple[int, ...] | None) -> Any:
     return ("V", type(leaf).__name__, leaf if symbolic is None else -1)
 
 
+# values that pytree flattens to themselves (one leaf each): a call made of them alone has the spec of
+# the last call with the same keywords and types
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter, bool, int, float, str, type(None)})
+
+
+def flatten_inputs(args: tuple, kwargs: dict, specs: dict[tuple, pytree.TreeSpec]) -> tuple[list, pytree.TreeSpec]:
+    """`pytree.tree_flatten((args, kwargs))`. A call of plain values only (a diffusers transformer's
+    step: tensors, numbers, None) takes the spec kept in `specs` for its keywords and value types:
+    flattening afresh cost ~7 us a step warm, ~25 cold, in the pre-hook."""
+    values = (*args, *kwargs.values())
+    shape = (len(args), tuple(kwargs), tuple(map(type, values)))
+    spec = specs.get(shape)
+    if spec is not None:
+        return list(values), spec
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    if all(type(v) in _PLAIN for v in values):
+        specs[shape] = spec
+    return leaves, spec
+
+
 def input_key(
     args: tuple, kwargs: dict, dynamic_dims: dict[int, tuple[int, ...]], flat: tuple[list, pytree.TreeSpec] | None = None
 ) -> InputKey:

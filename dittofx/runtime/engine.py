@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from ..config import CacheConfig, DBPruneConfig, TeaCacheConfig
 from ..passes.build import rewrite_captured
-from ..passes.capture import CapturedGraph, capture, input_key, resolve_state
+from ..passes.capture import CapturedGraph, capture, flatten_inputs, input_key, resolve_state
 from ..passes.partition import Partition, UnpairedOutputError
 from ..passes.rewrite import RewriteOptions
 from ..patterns.chain import Chain
@@ -216,6 +216,18 @@ def context_parallel_group(model: torch.nn.Module) -> Any:
     return None if cp is None else cp._flattened_mesh.get_group()
 
 
+def first_parameter(module: torch.nn.Module) -> torch.Tensor | None:
+    """`next(module.parameters(), None)` (the same tensor: modules in pre-order, each one's own
+    first) without its generators and memo set, which cost ~15 us of a step's pre-hook, cold."""
+    for p in module._parameters.values():
+        if p is not None:
+            return p
+    for child in module._modules.values():
+        if child is not None and (p := first_parameter(child)) is not None:
+            return p
+    return None
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -329,6 +341,7 @@ class Engine:
         self.num_steps = cfg.num_inference_steps
         self.entries: list[Entry] = []
         self.uncapturable: dict[tuple, Exception] = {}  # input keys whose capture failed -> why
+        self._plain_specs: dict[tuple, pytree.TreeSpec] = {}  # flatten_inputs' specs of calls of plain values
         self._shelf: dict[tuple, list[Entry]] = {}  # graphs of earlier adapter/processor switches (oldest first)
         self.states = CacheStates()
         # the graph for this call, its entry and its leading inputs (a plain list, see _leading)
@@ -497,7 +510,7 @@ class Engine:
         """What a capture bakes in besides the inputs: train or eval mode (dropout), the weights'
         dtype and device (forwards cast their inputs to them in Python: `x.to(self.dtype)`), and
         autocast on the inputs' device."""
-        weight = next(self.model.parameters(), None)
+        weight = first_parameter(self.model)
         device = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
         on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # (none on "meta")
         autocast = torch.get_autocast_dtype(device) if on else None
@@ -954,7 +967,7 @@ class Engine:
         forward (said once)."""
         if self.blockwise is not None:
             return None
-        leaves, spec = pytree.tree_flatten((args, kwargs))
+        leaves, spec = flatten_inputs(args, kwargs, self._plain_specs)
         try:
             entry, sizes = self._entry_for(args, kwargs, leaves, spec)
         except (CaptureError, UnpairedOutputError) as err:  # no graph to rewrite

@@ -94,6 +94,7 @@ class CacheState(torch.nn.Module):
             self.register_buffer(name, like.new_zeros(shape, dtype=residual_dtype or like.dtype), persistent=False)
             self.residual_names.append(name)
         self.shapes = (tuple(p_like.shape), tuple(tuple(c.shape) for c in carried_like), p_like.dtype, device)
+        self._names = state_names(len(self.residual_names), norms)  # the graph's order, read at every step
         for t in self.buffers():  # fixed addresses for CUDA graphs, however a graph is handed them
             mark_static(t)
 
@@ -104,7 +105,8 @@ class CacheState(torch.nn.Module):
 
     def tensors(self) -> list[torch.Tensor]:
         """The flat list the rewritten graph takes, in its placeholder order."""
-        return [getattr(self, n) for n in state_names(len(self.residual_names), self.has_norms)]
+        buffers = self._buffers  # live: model.to() remakes them
+        return [buffers[n] for n in self._names]
 
     @torch.no_grad()
     def reset(self, num_steps: int | None = None) -> None:
