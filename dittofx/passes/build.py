@@ -48,7 +48,7 @@ def rewrite_captured(
     gm = captured.gm
     params = set(captured.weight_placeholders())
     chain = find_chain(gm, model, params, cfg.blocks)
-    signal = find_modulated_input(list(gm.graph.nodes), chain, params) if isinstance(cfg, TeaCacheConfig) else None
+    signal = find_modulated_input(list(gm.graph.nodes), chain, params, opts.timestep_input) if isinstance(cfg, TeaCacheConfig) else None
     part_pass = PartitionPass(chain, cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, params, signal)
     part_pass(gm)
     part = part_pass.partition

@@ -3,8 +3,8 @@
 Every adaptive-norm DiT block starts the same way, whatever the model calls it: the hidden
 stream is normalized, then scaled and shifted by values computed from the conditioning (the
 timestep embedding), `norm(x) * (1 + scale) + shift`. In graph terms the first node of block 0
-that depends on both the carried hidden state and a loop-invariant input (the conditioning), with
-the hidden state's shape, is the scale; the elementwise ops right after it (the shift, a dtype
+that depends on both the carried hidden state and a loop-invariant input made from the timestep
+(the conditioning; any other input where none is), with the hidden state's shape, is the scale; the elementwise ops right after it (the shift, a dtype
 cast) complete the modulated input. No module names are read, so no per-model code is needed. The same rule
 runs on the torch calls of block 0 made eagerly (`ModulationFinder`) for forwards with no graph.
 """
@@ -38,19 +38,24 @@ def _shape(node: fx.Node) -> tuple | None:
     return tuple(str(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def find_modulated_input(nodes: list[fx.Node], chain: Chain, params: set[fx.Node]) -> fx.Node:
-    """The node holding block 0's modulated hidden input (SPEC §6's `m_s`)."""
+def find_modulated_input(nodes: list[fx.Node], chain: Chain, params: set[fx.Node], timestep: str | None = None) -> fx.Node:
+    """The node holding block 0's modulated hidden input (SPEC §6's `m_s`). `timestep`: the name of
+    the timestep input's placeholder, where the forward has one."""
     first = chain.blocks[0]
     carried = carried_inputs(nodes, chain.blocks, params)
     if not carried:
         raise ModulationNotFound(f"block {first.path} reads no carried value")
     hidden = max(carried, key=numel_hint)
     # everything else the block reads (an embedding only block 0 reads also counts: Wan's timestep
-    # projection is read once and chunked, so it looks carried)
+    # projection is read once and chunked, so it looks carried) ...
     conditioning = [
         n for n in block_inputs(nodes, first)
         if n not in params and n is not hidden and isinstance(n.meta.get("val"), torch.Tensor)
     ]  # fmt: skip
+    # ... made from the timestep, where some is: a positional embedding added to the hidden stream
+    # before the norm is no modulation (Cosmos adds its learnable one first thing in block 0)
+    timed = _made_from(nodes, timestep)
+    conditioning = [n for n in conditioning if n in timed] or conditioning
     from_hidden, from_cond = {hidden}, set(conditioning)
     span = nodes[first.start : first.end + 1]
     for node in span:
@@ -66,6 +71,15 @@ def find_modulated_input(nodes: list[fx.Node], chain: Chain, params: set[fx.Node
         f"{hidden.name} {_shape(hidden)} with a conditioning input ({[c.name for c in conditioning]}) at the "
         f"hidden state's shape"
     )
+
+
+def _made_from(nodes: list[fx.Node], placeholder: str | None) -> set[fx.Node]:
+    """The nodes computed from the placeholder named `placeholder` (none where there is none)."""
+    made = {n for n in nodes if n.op == "placeholder" and n.name == placeholder}
+    for node in nodes:
+        if node not in made and any(a in made for a in node.all_input_nodes):
+            made.add(node)
+    return made
 
 
 def _finish(node: fx.Node, from_hidden: set[fx.Node]) -> fx.Node:
