@@ -47,6 +47,7 @@ import copy
 import functools
 import itertools
 import json
+import os
 import platform
 import signal
 import statistics
@@ -69,6 +70,7 @@ from dittofx.runtime.engine import with_own_code
 STEPS = 28
 FN, BN = 1, 0  # blocks computed at every step, first and last: the F1B0 of every row
 RESULTS = _BENCH / "results"
+OTHERS_TOLERATED = 0.2  # cores other processes may keep busy, on average, before a run's table says it was perturbed
 
 
 @dataclass(frozen=True)
@@ -591,6 +593,9 @@ def markdown(meta: dict, records: list[dict], problems: list[str], cpu: bool) ->
             "ratios between rows of this one run mean anything, and the table gives ratios only (seconds are in the JSON).",
             "",
         ]
+    if (meta.get("other_processes_cores") or 0) > OTHERS_TOLERATED:
+        lines += [f"**Other processes kept {meta['other_processes_cores']} cores busy on average while the rows were timed: "
+                  "the ratios may be perturbed; run again on a quiet machine before quoting them.**", ""]  # fmt: skip
     lines += [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in meta.items()]
     lines += [
         "- timing: every row holds its own module objects over one seeded weight set; all rows were built and warmed up, "
@@ -680,7 +685,9 @@ def main() -> None:
         full = spec.build(device, dtype)
         fn_bn = spec.build(device, dtype, **spec.fn_bn_layers)
         rows = build_rows(spec, full, fn_bn, modes, args.only, args.variants, tuple(args.cachedit.split(",")))
+        before = _cpu_seconds()
         outputs, references, cut = measure(rows, spec, latents, inputs, clock, args.repeats, args.skip_guard_eval)
+        others = _others_cores(before, _cpu_seconds())
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what was measured gets written: the runbook kills a minute later
     records = report(rows, outputs, references)
     for r in records:
@@ -693,7 +700,7 @@ def main() -> None:
         "torch": torch.__version__, "diffusers": diffusers.__version__, "cache-dit": getattr(cache_dit, "__version__", "?"),
         "dtype": str(dtype), "model": model_name, "weights_gib": round(sum(p.numel() * p.element_size() for p in full.parameters()) / 2**30, 2),
         "steps": STEPS, "repeats": args.repeats, "rounds_timed": max(len(r.steps) for r in rows), "cut_short": cut,
-        "skip_guard_eval": args.skip_guard_eval, "command": "python " + " ".join(sys.argv),
+        "skip_guard_eval": args.skip_guard_eval, "other_processes_cores": others, "command": "python " + " ".join(sys.argv),
     }  # fmt: skip
     out = Path(args.out) if args.out else (RESULTS / f"e2e_cpu_{meta['date']}.json" if cpu and not args.smoke else None)
     if out is not None:
@@ -702,6 +709,25 @@ def main() -> None:
         print(f"wrote {out} and {out.with_suffix('.md')}")
     if args.smoke and problems:
         sys.exit(1)
+
+
+def _cpu_seconds() -> tuple[float, float, float] | None:
+    """(CPU seconds every process spent busy, this process's, wall seconds), or None off Linux."""
+    try:
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), time.process_time(), time.perf_counter()
+
+
+def _others_cores(before: tuple | None, after: tuple | None) -> float | None:
+    """How many cores other processes kept busy, on average, while the rows were timed: on a shared
+    machine, a run another job overlapped is not one to quote."""
+    if before is None or after is None:
+        return None
+    busy, own, wall = (a - b for a, b in zip(after, before))
+    return round(max(busy - own, 0.0) / wall, 2)
 
 
 def _cpu_name() -> str:
