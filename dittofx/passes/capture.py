@@ -91,7 +91,7 @@ def flatten_inputs(args: tuple, kwargs: dict, specs: dict[tuple, pytree.TreeSpec
     if spec is not None:
         return list(values), spec
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    if all(type(v) in _PLAIN for v in values):
+    if len(leaves) == len(values) and all(type(v) in _PLAIN for v in values):  # (a pytree taking None for no leaf: not kept)
         specs[shape] = spec
     return leaves, spec
 
