@@ -433,11 +433,12 @@ def _stop(row: Row, err: Exception) -> None:
 
 def measure(
     rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, clock: Clock, repeats: int, skip_guard_eval: bool = False
-) -> tuple[dict, dict, str | None]:
+) -> tuple[dict, dict, str | None, float | None]:
     """Warm every row up (compiles), then time interleaved rounds. Before its warm-up, the first
     dittofx row of each config runs its module eagerly: that config's reference (one capture serves
-    both). Returns each row's last output, per config the reference (output, cached steps), and
-    how the run was cut short by OutOfTime (None: it was not)."""
+    both). Returns each row's last output, per config the reference (output, cached steps), how
+    the run was cut short by OutOfTime (None: it was not), and the cores other processes kept busy
+    while the rounds ran (`_others_cores`)."""
     outputs, references, cut = {}, {}, None
     start = time.perf_counter()
     try:
@@ -451,6 +452,7 @@ def measure(
         cut = "while warming up: the rows that had warmed up were timed in one round"
         print(f"out of time {cut}", flush=True)
         repeats = 1
+    before = _cpu_seconds()
     for round_ in range(repeats):
         try:
             _time_round(rows, spec, latents, inputs, clock, outputs, skip_guard_eval)
@@ -464,7 +466,7 @@ def measure(
             print(f"out of time {cut}", flush=True)
             break
         print(f"[{time.perf_counter() - start:.0f} s] timed round {round_ + 1} of {repeats}", flush=True)
-    return outputs, references, cut
+    return outputs, references, cut, _others_cores(before, _cpu_seconds())
 
 
 def _warm_up(rows: list[Row], spec: Spec, latents: torch.Tensor, inputs: dict, clock: Clock, outputs: dict, references: dict,
@@ -685,9 +687,7 @@ def main() -> None:
         full = spec.build(device, dtype)
         fn_bn = spec.build(device, dtype, **spec.fn_bn_layers)
         rows = build_rows(spec, full, fn_bn, modes, args.only, args.variants, tuple(args.cachedit.split(",")))
-        before = _cpu_seconds()
-        outputs, references, cut = measure(rows, spec, latents, inputs, clock, args.repeats, args.skip_guard_eval)
-        others = _others_cores(before, _cpu_seconds())
+        outputs, references, cut, others = measure(rows, spec, latents, inputs, clock, args.repeats, args.skip_guard_eval)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what was measured gets written: the runbook kills a minute later
     records = report(rows, outputs, references)
     for r in records:
@@ -712,13 +712,15 @@ def main() -> None:
 
 
 def _cpu_seconds() -> tuple[float, float, float] | None:
-    """(CPU seconds every process spent busy, this process's, wall seconds), or None off Linux."""
+    """(CPU seconds every process spent busy, this process's and its reaped children's (inductor's
+    compiler runs), wall seconds), or None off Linux."""
     try:
         fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     except (OSError, ValueError):
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), time.process_time(), time.perf_counter()
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), sum(own[:4]), time.perf_counter()
 
 
 def _others_cores(before: tuple | None, after: tuple | None) -> float | None:

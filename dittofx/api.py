@@ -361,8 +361,9 @@ def _check_block_lists(module: torch.nn.Module, cfg: CacheConfig) -> None:
             f"children of one or more nn.ModuleLists run one after another in index order)"
         )
     # lists inside another list's blocks (an attention's to_out, a feed-forward's net) are no chain
-    # of their own here: counted, FLUX's 57 blocks would bound Fn + Bn by ~170
-    outer = {name: n for name, n in lists.items() if not any(name.startswith(other + ".") for other in lists)}
+    # of their own here: counted, FLUX's 57 blocks would bound Fn + Bn by ~170 (a list that is
+    # itself a list's element, `stages.0`, is kept: the chain may be made of those)
+    outer = {name: n for name, n in lists.items() if not any(_inside_a_block(module, other, name) for other in lists)}
     if cfg.blocks is not None:
         missing = [b for b in cfg.blocks if b not in lists]
         if missing:
@@ -371,6 +372,15 @@ def _check_block_lists(module: torch.nn.Module, cfg: CacheConfig) -> None:
     lists = outer
     if cfg.Fn_compute_blocks + cfg.Bn_compute_blocks > sum(lists.values()):
         raise ValueError(fn_bn_too_large(cfg.Fn_compute_blocks, cfg.Bn_compute_blocks, sum(lists.values()), sorted(lists), upper_bound=True))
+
+
+def _inside_a_block(module: torch.nn.Module, block_list: str, name: str) -> bool:
+    """Whether the module `name` sits inside one of `block_list`'s elements, that element being no
+    ModuleList itself."""
+    if not name.startswith(block_list + "."):
+        return False
+    element = name[len(block_list) + 1 :].split(".", 1)[0]
+    return not isinstance(module.get_submodule(f"{block_list}.{element}"), torch.nn.ModuleList)
 
 
 def _warn_if_never_caches(cfg: CacheConfig) -> None:

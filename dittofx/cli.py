@@ -82,6 +82,10 @@ def run_labels(configs: list[dict[str, Any]]) -> list[str]:
     return labels
 
 
+class ConfigRefused(ValueError):
+    """A demo config the fixture's model refused (a usage error of the CLI)."""
+
+
 def run_demo(
     out: Path,
     configs: list[dict[str, Any]],
@@ -107,17 +111,26 @@ def run_demo(
     names = [f"{i:02d}_{p.replace(' ', '_')}" for i, p in enumerate(prompts)]
     runs: list[tuple[str, dict[str, Any] | None, Fixture]] = [(UNCACHED, None, base)]
     for label, cfg in zip(run_labels(configs), configs):
-        runs.append((label, cfg, Fixture(dittofx.optimize(copy.deepcopy(base.transformer), cfg), base.encoder)))
+        try:
+            runs.append((label, cfg, Fixture(dittofx.optimize(copy.deepcopy(base.transformer), cfg), base.encoder)))
+        except ValueError as err:  # a config the fixture's model refuses (Fn + Bn over its 6 blocks)
+            raise ConfigRefused(f"{label} {json.dumps(cfg)}: {err}") from err
     warmup_steps = 2
     bar = tqdm(total=len(runs) * (warmup_steps + repeats * num_inference_steps), desc="dittofx demo", unit="step")
 
     def run(fixture: Fixture, steps: int) -> Any:
         return sample(fixture, prompts, seeds, steps, cfg_mode=cfg_mode, callback=lambda _: bar.update())
 
-    for _, cfg, fixture in runs:
+    for label, cfg, fixture in runs:
         if cfg is not None:
             dittofx.refresh(fixture.transformer, num_inference_steps=warmup_steps)
-        run(fixture, warmup_steps)
+        try:
+            run(fixture, warmup_steps)
+        except ValueError as err:  # ... or refuses at its first call, once its graph is captured
+            if cfg is None:
+                raise
+            bar.close()
+            raise ConfigRefused(f"{label} {json.dumps(cfg)}: {err}") from err
     seconds = {label: math.inf for label, _, _ in runs}
     results, cached = {}, {}
     for _ in range(repeats):
@@ -257,7 +270,7 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         rows = run_demo(args.out, configs, args.prompts, args.steps, args.cfg_mode, args.repeats)
-    except ValueError as err:  # a config the fixture's model refuses at its first call (Fn + Bn over its blocks)
+    except ConfigRefused as err:
         args.parser.error(f"--config: {err}")
     print(format_table(rows, args.prompts))
     print(f"\nwrote {args.out}/grid.png, {args.out}/speed_vs_psnr.png, {args.out}/results.json, "

@@ -330,6 +330,12 @@ def _from_cache_dit(config: Any) -> Any:
             f"calibrator config is no cache config; in dittofx TaylorSeer is part of it: "
             f"{{..., 'enable_taylorseer': True, 'taylorseer_order': k}}"
         )
+    if kind.__name__ == "BasicCacheConfig":  # what cache-dit's deprecated ParamsModifier(max_warmup_steps=2, ...) makes
+        raise TypeError(
+            "cache_config=cache_dit.BasicCacheConfig(...): cache-dit's base class (its deprecated ParamsModifier keywords "
+            "make one, with every other field at cache-dit's defaults); give ParamsModifier(cache_config="
+            "cache_dit.DBCacheConfig().reset(...)) or a dict of the fields to change"
+        )
     method = {"DBCacheConfig": "dbcache", "DBPruneConfig": "dbprune"}.get(kind.__name__)
     if method is None:
         return config

@@ -128,6 +128,27 @@ def test_model_dependent_errors_leave_model_untouched(name, cfg, words):
         assert torch.equal(_call(model, z)[0], ref)
 
 
+class Stages(torch.nn.Module):
+    """Blocks in lists that are themselves a list's elements (`stages.0`, `stages.1`): the chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = torch.nn.ModuleList(torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3)) for _ in range(2))
+
+    def forward(self, hidden_states):
+        for stage in self.stages:
+            for block in stage:
+                hidden_states = hidden_states + torch.tanh(block(hidden_states))
+        return hidden_states
+
+
+def test_lists_that_are_a_lists_elements_count_toward_the_bound():
+    """The optimize-time Fn + Bn bound leaves out lists inside blocks, not lists that are a list's
+    elements: 6 blocks in `stages.0`, `stages.1` hold F2B1 (it was refused as 'at most 2'; helper-59)."""
+    model = dittofx.optimize(Stages(), {"Fn_compute_blocks": 2, "Bn_compute_blocks": 1}, example_inputs=((torch.randn(1, 4, 8),), {}))
+    assert model._dittofx.entries[0].chain.lists == ["stages.0", "stages.1"]
+
+
 class NoBlocks(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -423,6 +423,8 @@ def test_cache_dit_partial_configs_and_params_modifiers():
     assert parse_config(cache_dit.DBCacheConfig().reset(residual_diff_threshold=0.1)) == parse_config({"residual_diff_threshold": 0.1})
     with pytest.raises(ValueError, match=r"ParamsModifier\(calibrator_config=TaylorSeerCalibratorConfig\(...\)\): .*'enable_taylorseer': True"):
         merge_config(shared, ParamsModifier(calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=2)))
+    with pytest.raises(TypeError, match=r"BasicCacheConfig\(...\): cache-dit's base class .*DBCacheConfig\(\).reset"):
+        merge_config(shared, ParamsModifier(max_warmup_steps=2))  # its deprecated keywords (helper-59)
 
 
 def test_a_function_calling_the_model_under_fullgraph_is_told_to_compile_the_module():

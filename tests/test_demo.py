@@ -98,10 +98,18 @@ def test_demo_labels_stay_apart_where_two_configs_share_one():
     assert config_label({}) == "F1B0_W8_R0.08"  # what the empty config runs
 
 
-def test_a_config_the_fixture_refuses_at_its_first_call_is_a_usage_error(capsys, tmp_path):
-    """Fn + Bn over the fixture's 6 blocks passes the config check (it knows no model) and is
-    refused at the first call: a usage error naming the field, not a traceback (helper-56)."""
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"Fn_compute_blocks": 7}, "Fn_compute_blocks + Bn_compute_blocks = 7 + 0"),  # refused by optimize
+        ({"blocks": ["single_transformer_blocks", "transformer_blocks"]}, "neither run one after another"),  # at the first call
+    ],
+)
+def test_a_config_the_fixture_refuses_is_a_usage_error(config, words, capsys, tmp_path):
+    """Configs that pass the config check (it knows no model) and that the fixture's model refuses,
+    by optimize or at its first call: a usage error naming the config, not a traceback (helper-56)."""
     with pytest.raises(SystemExit) as stop:
-        main(["demo", "--config", '{"Fn_compute_blocks": 7}', "--prompts", "1", "--steps", "2", "--repeats", "1", "--out", str(tmp_path)])
+        main(["demo", "--config", json.dumps(config), "--prompts", "1", "--steps", "2", "--repeats", "1", "--out", str(tmp_path)])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "--config: " in err and "Fn_compute_blocks + Bn_compute_blocks = 7 + 0" in err and "Traceback" not in err
+    assert stop.value.code == 2 and f"--config: {config_label(config)} {json.dumps(config)}: " in err and words in err
+    assert "Traceback" not in err

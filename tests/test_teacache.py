@@ -377,7 +377,7 @@ def test_bad_teacache_config(cfg, match):
     assert "_dittofx" not in model.__dict__
 
 
-@pytest.mark.parametrize("name", ["flux", "lumina2"])  # Lumina2: no graph, the signal among block 0's torch calls
+@pytest.mark.parametrize("name", ["flux", "cosmos", "lumina2"])  # Cosmos: its signal is no input made first; Lumina2: no graph, the signal among block 0's torch calls
 def test_estimate_coefficients_fits_the_pairs_collected_by_hand(name):
     z = zoo.get(name)
     model = z.build()

@@ -4,9 +4,12 @@ Every adaptive-norm DiT block starts the same way, whatever the model calls it: 
 stream is normalized, then scaled and shifted by values computed from the conditioning (the
 timestep embedding), `norm(x) * (1 + scale) + shift`. In graph terms the first node of block 0
 that depends on both the carried hidden state and a loop-invariant input made from the timestep
-(the conditioning; any other input where none is), with the hidden state's shape, is the scale; the elementwise ops right after it (the shift, a dtype
-cast) complete the modulated input. No module names are read, so no per-model code is needed. The same rule
-runs on the torch calls of block 0 made eagerly (`ModulationFinder`) for forwards with no graph.
+(the conditioning; any other input where none is), with the hidden state's shape, is the scale;
+the elementwise ops right after it (the shift, a dtype cast) complete the modulated input. No
+module names are read, so no per-model code is needed. The same rule runs on the torch calls of
+block 0 made eagerly (`ModulationFinder`) for forwards with no graph, there with every tensor
+argument but the hidden stream as conditioning (which of them were made from the timestep is not
+tracked there: a positional embedding added first in block 0, as Cosmos does, would be taken).
 """
 
 from __future__ import annotations
@@ -116,7 +119,8 @@ class FoundCall:
 
 class ModulationFinder(TorchFunctionMode):
     """`find_modulated_input`'s rule on the torch calls made under it, for a block 0 run eagerly (a
-    forward with no graph): the first call mixing the hidden stream with the conditioning at the
+    forward with no graph; the conditioning: every other tensor argument, whether made from the
+    timestep or not): the first call mixing the hidden stream with the conditioning at the
     hidden stream's shape, then its elementwise tail (in-place `+= shift` included), cut back to
     any tail tensor read twice. Applied while the calls are made: the tensors derived from the
     hidden stream or the conditioning are known by weak reference (an id leaves with its tensor),
