@@ -10,6 +10,7 @@ other), so its first capture serves only the first size and a second, at the sec
 the rest: counted with dynamo's eager backend (the frames compiled do not depend on the backend).
 """
 
+import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -62,14 +63,19 @@ def test_recompiles_across_steps_requests_and_resolutions():
     assert frames[-1] - frames[REQUESTS - 1] <= 2, frames
 
 
-def compiled_over_sizes(z, cfg: dict, requests: list[list[dict]]):
-    """Each request through one optimized model compiled with dynamo's eager backend, against a fresh
-    optimized model per request (its own capture at those sizes): the model, the compiled frames
-    after each request, and each request's outputs and cached steps."""
+def compiled_over_sizes(z, cfg: dict, requests: list[list[dict]], module_compile: bool = False):
+    """Each request through one optimized model compiled with dynamo's eager backend (by
+    torch.compile(model), or model.compile()), against a fresh optimized model per request (its own
+    capture at those sizes): the model, the compiled frames after each request, and each request's
+    outputs and cached steps."""
     torch._dynamo.reset()
     model = dittofx.optimize(z.build(), cfg)
     counter = CompileCounterWithBackend("eager")
-    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    if module_compile:
+        model.compile(fullgraph=True, backend=counter)
+        compiled = model
+    else:
+        compiled = torch.compile(model, fullgraph=True, backend=counter)
     frames, results = [], []
     for steps in requests:
         got, got_cached = run(compiled, steps)
@@ -82,10 +88,13 @@ def compiled_over_sizes(z, cfg: dict, requests: list[list[dict]]):
     return model, frames, results
 
 
-def test_pixart_two_captures_serve_four_resolutions():
+@pytest.mark.parametrize("module_compile", [False, True], ids=["torch.compile(model)", "model.compile()"])
+def test_pixart_two_captures_serve_four_resolutions(module_compile):
+    """(model.compile() as torch.compile(model): checking a graph at new sizes runs the model's own
+    forward, which went through model.compile()'s compiled call and compiled it too; helper-58)"""
     cfg = {"residual_diff_threshold": 0.2, "max_warmup_steps": 1, "num_inference_steps": 4}
     requests = [test_shapes.request(1, side, seed=side) for side in (8, 8, 16, 12, 20)]
-    model, frames, _ = compiled_over_sizes(zoo.get("pixart"), cfg, requests)
+    model, frames, _ = compiled_over_sizes(zoo.get("pixart"), cfg, requests, module_compile)
     assert [bool(e.captured.dynamic_dims) for e in model._dittofx.entries] == [True, True]
     # two variants (warmup's compute graph, then the device decision) per capture, each compiled
     # once: none for the second request, two at the second size, none after

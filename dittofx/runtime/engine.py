@@ -639,8 +639,11 @@ class Engine:
                 model.forward = ours
 
     def _original_forward(self, args: tuple, kwargs: dict) -> Any:
+        """The model's own forward on these inputs, hooks included. Through `_call_impl`: after
+        `model.compile()` the module's call is a compiled one, and dynamo would compile the plain
+        forward at every size checked (under fullgraph=True, raise on its graph breaks)."""
         with self._as_original() as model:
-            return model(*args, **kwargs)
+            return model._call_impl(*args, **kwargs)
 
     def _capture(self, args: tuple, kwargs: dict, dynamic: bool) -> CapturedGraph:
         self.forward_error = None
@@ -653,7 +656,7 @@ class Engine:
             # of that call is the model's own on these inputs (a wrong shape), raised as it is
             try:
                 with torch.no_grad():
-                    model(*args, **kwargs)
+                    model._call_impl(*args, **kwargs)  # (not a compiled call: `_original_forward`)
             except Exception as own:
                 self.forward_error = own
                 raise
