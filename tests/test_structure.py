@@ -454,6 +454,27 @@ def test_offload_hooks_added_after_optimize_are_refused_and_undo_it(caplog):
     assert all(torch.equal(g, w) for g, w in zip(request(optimized, z), request(plain, z)))
 
 
+def test_a_cast_to_the_dtype_the_model_has_keeps_the_states_bookkeeping():
+    """`pipe.to(device, dtype)` before every request, the model already in that dtype, keeps its
+    state (the residuals' dtype did not change): the counters, diff sums and history stay fp32 and
+    ints, so the diffs are those of a model never cast again (they were stored in bf16; helper-58)."""
+    z = zoo.get("flux")
+    cfg = {"residual_diff_threshold": 0.3, "max_warmup_steps": 1, "num_inference_steps": 4, "enable_taylorseer": True}
+    recast, plain = (dittofx.optimize(z.build().to(torch.bfloat16), cfg) for _ in range(2))
+    inputs = [{k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+               for k, v in z.inputs(s, 1 - s / 4).items()} for s in range(4)]  # fmt: skip
+    with torch.no_grad():
+        for kw in inputs:
+            recast.to(torch.bfloat16)
+            got, want = recast(**kw)[0], plain(**kw)[0]
+            assert torch.equal(got, want)
+    dtypes = {n: t.dtype for n, t in recast._dittofx_states.named_buffers()}
+    assert dtypes == {n: t.dtype for n, t in plain._dittofx_states.named_buffers()}
+    assert dtypes["default.acc"] == dtypes["default.last_ts"] == dtypes["default.hist_diff"] == torch.float32
+    diffs = [torch.tensor(dittofx.summary(m, log_table=False)[0].diffs) for m in (recast, plain)]
+    torch.testing.assert_close(*diffs, rtol=0, atol=0, equal_nan=True)
+
+
 def test_a_model_moved_to_meta_and_back_starts_its_state_over():
     """`to("meta")` then `to_empty` (weights loaded again): the cache state would hold whatever the
     memory held (7s here, as if so); it is dropped, and the next request runs as on a new model."""

@@ -99,9 +99,18 @@ class CacheState(torch.nn.Module):
             mark_static(t)
 
     def _apply(self, fn, recurse=True):
-        """model.to / .half / .cuda remake the buffers: as normal tensors, as at their making."""
+        """model.to / .cuda move the buffers: as normal tensors, as at their making. A cast leaves
+        their dtypes as made (fp32 sums and history, fp32 residuals under TaylorSeer): a model whose
+        graph's dtype changed gets a new state anyway (Engine._state_for), and a `.to(torch.bfloat16)`
+        of a model already in bf16, which keeps its state, cast it to bf16 for good."""
+        before = dict(self._buffers)
         with normal_tensors():
-            return super()._apply(fn, recurse)
+            out = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)  # (from the original: no round trip through the cast)
+        return out
 
     def tensors(self) -> list[torch.Tensor]:
         """The flat list the rewritten graph takes, in its placeholder order."""
