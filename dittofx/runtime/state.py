@@ -106,10 +106,10 @@ class CacheState(torch.nn.Module):
         before = dict(self._buffers)
         with normal_tensors():
             out = super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(device=new.device)  # (from the original: no round trip through the cast)
+            for name, old in before.items():
+                new = self._buffers[name]
+                if new.dtype != old.dtype:
+                    self._buffers[name] = old.to(device=new.device)  # (from the original: no round trip through the cast)
         return out
 
     def tensors(self) -> list[torch.Tensor]:
