@@ -85,6 +85,10 @@ def run_labels(configs: list[dict[str, Any]]) -> list[str]:
 class ConfigRefused(ValueError):
     """A demo config the fixture's model refused (a usage error of the CLI)."""
 
+    @classmethod
+    def of(cls, label: str, cfg: dict[str, Any], err: ValueError) -> "ConfigRefused":
+        return cls(f"{label} {json.dumps(cfg)}: {err}")
+
 
 def run_demo(
     out: Path,
@@ -114,7 +118,7 @@ def run_demo(
         try:
             runs.append((label, cfg, Fixture(dittofx.optimize(copy.deepcopy(base.transformer), cfg), base.encoder)))
         except ValueError as err:  # a config the fixture's model refuses (Fn + Bn over its 6 blocks)
-            raise ConfigRefused(f"{label} {json.dumps(cfg)}: {err}") from err
+            raise ConfigRefused.of(label, cfg, err) from err
     warmup_steps = 2
     bar = tqdm(total=len(runs) * (warmup_steps + repeats * num_inference_steps), desc="dittofx demo", unit="step")
 
@@ -130,7 +134,7 @@ def run_demo(
             if cfg is None:
                 raise
             bar.close()
-            raise ConfigRefused(f"{label} {json.dumps(cfg)}: {err}") from err
+            raise ConfigRefused.of(label, cfg, err) from err
     seconds = {label: math.inf for label, _, _ in runs}
     results, cached = {}, {}
     for _ in range(repeats):

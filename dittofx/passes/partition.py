@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..patterns.chain import Chain, carried_inputs, numel_hint, op_name
+from ..patterns.chain import Chain, carried_inputs, made_from, numel_hint, op_name
 
 __all__ = ["Partition", "PartitionPass", "REGIONS"]
 
@@ -174,10 +174,7 @@ def partition(
         return "epilogue"
 
     chain_inputs = carried_inputs(nodes, blocks, params)
-    dependent: set[fx.Node] = set(chain_inputs)
-    for node in nodes[start:]:
-        if any(a in dependent for a in node.all_input_nodes):
-            dependent.add(node)
+    dependent = made_from(nodes[start:], chain_inputs)
 
     region = {node: positional(node.meta["dittofx_pos"]) for node in nodes}
     if signal is not None:

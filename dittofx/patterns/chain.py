@@ -15,7 +15,7 @@ fail that test and stay in the prologue.
 from __future__ import annotations
 
 import operator
-
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +26,7 @@ try:
 except ImportError:  # torch < 2.12 names it size_hint (same signature)
     from torch.fx.experimental.symbolic_shapes import size_hint as int_hint
 
-__all__ = ["Block", "Chain", "ChainNotFound", "carried_inputs", "find_chain", "module_lists", "numel_hint", "op_name"]
+__all__ = ["Block", "Chain", "ChainNotFound", "carried_inputs", "find_chain", "made_from", "module_lists", "numel_hint", "op_name"]
 
 
 class ChainNotFound(ValueError):
@@ -124,6 +124,15 @@ def carried_inputs(nodes: list[fx.Node], blocks: list[Block], params: set[fx.Nod
         n for n in block_inputs(nodes, blocks[0])
         if n not in later and n not in params and isinstance(n.meta.get("val"), torch.Tensor)
     ]  # fmt: skip
+
+
+def made_from(nodes: list[fx.Node], seeds: Iterable[fx.Node]) -> set[fx.Node]:
+    """`seeds` and every node of `nodes` (in graph order) computed from one of them."""
+    made = set(seeds)
+    for node in nodes:
+        if node not in made and any(a in made for a in node.all_input_nodes):
+            made.add(node)
+    return made
 
 
 def read_by(nodes: list[fx.Node], blocks: list[Block]) -> set[fx.Node]:

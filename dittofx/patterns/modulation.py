@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .chain import Chain, block_inputs, carried_inputs, functional_name, numel_hint, op_name
+from .chain import Chain, block_inputs, carried_inputs, functional_name, made_from, numel_hint, op_name
 
 __all__ = ["FoundCall", "ModulationFinder", "ModulationNotFound", "call_name", "find_modulated_input", "run_finding_modulation"]
 
@@ -57,7 +57,7 @@ def find_modulated_input(nodes: list[fx.Node], chain: Chain, params: set[fx.Node
     ]  # fmt: skip
     # ... made from the timestep, where some is: a positional embedding added to the hidden stream
     # before the norm is no modulation (Cosmos adds its learnable one first thing in block 0)
-    timed = _made_from(nodes, timestep)
+    timed = made_from(nodes, (n for n in nodes if n.op == "placeholder" and n.name == timestep))
     conditioning = [n for n in conditioning if n in timed] or conditioning
     from_hidden, from_cond = {hidden}, set(conditioning)
     span = nodes[first.start : first.end + 1]
@@ -74,15 +74,6 @@ def find_modulated_input(nodes: list[fx.Node], chain: Chain, params: set[fx.Node
         f"{hidden.name} {_shape(hidden)} with a conditioning input ({[c.name for c in conditioning]}) at the "
         f"hidden state's shape"
     )
-
-
-def _made_from(nodes: list[fx.Node], placeholder: str | None) -> set[fx.Node]:
-    """The nodes computed from the placeholder named `placeholder` (none where there is none)."""
-    made = {n for n in nodes if n.op == "placeholder" and n.name == placeholder}
-    for node in nodes:
-        if node not in made and any(a in made for a in node.all_input_nodes):
-            made.add(node)
-    return made
 
 
 def _finish(node: fx.Node, from_hidden: set[fx.Node]) -> fx.Node:
