@@ -335,8 +335,8 @@ def _cachedit_row(spec: Spec, weights: torch.nn.Module, cname: str, how: str, mo
 # a torch.cond (its cond reads the predicate on the host), so the dynamic graph runs without them
 # under mode="reduce-overhead". Other ways, timed against the reduce-overhead ideal, as
 # (dittofx.optimize arguments, torch.compile arguments):
-# - split_at_decision: the head (prologue, Fn, gates, diff) runs before the forward, the host reads
-#   its decision, the forward runs a cond-free tail: CUDA graphs hold every graph; the head
+# - split_at_decision: the head (prologue, Fn, gates, diff, a cached step's path) runs before the
+#   forward, the host reads its decision, the forward runs a cond-free tail: CUDA graphs hold every graph; the head
 #   compiled with reduce-overhead too, or eager;
 # - dynamo's "cudagraphs" backend (no inductor): cudagraph trees record the cond as CUDA-graph
 #   conditional nodes, so nothing syncs, but the kernels are eager ones, unfused;

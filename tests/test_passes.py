@@ -223,8 +223,9 @@ def test_flatten_inputs_is_tree_flatten(name):
 
 
 def test_split_at_decision_cuts_the_device_graph_at_its_cond():
-    """Graph in, graph out: the head is everything before the cond and returns its predicate first;
-    head then tail, on copies of one state, do what the device graph does (outputs and state)."""
+    """Graph in, graph out: the head returns its predicate first and the cache branch's outputs last
+    (it runs the cache branch before the host reads the decision), so the cache tail only copies
+    them; head then tail, on copies of one state, do what the device graph does (outputs and state)."""
     from dittofx.passes.split import SplitAtDecisionPass, boundary
     from dittofx.runtime.state import CacheState
 
@@ -238,6 +239,10 @@ def test_split_at_decision_cuts_the_device_graph_at_its_cond():
     for gm in (head, compute, cache):
         assert not gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.cond)
         assert not [n for n in gm.graph.nodes if n.op == "get_attr"]
+    assert {n.target for n in cache.graph.nodes if n.op == "call_function"} == {torch.ops.aten.clone.default}
+    from dittofx.runtime import gates
+
+    assert {gates.forecast, gates.finish_step} <= {n.target for n in head.graph.nodes if n.op == "call_function"}
 
     def fresh_state():
         p, h = part.h_fn.meta["val"], part.middle_outputs[0].meta["val"]

@@ -1,5 +1,6 @@
 """`split_at_decision`: a step decided on the device runs as a head graph (prologue, Fn, gates,
-diff) in the pre-hook, a host read of its decision, and a cond-free tail in the forward. Same
+diff, a cached step's path) in the pre-hook, a host read of its decision, and a cond-free tail in
+the forward (the compute path, or a copy of the head's outputs). Same
 steps, same outputs as the torch.cond graph; no graph that torch.compile sees holds a cond (so
 inductor's CUDA graphs can hold every step, checked as in tests/test_cudagraph_inputs.py)."""
 
@@ -212,3 +213,49 @@ def test_a_pre_hook_that_drops_the_head_keyword_is_told_and_runs_uncached(caplog
         for s in range(3):
             assert torch.equal(model(**z.inputs(s, 1 - s / 3))[0], plain(**z.inputs(s, 1 - s / 3))[0])
     assert caplog.text.count("not through the module's call") == 1 and "pre-hooks after dittofx.optimize that drop keywords" in caplog.text
+
+
+@pytest.mark.parametrize("signal_every_step", [False, True])
+@pytest.mark.parametrize("newton", [False, True])
+def test_the_heads_finish_makes_a_cached_steps_updates_and_none_on_a_step_that_computes(signal_every_step, newton):
+    """The split head finishes the step before the host reads its decision: on a cached step its
+    `finish_step(cached_only=True)` leaves the state as the full update does; on a step that
+    computes it changes nothing (TeaCache's `p` aside: it takes `h_fn` at every step, and the
+    compute tail writes the same one again), so the compute tail's full update runs once."""
+    from dittofx.runtime import gates
+    from dittofx.runtime.state import CacheState
+
+    gen = torch.Generator().manual_seed(0)
+
+    def state():
+        s = CacheState(torch.zeros(2, 3), [torch.zeros(2, 3)], 2, 8, None)
+        with torch.no_grad():
+            for t in s.tensors():  # a request under way: counters and stores nonzero
+                t.copy_(torch.randint(1, 4, t.shape, generator=gen) if not t.is_floating_point() else torch.rand(t.shape, generator=gen))
+            s.step.fill_(3)
+        return s
+
+    h_fn, h0, out, inp = (torch.rand(2, 3, generator=gen) for _ in range(4))
+    for cache in (True, False):
+        before = state()
+        full, cached_only = (CacheState(torch.zeros(2, 3), [torch.zeros(2, 3)], 2, 8, None) for _ in range(2))
+        for s in (full, cached_only):
+            for t, b in zip(s.tensors(), before.tensors()):
+                t.copy_(b)
+
+        def finish(s, **kw):
+            t = dict(s.named_buffers())
+            gates.finish_step(
+                torch.tensor(cache), torch.tensor(0.05), t["step"], torch.tensor(2), t["valid"], t["cached_count"],
+                t["cont_count"], t["acc"], t["hist_diff"], t["hist_cached"], t["p"], h_fn, h0, [t["residual_0"]], [out],
+                [inp], t["taylor_times"], torch.tensor(5.0), signal_every_step=signal_every_step, newton=newton, **kw,
+            )  # fmt: skip
+
+        finish(full)
+        finish(cached_only, cached_only=True)
+        want = dict((full if cache else before).named_buffers())
+        for name, got in cached_only.named_buffers():
+            expected = want[name]
+            if name == "p" and signal_every_step:  # p[0] takes h_fn on every step
+                expected = torch.cat([h_fn[None], expected[1:]])
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=f"{name}, cache={cache}")

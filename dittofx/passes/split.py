@@ -1,16 +1,24 @@
 """Split the device-decision graph at its torch.cond, for decisions read on the host.
 
-    head: prologue | Fn | begin_step, gates, diff       -> (predicate, tensors the rest reads)
-    tail: the branch the host picked, inline | finish_step | Bn | epilogue
+    head: prologue | Fn | begin_step, gates, diff | cache branch, the cached step's counters
+          | Bn | epilogue                          -> (predicate, tensors the tails read, outputs)
+    cache tail:   the head's outputs, copied
+    compute tail: the middle inline | finish_step | Bn | epilogue
 
 Inductor runs no CUDA graph for a graph that holds a torch.cond (its cond reads the predicate on
-the host anyway). Cut there, both halves are cond-free: the host reads the head's predicate (the
-one sync the cond would have made), then runs the compute or the cache tail. Every node keeps its
-order, so each step does exactly what the device graph does, state updates included.
+the host anyway). Cut there, every graph is cond-free: the host reads the head's predicate (the
+one sync the cond would have made), then runs a tail. The head finishes a cached step itself
+(speculatively: the host has not read the decision yet), so a cached step's tail is only a copy
+of its outputs; where the step computes, the head's forecast, Bn and epilogue were wasted and its
+counter updates were no-ops (`finish_step(cached_only=True)`), and the compute tail runs the
+step from Fn's output as the device graph does. On wan-cpu a cached step so came to +302 us over
+the ideal's
+(+478 us for the cond graph, +113 us for a host-decided cache step: bench/README.md, "Where a
+cached step's time goes").
 
-Sizes (and arithmetic on them) that the tail reads are computed again in the tail from its own
-inputs, not passed: as Python ints they would be constants to dynamo, and every new resolution
-would recompile the tails.
+Sizes (and arithmetic on them) that the compute tail reads are computed again in it from its
+own inputs, not passed: as Python ints they would be constants to dynamo, and every new
+resolution would recompile the tails.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..runtime import gates
 from .sizes import SIZE_OPS
 
 __all__ = ["SplitAtDecisionPass", "SIDES", "boundary"]
@@ -76,8 +85,10 @@ def boundary(gm: fx.GraphModule) -> list[fx.Node]:
 class SplitAtDecisionPass(PassBase):
     """Graph in (a "device" graph with one torch.cond), one side of the split out.
 
-    "head": the original placeholders; returns `boundary(gm)`. "compute" / "cache": the original
-    placeholders, then one per boundary tensor; the cond is replaced by that branch's body, inline.
+    "head": the original placeholders; returns `boundary(gm)`, then the model's outputs as the
+    cache branch makes them. "compute" / "cache": the original placeholders, then one per tensor
+    the head returns. "compute": the cond replaced by the compute branch's body, inline; "cache":
+    copies of the head's outputs, returned as the model returns them.
     """
 
     def __init__(self, side: str):
@@ -90,16 +101,23 @@ class SplitAtDecisionPass(PassBase):
         return PassResult(self._head(gm) if self.side == "head" else self._tail(gm), True)
 
     def _head(self, gm: fx.GraphModule) -> fx.GraphModule:
-        g, env = fx.Graph(), {}
+        g, env, attrs = fx.Graph(), {}, {}
         cond = _cond_node(gm.graph)
         for node in gm.graph.nodes:
-            if node is cond:
-                break
-            if not _is_branch(node, cond):
-                env[node] = g.node_copy(node, lambda n: env[n])
-        g.output(tuple(env[n] for n in boundary(gm)))
+            if node.op == "output":
+                g.output((*(env[n] for n in boundary(gm)), *(env[n] for n in _model_outputs(gm))))
+            elif node is cond:
+                _, on_true, _, operands = cond.args
+                env[node] = _inline(g, getattr(gm, on_true.target), [env[op] for op in operands], attrs)
+            elif node.target is operator.getitem and node.args[0] is cond:
+                env[node] = env[cond][node.args[1]]
+            elif node.target is gates.finish_step:  # not this step's stores yet: it may compute
+                env[node] = _copy(g, node, env, gm, attrs)
+                env[node].kwargs = {**node.kwargs, "cached_only": True}
+            elif not _is_branch(node, cond):
+                env[node] = _copy(g, node, env, gm, attrs)
         g.lint()
-        return fx.GraphModule(gm, g, class_name="DittofxHead")
+        return fx.GraphModule(attrs, g, class_name="DittofxHead")
 
     def _tail(self, gm: fx.GraphModule) -> fx.GraphModule:
         g, env, attrs = fx.Graph(), {}, {}
@@ -111,18 +129,32 @@ class SplitAtDecisionPass(PassBase):
         for node in tensors:
             env[node] = g.placeholder(f"dittofx_head_{node.name}")
             env[node].meta.update(node.meta)
+        outputs = {}
+        for i, node in enumerate(_model_outputs(gm)):
+            outputs[node] = g.placeholder(f"dittofx_head_output_{i}")
+            outputs[node].meta.update(node.meta)
+        if self.side == "cache":
+            (returned,) = gm.graph.find_nodes(op="output")
+            g.output(fx.map_arg(returned.args[0], lambda n: g.call_function(torch.ops.aten.clone.default, (outputs[n],))))
+            g.lint()
+            return fx.GraphModule({}, g, class_name="DittofxTailCache")
         for node in again:
             env[node] = _copy(g, node, env, gm, attrs)
         pred, on_true, on_false, operands = cond.args
-        branch = getattr(gm, (on_true if self.side == "cache" else on_false).target)
-        results = _inline(g, branch, [env[op] for op in operands], attrs)
+        results = _inline(g, getattr(gm, on_false.target), [env[op] for op in operands], attrs)
         for node in nodes[nodes.index(cond) + 1 :]:
             if node.target is operator.getitem and node.args[0] is cond:
                 env[node] = results[node.args[1]]
             else:
                 env[node] = _copy(g, node, env, gm, attrs)
         g.lint()
-        return fx.GraphModule(attrs, g, class_name=f"DittofxTail{self.side.title()}")
+        return fx.GraphModule(attrs, g, class_name="DittofxTailCompute")
+
+
+def _model_outputs(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes the graph returns, each once, in order."""
+    (returned,) = gm.graph.find_nodes(op="output")
+    return list(dict.fromkeys(returned.all_input_nodes))
 
 
 def _copy(g: fx.Graph, node: fx.Node, env: dict, owner: torch.nn.Module, attrs: dict[str, Any]) -> fx.Node:

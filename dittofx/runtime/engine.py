@@ -1255,8 +1255,8 @@ class Engine:
         return entry.leading(graph, state.tensors())
 
     def _run_head(self, entry: Entry, leading: list[torch.Tensor], leaves: list, branch: str, state: CacheState) -> tuple[torch.Tensor, ...]:
-        """The split head (prologue, Fn, gates, diff), run here, before the forward: the forward
-        then runs a cond-free tail, which CUDA graphs can hold."""
+        """The split head (prologue, Fn, gates, diff, a cached step's path: passes/split.py), run
+        here, before the forward: the forward then runs a cond-free tail, which CUDA graphs can hold."""
         if self.replays is not None:
             with torch.no_grad():
                 return self.replays.get("split-head", entry.graphs, branch, state, leaves)(leading, leaves)

@@ -215,33 +215,40 @@ def finish_step(
     *,
     signal_every_step: bool = False,
     newton: bool = False,
+    cached_only: bool = False,
 ) -> None:
     """Store what a computed step produced (Fn residual, middle residuals or Taylor derivatives)
     and advance the counters. The stores are no-ops on cached steps (flag read on the device).
-    `signal_every_step` (TeaCache): `p` takes `h_fn` itself on every step, cached ones included."""
+    `signal_every_step` (TeaCache): `p` takes `h_fn` itself on every step, cached ones included.
+    `cached_only` (the split head, which finishes the step before the host has read whether it
+    caches): a cached step's updates, and nothing on a step that computes, whose tail then
+    runs this again in full (TeaCache's `p` takes the same `h_fn` twice)."""
     compute = ~cache
     gap = elapsed.to(torch.float32)  # since the last compute, in steps or in timestep units
     if signal_every_step:
         p[0].copy_(h_fn)
-    else:
+    elif not cached_only:
         _kernel("taylor_update_", h_fn)(p, h_fn, h0, torch.zeros_like(valid), gap, compute)
-    for res, out, inp in zip(residuals, outs, ins):
-        if newton:
-            kernels.newton_update_(res, out, inp, valid, times, now, compute)
-        else:
-            _kernel("taylor_update_", out)(res, out, inp, valid, gap, compute)
-    # this compute's position joins the front (the Newton update above used the older ones)
-    times.copy_(torch.where(compute, torch.cat([now.reshape(1).to(times.dtype), times[:-1]]), times))
-    levels = residuals[0].shape[0] if residuals else 1
-    valid.copy_(torch.where(compute, torch.clamp(valid + 1, max=levels), valid))
+    if not cached_only:
+        for res, out, inp in zip(residuals, outs, ins):
+            if newton:
+                kernels.newton_update_(res, out, inp, valid, times, now, compute)
+            else:
+                _kernel("taylor_update_", out)(res, out, inp, valid, gap, compute)
+        # this compute's position joins the front (the Newton update above used the older ones)
+        times.copy_(torch.where(compute, torch.cat([now.reshape(1).to(times.dtype), times[:-1]]), times))
+        levels = residuals[0].shape[0] if residuals else 1
+        valid.copy_(torch.where(compute, torch.clamp(valid + 1, max=levels), valid))
     measured = torch.nan_to_num(diff, nan=0.0)
-    acc.copy_(torch.where(cache, acc + measured, torch.zeros_like(acc)))
+    acc.copy_(torch.where(cache, acc + measured, acc if cached_only else torch.zeros_like(acc)))
     cached_count.copy_(cached_count + cache.to(cached_count.dtype))
-    cont_count.copy_(torch.where(cache, cont_count + 1, torch.zeros_like(cont_count)))
+    cont_count.copy_(torch.where(cache, cont_count + 1, cont_count if cached_only else torch.zeros_like(cont_count)))
     here = torch.arange(hist_diff.shape[0], device=step.device) == step  # one-hot write, no data-dependent index
+    if cached_only:
+        here = here & cache
     hist_diff.copy_(torch.where(here, diff, hist_diff))
     hist_cached.copy_(torch.where(here, cache.to(hist_cached.dtype), hist_cached))
-    step.copy_(step + 1)
+    step.copy_(step + cache.to(step.dtype) if cached_only else step + 1)
 
 
 def position(step: torch.Tensor, ts: torch.Tensor, *, in_timesteps: bool) -> torch.Tensor:
