@@ -12,9 +12,8 @@ one sync the cond would have made), then runs a tail. The head finishes a cached
 of its outputs; where the step computes, the head's forecast, Bn and epilogue were wasted and its
 counter updates were no-ops (`finish_step(cached_only=True)`), and the compute tail runs the
 step from Fn's output as the device graph does. On wan-cpu a cached step so came to +302 us over
-the ideal's
-(+478 us for the cond graph, +113 us for a host-decided cache step: bench/README.md, "Where a
-cached step's time goes").
+the ideal's (+478 us for the cond graph, +113 us for a host-decided cache step: bench/README.md,
+"Where a cached step's time goes").
 
 Sizes (and arithmetic on them) that the compute tail reads are computed again in it from its
 own inputs, not passed: as Python ints they would be constants to dynamo, and every new
