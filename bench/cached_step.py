@@ -10,7 +10,10 @@ them (the other rows' weights in between), and each row's time is its median:
   dynamic thresholds run; `... graph alone` is that graph compiled and called directly, with the
   pre-hook's inputs of one call, so the difference is the pre-hook and the forward around the graph;
 - `dittofx host-decided cache step`: a static mask's cache graph (no diff, no cond), and alone;
-- `dittofx split_at_decision={}`: the head compiled alike in the pre-hook, then the cache tail;
+- `dittofx split_at_decision={}`: the head compiled alike in the pre-hook, then the cache tail (a
+  copy of the head's outputs); `... head alone`: that head compiled and called directly: the
+  torch.cond graph with the cache branch inline in place of the cond (diff, gates and all), so
+  against `dittofx device decision, graph alone` it prices the cond itself;
 - `pre-hook`: dittofx's forward pre-hook alone, on the device-decision model;
 - `dynamo guard check`: the guard check of the compiled forward's frame alone, for the torch.cond
   graph and for the cache graph (each weight the graph takes is a guarded input).
@@ -54,6 +57,17 @@ def graph_alone(model: torch.nn.Module, call_kwargs: dict):
     return lambda: compiled(*leading, *inputs)
 
 
+def head_alone(model: torch.nn.Module, call_kwargs: dict):
+    """The split head of the model's next call, compiled on its own and called on that call's inputs."""
+    engine = model._dittofx
+    engine._pre_hook(model, (), call_kwargs)
+    _, entry, _ = engine.current
+    leading = entry.leading("split-head", engine.states[engine._branch()].tensors())
+    inputs = pytree.tree_leaves(((), engine.in_signature_order(call_kwargs)))
+    compiled = torch.compile(entry.graphs["split-head"], fullgraph=True)
+    return lambda: compiled(*leading, *inputs)
+
+
 def guard_check(model: torch.nn.Module, call_kwargs: dict):
     """Dynamo's guard check of the compiled forward's frame, alone, for the graph the model's next
     call runs (the cache entry whose guards pass on that call's frame)."""
@@ -85,6 +99,7 @@ def rows(spec: e2e.Spec, device: str, dtype: torch.dtype) -> dict:
             "dittofx host-decided cache step": lambda: compiled["host"](**kwargs),
             "dittofx host-decided cache step, graph alone": graph_alone(optimized["host"], kwargs),
             "dittofx split_at_decision={}": lambda: compiled["split"](**kwargs),
+            "dittofx split_at_decision={}, head alone": head_alone(optimized["split"], kwargs),
             "pre-hook (device decision model)": lambda: optimized["pre-hook"]._dittofx._pre_hook(optimized["pre-hook"], (), kwargs),
             "dynamo guard check (device decision)": guard_check(optimized["device"], kwargs),
             "dynamo guard check (host-decided cache step)": guard_check(optimized["host"], kwargs),
@@ -101,8 +116,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.rounds + 8 > STEPS:  # the warm-up and set-up calls are steps of the request too
-        ap.error(f"--rounds {args.rounds}: at most {STEPS - 8} (one request of {STEPS} steps)")
+    if 2 * args.rounds + 8 > STEPS:  # a model serves two rows (called, and its graph alone); set-up calls are steps too
+        ap.error(f"--rounds {args.rounds}: at most {(STEPS - 8) // 2} (one request of {STEPS} steps, two calls a round)")
     torch.set_num_threads(args.threads)
     torch._inductor.config.size_asserts = bool(args.size_asserts)
     cpu = args.device == "cpu"
