@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -98,6 +98,7 @@ def optimize(
     params_modifiers: Mapping[str, Any] | list[Any] | None = None,
     split_at_decision: bool | dict[str, Any] = False,
     cuda_graphs: bool = False,
+    **cache_dit_arguments: Any,
 ) -> torch.nn.Module | DiffusionPipeline:
     """Enable step caching on `model` in place and return it.
 
@@ -131,7 +132,10 @@ def optimize(
     guard check or cudagraph-tree bookkeeping runs per call. Call the model without torch.compile
     (with fullgraph=True torch.compile refuses it, otherwise it compiles nothing). Off CUDA the
     compiled graphs run without capture. Its outputs are copies. DBCache and TeaCache.
+    `cache_dit_arguments`: keywords of `cache_dit.enable_cache` that dittofx takes elsewhere (or
+    any other keyword) are refused, saying where their setting goes.
     """
+    _refuse_other_arguments(cache_dit_arguments)
     if is_pipeline(model):
         if example_inputs is not None:
             raise ValueError(
@@ -161,6 +165,29 @@ def optimize(
     engine.attach()
     _tune_dynamo()
     return model
+
+
+# cache_dit.enable_cache's keywords -> where dittofx takes their setting
+_CACHE_DIT_ARGUMENTS = {
+    "calibrator_config": "in dittofx TaylorSeer is part of the cache config: {..., 'enable_taylorseer': True, "
+    "'taylorseer_order': k}",
+    "parallelism_config": "dittofx sets up no parallelism: enable diffusers' context parallelism on the transformer "
+    "(transformer.enable_parallelism(config=ContextParallelConfig(...))) and optimize finds its group, or pass "
+    "process_group=",
+    "attention_backend": "set it on the transformer with diffusers: transformer.set_attention_backend(name)",
+    "quantization_config": "quantize the transformer first (e.g. torchao's quantize_), then optimize it",
+}
+
+
+def _refuse_other_arguments(arguments: dict[str, Any]) -> None:
+    for name, value in arguments.items():
+        where = _CACHE_DIT_ARGUMENTS.get(name)
+        allowed = "cache_config, example_inputs, process_group, params_modifiers, split_at_decision, cuda_graphs"
+        shown = f"{type(value).__name__}(...)" if is_dataclass(value) else repr(value)[:80]
+        raise TypeError(
+            f"dittofx.optimize({name}={shown}): " + (f"a cache_dit.enable_cache argument; {where}" if where else
+            f"no such argument; dittofx.optimize takes {allowed}")
+        )  # fmt: skip
 
 
 def _split_option(split_at_decision: Any, cfg: CacheConfig) -> dict | None:

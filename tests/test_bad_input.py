@@ -92,6 +92,29 @@ def test_bad_config_is_rejected_and_model_untouched(pixart, cfg, exc, words):
     assert_untouched(model, before)
 
 
+ARGUMENTS = [
+    # cache_dit.enable_cache's keywords, written as a cache-dit user would, and one no API has
+    ("calibrator_config", "taylorseer", ["calibrator_config=TaylorSeerCalibratorConfig(...)", "'enable_taylorseer': True", "'taylorseer_order': k"]),
+    ("parallelism_config", None, ["parallelism_config=None", "enable_parallelism", "process_group="]),
+    ("attention_backend", "flash", ["attention_backend='flash'", "set_attention_backend"]),
+    ("num_inference_steps", 28, ["num_inference_steps=28", "no such argument", "cache_config, example_inputs, process_group"]),
+]
+
+
+@pytest.mark.parametrize("name, value, words", ARGUMENTS, ids=[a[0] for a in ARGUMENTS])
+def test_a_cache_dit_argument_says_where_its_setting_goes_and_leaves_the_model_untouched(pixart, name, value, words):
+    if value == "taylorseer":
+        cache_dit = pytest.importorskip("cache_dit")
+        value = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)
+    model = pixart.build()
+    before = snapshot(model)
+    with pytest.raises(TypeError) as info:
+        dittofx.optimize(model, {"residual_diff_threshold": 0.1}, **{name: value})
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    assert_untouched(model, before)
+
+
 def test_not_a_module():
     with pytest.raises(TypeError, match=r"model=function: must be a torch.nn.Module"):
         dittofx.optimize(lambda x: x, {})
