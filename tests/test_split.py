@@ -60,6 +60,9 @@ def test_split_runs_the_steps_of_the_cond_graph_bitwise(case):
         assert got.cached_steps == want.cached_steps and got.cached_steps, got.cached_steps
         torch.testing.assert_close(torch.tensor(got.diffs), torch.tensor(want.diffs), rtol=0, atol=0, equal_nan=True)
     assert {"split-compute", "split-cache"} <= set(ran.graphs), ran.graphs
+    from dittofx.passes.split import speculates
+
+    assert speculates(split._dittofx.current[1].graphs["device"])  # the head ran the cache path
 
 
 def test_split_under_torch_compile_holds_no_cond_and_serves_new_resolutions_without_recompiling():
@@ -259,3 +262,67 @@ def test_the_heads_finish_makes_a_cached_steps_updates_and_none_on_a_step_that_c
             if name == "p" and signal_every_step:  # p[0] takes h_fn on every step
                 expected = torch.cat([h_fn[None], expected[1:]])
             torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=f"{name}, cache={cache}")
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.proj = torch.nn.Linear(d, d)
+
+    def forward(self, hidden_states, temb):
+        return hidden_states + torch.tanh(self.proj(hidden_states) + temb)
+
+
+def _written(model, h, temb):  # after every block read temb: harmless uncached
+    return (model.out(h) + temb.mul_(3.0),)
+
+
+EPILOGUES = {
+    "pure": (lambda model, h, temb: (model.out(h) + temb,), True),
+    "writes in place a value the middle read": (_written, False),
+    "draws random numbers": (lambda model, h, temb: (model.out(h) + 0.01 * torch.randn_like(h),), False),
+    "returns a size": (lambda model, h, temb: (model.out(h), h.shape[1]), False),
+}
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self, epilogue, n=6, d=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.epilogue = epilogue
+        self.emb = torch.nn.Linear(1, d)
+        self.blocks = torch.nn.ModuleList([_Block(d) for _ in range(n)])
+        self.out = torch.nn.Linear(d, d)
+
+    def forward(self, hidden_states, timestep):
+        temb = self.emb(timestep[:, None, None] / 1000)
+        for block in self.blocks:
+            hidden_states = block(hidden_states, temb)
+        return self.epilogue(self, hidden_states, temb)
+
+
+@pytest.mark.parametrize("epilogue", sorted(EPILOGUES))
+def test_the_head_runs_the_cache_path_only_where_what_follows_the_cond_allows_it(epilogue):
+    """The head runs the cache path, Bn and epilogue before the host reads the decision; a step
+    that computes runs them again in its tail. Not where that code writes in place into a value
+    the middle reads (the tail's middle would read the written value), draws random numbers (a
+    computed step would draw twice) or returns a size: there the head stops at the cond, and
+    every form gives the cond graph's outputs and leaves the random stream where it leaves it."""
+    from dittofx.passes.split import speculates
+
+    fn, speculating = EPILOGUES[epilogue]
+    cfg = {"residual_diff_threshold": 1.0, "max_warmup_steps": 1, "max_continuous_cached_steps": 1, "num_inference_steps": 8}
+    runs = {}
+    for name, options in (("cond", {}), ("split", {"split_at_decision": True})):
+        model = dittofx.optimize(_Toy(fn), cfg, **options)
+        torch.manual_seed(123)
+        with torch.no_grad():
+            outs = [model(hidden_states=torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(0)) + 0.02 * s,
+                          timestep=torch.full((1,), 1000.0 * (1 - s / 8))) for s in range(8)]  # fmt: skip
+        runs[name] = (outs, torch.rand(()), dittofx.summary(model)[0].cached_steps, model)
+    (want, want_rand, want_cached, _), (got, got_rand, got_cached, split) = runs["cond"], runs["split"]
+    assert want_cached == [1, 3, 5, 7] and got_cached == want_cached, (want_cached, got_cached)
+    for a, b in zip(tree_leaves(got), tree_leaves(want)):
+        assert (a == b) if isinstance(a, int) else torch.equal(a, b)
+    assert torch.equal(got_rand, want_rand)
+    assert speculates(split._dittofx.current[1].graphs["device"]) is speculating

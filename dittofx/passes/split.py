@@ -13,7 +13,9 @@ of its outputs; where the step computes, the head's forecast, Bn and epilogue we
 counter updates were no-ops (`finish_step(cached_only=True)`), and the compute tail runs the
 step from Fn's output as the device graph does. On wan-cpu a cached step so came to +302 us over
 the ideal's (+478 us for the cond graph, +113 us for a host-decided cache step: bench/README.md,
-"Where a cached step's time goes").
+"Where a cached step's time goes"). Where what follows the cond writes into a value made before
+it, draws random numbers or returns a non-tensor (`speculates`), the head stops at the cond and
+the cache tail runs the cache path.
 
 Sizes (and arithmetic on them) that the compute tail reads are computed again in it from its
 own inputs, not passed: as Python ints they would be constants to dynamo, and every new
@@ -31,9 +33,10 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..runtime import gates
+from .fx_utils import is_view
 from .sizes import SIZE_OPS
 
-__all__ = ["SplitAtDecisionPass", "SIDES", "boundary"]
+__all__ = ["SplitAtDecisionPass", "SIDES", "boundary", "speculates"]
 
 SIDES = ("head", "compute", "cache")
 
@@ -84,10 +87,10 @@ def boundary(gm: fx.GraphModule) -> list[fx.Node]:
 class SplitAtDecisionPass(PassBase):
     """Graph in (a "device" graph with one torch.cond), one side of the split out.
 
-    "head": the original placeholders; returns `boundary(gm)`, then the model's outputs as the
-    cache branch makes them. "compute" / "cache": the original placeholders, then one per tensor
-    the head returns. "compute": the cond replaced by the compute branch's body, inline; "cache":
-    copies of the head's outputs, returned as the model returns them.
+    "head": the original placeholders; returns `boundary(gm)`, then, where `speculates(gm)`, the
+    model's outputs as the cache path makes them. "compute" / "cache": the original placeholders,
+    then one per tensor the head returns; the cond replaced by that branch's body, inline, and
+    what follows it; where the head speculated, "cache" is only copies of its outputs.
     """
 
     def __init__(self, side: str):
@@ -102,19 +105,22 @@ class SplitAtDecisionPass(PassBase):
     def _head(self, gm: fx.GraphModule) -> fx.GraphModule:
         g, env, attrs = fx.Graph(), {}, {}
         cond = _cond_node(gm.graph)
+        outputs = _speculated_outputs(gm)
         for node in gm.graph.nodes:
+            if node is cond and outputs is None:
+                break
             if node.op == "output":
-                g.output((*(env[n] for n in boundary(gm)), *(env[n] for n in _model_outputs(gm))))
-            elif node is cond:
+                continue
+            if node is cond:
                 _, on_true, _, operands = cond.args
                 env[node] = _inline(g, getattr(gm, on_true.target), [env[op] for op in operands], attrs)
             elif node.target is operator.getitem and node.args[0] is cond:
                 env[node] = env[cond][node.args[1]]
-            elif node.target is gates.finish_step:  # not this step's stores yet: it may compute
-                env[node] = _copy(g, node, env, gm, attrs)
-                env[node].kwargs = {**node.kwargs, "cached_only": True}
             elif not _is_branch(node, cond):
                 env[node] = _copy(g, node, env, gm, attrs)
+                if node.target is gates.finish_step:  # not this step's stores yet: it may compute
+                    env[node].kwargs = {**node.kwargs, "cached_only": True}
+        g.output((*(env[n] for n in boundary(gm)), *(env[n] for n in outputs or ())))
         g.lint()
         return fx.GraphModule(attrs, g, class_name="DittofxHead")
 
@@ -123,37 +129,94 @@ class SplitAtDecisionPass(PassBase):
         nodes = list(gm.graph.nodes)
         cond = _cond_node(gm.graph)
         tensors, again = _plan(gm)
+        outputs = _speculated_outputs(gm)
         for node in gm.graph.find_nodes(op="placeholder"):
             env[node] = g.node_copy(node)
         for node in tensors:
             env[node] = g.placeholder(f"dittofx_head_{node.name}")
             env[node].meta.update(node.meta)
-        outputs = {}
-        for i, node in enumerate(_model_outputs(gm)):
-            outputs[node] = g.placeholder(f"dittofx_head_output_{i}")
-            outputs[node].meta.update(node.meta)
-        if self.side == "cache":
+        speculated = {}
+        for i, node in enumerate(outputs or ()):
+            speculated[node] = g.placeholder(f"dittofx_head_output_{i}")
+            speculated[node].meta.update(node.meta)
+        if self.side == "cache" and outputs is not None:
             (returned,) = gm.graph.find_nodes(op="output")
-            g.output(fx.map_arg(returned.args[0], lambda n: g.call_function(torch.ops.aten.clone.default, (outputs[n],))))
+            g.output(fx.map_arg(returned.args[0], lambda n: g.call_function(torch.ops.aten.clone.default, (speculated[n],))))
             g.lint()
             return fx.GraphModule({}, g, class_name="DittofxTailCache")
         for node in again:
             env[node] = _copy(g, node, env, gm, attrs)
         pred, on_true, on_false, operands = cond.args
-        results = _inline(g, getattr(gm, on_false.target), [env[op] for op in operands], attrs)
+        branch = getattr(gm, (on_true if self.side == "cache" else on_false).target)
+        results = _inline(g, branch, [env[op] for op in operands], attrs)
         for node in nodes[nodes.index(cond) + 1 :]:
             if node.target is operator.getitem and node.args[0] is cond:
                 env[node] = results[node.args[1]]
             else:
                 env[node] = _copy(g, node, env, gm, attrs)
         g.lint()
-        return fx.GraphModule(attrs, g, class_name="DittofxTailCompute")
+        return fx.GraphModule(attrs, g, class_name=f"DittofxTail{self.side.title()}")
 
 
-def _model_outputs(gm: fx.GraphModule) -> list[fx.Node]:
-    """The nodes the graph returns, each once, in order."""
+def speculates(gm: fx.GraphModule) -> bool:
+    """Whether the head may run the cache path before the host reads the decision. Not where
+    what follows the cond writes in place into a value made before it (a step that computes
+    would hand the middle the written value), draws random numbers (it would draw twice) or
+    returns a non-tensor (a size would cross the cut as a constant)."""
+    return _speculated_outputs(gm) is not None
+
+
+def _speculated_outputs(gm: fx.GraphModule) -> list[fx.Node] | None:
+    """The model's outputs, each once, in order, that a speculating head returns; None where it
+    must not speculate (`speculates`)."""
+    nodes = list(gm.graph.nodes)
+    cut = nodes.index(_cond_node(gm.graph))
+    before = set(nodes[:cut])
     (returned,) = gm.graph.find_nodes(op="output")
-    return list(dict.fromkeys(returned.all_input_nodes))
+    outputs = list(dict.fromkeys(returned.all_input_nodes))
+    if not all(isinstance(n.meta.get("val"), torch.Tensor) for n in outputs):
+        return None
+    if any(_writes_or_draws(node, before, gm) for node in nodes[cut + 1 :] if node.op == "call_function"):
+        return None
+    return outputs
+
+
+def _writes_or_draws(node: fx.Node, before: set[fx.Node], owner: torch.nn.Module) -> bool:
+    """Whether `node` draws random numbers or writes into (a view of) a node of `before`; a
+    higher-order op, where its subgraphs write or draw at all."""
+    target = node.target
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        subgraphs = [getattr(owner, a.target) for a in node.all_input_nodes if a.op == "get_attr"]
+        return any(
+            _writes_or_draws(n, set(sub.graph.nodes), sub) for sub in subgraphs if isinstance(sub, fx.GraphModule)
+            for n in sub.graph.nodes if n.op == "call_function"
+        )  # fmt: skip
+    if not isinstance(target, torch._ops.OpOverload):
+        return False  # getitem, size arithmetic, dittofx's gates (finish_step's stores: cached_only)
+    schema = target._schema.arguments
+    values = {a.name: a.default_value if a.has_default_value() else None for a in schema}
+    values.update({a.name: v for a, v in zip(schema, node.args)}, **node.kwargs)
+    if torch.Tag.nondeterministic_seeded in target.tags and _may_draw(values):
+        return True
+    written = [values[a.name] for a in schema if a.alias_info is not None and a.alias_info.is_write]
+    return any(_base(value) in before for value in written if isinstance(value, fx.Node))
+
+
+def _may_draw(values: dict[str, Any]) -> bool:
+    """Whether an op tagged as drawing random numbers does on these arguments: attention's and
+    dropout's draw nothing with a dropout probability of 0 or outside training."""
+    if "dropout_p" in values:
+        return values["dropout_p"] != 0
+    if "train" in values:
+        return values["train"] is not False and values["p"] != 0
+    return True
+
+
+def _base(node: fx.Node) -> fx.Node:
+    """The node whose memory `node` views (itself where it is no view)."""
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def _copy(g: fx.Graph, node: fx.Node, env: dict, owner: torch.nn.Module, attrs: dict[str, Any]) -> fx.Node:
