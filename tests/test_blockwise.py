@@ -525,3 +525,21 @@ def test_layerwise_casting_caches_block_by_block_as_the_reference(caplog):
     assert reference.cached_steps and dittofx.summary(model, log_table=False)[0].cached_steps == reference.cached_steps
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_a_graph_whose_cache_state_sizes_depend_on_the_data_caches_block_by_block(caplog):
+    """Framepack's streams have data-dependent lengths. With Bn=0 its middle's output pairs with no
+    carried input; with Bn=2 it pairs, but the state it would store has a data-dependent size, which
+    no state made before the call can hold: that too caches block by block (it raised a sympy
+    TypeError on the first call, and optimize was undone), with the reference's steps and outputs."""
+    z = zoo.get("hunyuanvideo_framepack")
+    naive = NaiveConfig(Fn=1, Bn=2, threshold=0.6, max_warmup_steps=1)
+    reference = NaiveDBCache(z.build(), z.block_lists, naive)
+    cfg = {**CFG, "Fn_compute_blocks": 1, "Bn_compute_blocks": 2}
+    with caplog.at_level(logging.WARNING, logger="dittofx"):
+        model = dittofx.optimize(z.build(), cfg)
+        got, want = run(model, z), run(reference, z)
+    assert model._dittofx.blockwise is not None and "depends on the data" in caplog.text, caplog.text
+    assert reference.cached_steps and dittofx.summary(model, log_table=False)[0].cached_steps == reference.cached_steps
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

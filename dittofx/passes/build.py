@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from ..config import CacheConfig, DBPruneConfig, TeaCacheConfig
 from ..patterns.chain import Chain, find_chain
 from ..patterns.modulation import find_modulated_input
 from .capture import CapturedGraph
-from .partition import REGIONS, Partition, PartitionPass
+from .partition import REGIONS, Partition, PartitionPass, UnpairedOutputError
 from .prune import PruneRewritePass, prunable_blocks
 from .rewrite import DECISIONS, CacheRewritePass, RewriteOptions
 from .split import SIDES, SplitAtDecisionPass
@@ -60,9 +61,24 @@ def rewrite_captured(
             warmup_interval=cfg.warmup_interval, timestep_input=opts.timestep_input, group=opts.group,
         )(gm).graph_module  # fmt: skip
         graphs = dict.fromkeys(DECISIONS, pruned)  # every decision is made in the graph
-        state_nodes = [part.h_fn, *(o for b in blocks for o in b.outputs)]
+        state_nodes = _sized_by_inputs([part.h_fn, *(o for b in blocks for o in b.outputs)])
         return Rewritten(chain, part, graphs, state_nodes, counts, [b.index for b in blocks])
+    state_nodes = _sized_by_inputs([part.h_fn, *part.middle_outputs])
     graphs = {d: CacheRewritePass(part, opts, d)(gm).graph_module for d in DECISIONS}
     if split:
         graphs.update({f"split-{side}": SplitAtDecisionPass(side)(graphs["device"]).graph_module for side in SIDES})
-    return Rewritten(chain, part, graphs, [part.h_fn, *part.middle_outputs], counts, [])
+    return Rewritten(chain, part, graphs, state_nodes, counts, [])
+
+
+def _sized_by_inputs(state_nodes: list[fx.Node]) -> list[fx.Node]:
+    """`state_nodes`, whose shapes size the cache state before each call: none may depend on the
+    data (a size only the call computes, as Framepack's history lengths), where no state can be
+    made ahead (the engine then caches block by block)."""
+    for node in state_nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and free_unbacked_symbols(val):
+            raise UnpairedOutputError(
+                f"cannot cache the middle region: the cache state would hold {node.name}, whose shape "
+                f"{tuple(str(d) for d in val.shape)} depends on the data"
+            )
+    return state_nodes
