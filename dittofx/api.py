@@ -116,12 +116,12 @@ def optimize(
     pipeline order (None keeps the shared config); a dict changes only the fields it names, a
     config object (or a dict naming another "method") replaces the whole config.
     `split_at_decision`: a step decided on the device (the threshold gates) runs in two graphs
-    instead of one with a torch.cond: a head (prologue, Fn, gates, diff, and a cached step's path
-    up to the outputs, run before its decision is known) run before the forward, the host's read
-    of its decision (the one sync the cond makes too), then a cond-free tail that computes the
-    middle (Bn, epilogue) or copies the head's outputs: inductor runs no CUDA graph for a graph holding a
-    torch.cond, so this is the way to CUDA graphs (`mode="reduce-overhead"`) with dynamic
-    decisions. The head runs eagerly, or compiled with `torch.compile(head, fullgraph=True, **d)`
+    instead of one with a torch.cond: a head (prologue, Fn, gates, diff; with Bn=0 also a cached
+    step's path up to the outputs, run before its decision is known) run before the forward, the
+    host's read of its decision (the one sync the cond makes too), then a cond-free tail that
+    computes the middle (Bn, epilogue) or finishes the cached step (a copy of the head's outputs):
+    inductor runs no CUDA graph for a graph holding a torch.cond, so this is the way to CUDA
+    graphs (`mode="reduce-overhead"`) with dynamic decisions. The head runs eagerly, or compiled with `torch.compile(head, fullgraph=True, **d)`
     when a dict `d` is given (e.g. `{"mode": "reduce-overhead"}`). DBCache and TeaCache.
     `cuda_graphs` (experimental): dittofx compiles each of its graphs with inductor and replays
     it from a CUDA graph of its own, captured once per graph, state and input sizes. A step decided

@@ -66,7 +66,9 @@ def rewrite_captured(
     state_nodes = _sized_by_inputs([part.h_fn, *part.middle_outputs])
     graphs = {d: CacheRewritePass(part, opts, d)(gm).graph_module for d in DECISIONS}
     if split:
-        graphs.update({f"split-{side}": SplitAtDecisionPass(side)(graphs["device"]).graph_module for side in SIDES})
+        # the head runs the cache path before the decision where that wastes no Bn block on a computed step
+        speculate = counts["Bn"] == 0
+        graphs.update({f"split-{side}": SplitAtDecisionPass(side, speculate)(graphs["device"]).graph_module for side in SIDES})
     return Rewritten(chain, part, graphs, state_nodes, counts, [])
 
 

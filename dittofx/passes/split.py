@@ -1,7 +1,7 @@
 """Split the device-decision graph at its torch.cond, for decisions read on the host.
 
     head: prologue | Fn | begin_step, gates, diff | cache branch, the cached step's counters
-          | Bn | epilogue                          -> (predicate, tensors the tails read, outputs)
+          | epilogue                               -> (predicate, tensors the tails read, outputs)
     cache tail:   the head's outputs, copied
     compute tail: the middle inline | finish_step | Bn | epilogue
 
@@ -9,13 +9,14 @@ Inductor runs no CUDA graph for a graph that holds a torch.cond (its cond reads 
 the host anyway). Cut there, every graph is cond-free: the host reads the head's predicate (the
 one sync the cond would have made), then runs a tail. The head finishes a cached step itself
 (speculatively: the host has not read the decision yet), so a cached step's tail is only a copy
-of its outputs; where the step computes, the head's forecast, Bn and epilogue were wasted and its
+of its outputs; where the step computes, the head's forecast and epilogue were wasted and its
 counter updates were no-ops (`finish_step(cached_only=True)`), and the compute tail runs the
 step from Fn's output as the device graph does. On wan-cpu a cached step so came to +302 us over
 the ideal's (+478 us for the cond graph, +113 us for a host-decided cache step: bench/README.md,
-"Where a cached step's time goes"). Where what follows the cond writes into a value made before
-it, draws random numbers or returns a non-tensor (`speculates`), the head stops at the cond and
-the cache tail runs the cache path.
+"Where a cached step's time goes"). Where Bn blocks follow the middle (a computed step would run
+them twice), or what follows the cond writes into a value made before it, draws random numbers
+or returns a non-tensor (`speculates`), the head stops at the cond and the cache tail runs the
+cache path.
 
 Sizes (and arithmetic on them) that the compute tail reads are computed again in it from its
 own inputs, not passed: as Python ints they would be constants to dynamo, and every new
@@ -87,17 +88,19 @@ def boundary(gm: fx.GraphModule) -> list[fx.Node]:
 class SplitAtDecisionPass(PassBase):
     """Graph in (a "device" graph with one torch.cond), one side of the split out.
 
-    "head": the original placeholders; returns `boundary(gm)`, then, where `speculates(gm)`, the
-    model's outputs as the cache path makes them. "compute" / "cache": the original placeholders,
-    then one per tensor the head returns; the cond replaced by that branch's body, inline, and
-    what follows it; where the head speculated, "cache" is only copies of its outputs.
+    "head": the original placeholders; returns `boundary(gm)`, then, where `speculate` (the
+    caller's call: the build asks only where no Bn block would run twice on a computed step) and
+    `speculates(gm)`, the model's outputs as the cache path makes them. "compute" / "cache": the
+    original placeholders, then one per tensor the head returns; the cond replaced by that
+    branch's body, inline, and what follows it; where the head speculated, "cache" is only
+    copies of its outputs.
     """
 
-    def __init__(self, side: str):
+    def __init__(self, side: str, speculate: bool = True):
         super().__init__()
         if side not in SIDES:
             raise ValueError(f"side={side!r}: must be one of {SIDES}")
-        self.side = side
+        self.side, self.speculate = side, speculate
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         return PassResult(self._head(gm) if self.side == "head" else self._tail(gm), True)
@@ -105,7 +108,7 @@ class SplitAtDecisionPass(PassBase):
     def _head(self, gm: fx.GraphModule) -> fx.GraphModule:
         g, env, attrs = fx.Graph(), {}, {}
         cond = _cond_node(gm.graph)
-        outputs = _speculated_outputs(gm)
+        outputs = _speculated_outputs(gm) if self.speculate else None
         for node in gm.graph.nodes:
             if node is cond and outputs is None:
                 break
@@ -129,7 +132,7 @@ class SplitAtDecisionPass(PassBase):
         nodes = list(gm.graph.nodes)
         cond = _cond_node(gm.graph)
         tensors, again = _plan(gm)
-        outputs = _speculated_outputs(gm)
+        outputs = _speculated_outputs(gm) if self.speculate else None
         for node in gm.graph.find_nodes(op="placeholder"):
             env[node] = g.node_copy(node)
         for node in tensors:

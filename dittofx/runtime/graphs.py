@@ -40,9 +40,10 @@ def compiled(graph: fx.GraphModule) -> Callable[..., Any]:
 
 
 class DecidedStep:
-    """A step decided on the device, as one program: the split head (prologue, Fn, gates, diff, a
-    cached step's path), then the tail its decision picks (the compute path, or a copy). Captured, each tail sits under a conditional node on the
-    decision, read by the GPU; uncaptured (off CUDA), the host reads it."""
+    """A step decided on the device, as one program: the split head (prologue, Fn, gates, diff,
+    and the cache path where it runs it: passes/split.py), then the tail its decision picks.
+    Captured, each tail sits under a conditional node on the decision, read by the GPU;
+    uncaptured (off CUDA), the host reads it."""
 
     def __init__(self, graphs: dict[str, fx.GraphModule]):
         self.head, self.cache, self.compute = (compiled(graphs[f"split-{side}"]) for side in ("head", "cache", "compute"))
