@@ -175,7 +175,7 @@ _CACHE_DIT_ARGUMENTS = {
     "(transformer.enable_parallelism(config=ContextParallelConfig(...))) and optimize finds its group, or pass "
     "process_group=",
     "attention_backend": "set it on the transformer with diffusers: transformer.set_attention_backend(name)",
-    "quantization_config": "quantize the transformer first (e.g. torchao's quantize_), then optimize it",
+    "quantize_config": "quantize the transformer first (e.g. torchao's quantize_), then optimize it",
 }
 
 

@@ -97,6 +97,7 @@ ARGUMENTS = [
     ("calibrator_config", "taylorseer", ["calibrator_config=TaylorSeerCalibratorConfig(...)", "'enable_taylorseer': True", "'taylorseer_order': k"]),
     ("parallelism_config", None, ["parallelism_config=None", "enable_parallelism", "process_group="]),
     ("attention_backend", "flash", ["attention_backend='flash'", "set_attention_backend"]),
+    ("quantize_config", None, ["quantize_config=None", "quantize the transformer first"]),
     ("num_inference_steps", 28, ["num_inference_steps=28", "no such argument", "cache_config, example_inputs, process_group"]),
 ]
 

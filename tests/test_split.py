@@ -281,6 +281,7 @@ def _written(model, h, temb):  # after every block read temb: harmless uncached
 EPILOGUES = {
     "pure": (lambda model, h, temb: (model.out(h) + temb,), True),
     "writes in place a value the middle read": (_written, False),
+    "writes it through a list (foreach)": (lambda model, h, temb: (torch._foreach_mul_([temb], 3.0), model.out(h) + temb)[1:], False),
     "draws random numbers": (lambda model, h, temb: (model.out(h) + 0.01 * torch.randn_like(h),), False),
     "returns a size": (lambda model, h, temb: (model.out(h), h.shape[1]), False),
 }

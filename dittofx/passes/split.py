@@ -34,7 +34,6 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..runtime import gates
-from .fx_utils import is_view
 from .sizes import SIZE_OPS
 
 __all__ = ["SplitAtDecisionPass", "SIDES", "boundary", "speculates"]
@@ -163,9 +162,9 @@ class SplitAtDecisionPass(PassBase):
 
 def speculates(gm: fx.GraphModule) -> bool:
     """Whether the head may run the cache path before the host reads the decision. Not where
-    what follows the cond writes in place into a value made before it (a step that computes
-    would hand the middle the written value), draws random numbers (it would draw twice) or
-    returns a non-tensor (a size would cross the cut as a constant)."""
+    what follows the cond writes in place (into a value made before it, a step that computes
+    would hand the middle the written value; real epilogues write none), may draw random
+    numbers (it would draw twice) or returns a non-tensor (a size would cross the cut)."""
     return _speculated_outputs(gm) is not None
 
 
@@ -174,52 +173,47 @@ def _speculated_outputs(gm: fx.GraphModule) -> list[fx.Node] | None:
     must not speculate (`speculates`)."""
     nodes = list(gm.graph.nodes)
     cut = nodes.index(_cond_node(gm.graph))
-    before = set(nodes[:cut])
     (returned,) = gm.graph.find_nodes(op="output")
     outputs = list(dict.fromkeys(returned.all_input_nodes))
     if not all(isinstance(n.meta.get("val"), torch.Tensor) for n in outputs):
         return None
-    if any(_writes_or_draws(node, before, gm) for node in nodes[cut + 1 :] if node.op == "call_function"):
+    if any(_writes_or_draws(node, gm) for node in nodes[cut + 1 :] if node.op == "call_function"):
         return None
     return outputs
 
 
-def _writes_or_draws(node: fx.Node, before: set[fx.Node], owner: torch.nn.Module) -> bool:
-    """Whether `node` draws random numbers or writes into (a view of) a node of `before`; a
-    higher-order op, where its subgraphs write or draw at all."""
+def _writes_or_draws(node: fx.Node, owner: torch.nn.Module) -> bool:
+    """Whether `node` may write in place or draw random numbers: any aten op that writes (what it
+    writes may alias a value made before the cond in ways a view walk misses: helper-61), any op
+    outside aten and prims (a custom op may do either), a higher-order op whose subgraphs do."""
     target = node.target
     if isinstance(target, torch._ops.HigherOrderOperator):
         subgraphs = [getattr(owner, a.target) for a in node.all_input_nodes if a.op == "get_attr"]
         return any(
-            _writes_or_draws(n, set(sub.graph.nodes), sub) for sub in subgraphs if isinstance(sub, fx.GraphModule)
+            _writes_or_draws(n, sub) for sub in subgraphs if isinstance(sub, fx.GraphModule)
             for n in sub.graph.nodes if n.op == "call_function"
         )  # fmt: skip
     if not isinstance(target, torch._ops.OpOverload):
         return False  # getitem, size arithmetic, dittofx's gates (finish_step's stores: cached_only)
+    if target.namespace not in ("aten", "prims"):
+        return True
     schema = target._schema.arguments
+    if any(a.alias_info is not None and a.alias_info.is_write for a in schema):
+        return True
     values = {a.name: a.default_value if a.has_default_value() else None for a in schema}
     values.update({a.name: v for a, v in zip(schema, node.args)}, **node.kwargs)
-    if torch.Tag.nondeterministic_seeded in target.tags and _may_draw(values):
-        return True
-    written = [values[a.name] for a in schema if a.alias_info is not None and a.alias_info.is_write]
-    return any(_base(value) in before for value in written if isinstance(value, fx.Node))
+    return torch.Tag.nondeterministic_seeded in target.tags and _may_draw(target, values)
 
 
-def _may_draw(values: dict[str, Any]) -> bool:
-    """Whether an op tagged as drawing random numbers does on these arguments: attention's and
-    dropout's draw nothing with a dropout probability of 0 or outside training."""
+def _may_draw(target: torch._ops.OpOverload, values: dict[str, Any]) -> bool:
+    """Whether an op tagged as drawing random numbers does on these arguments: attention draws
+    nothing with a dropout probability of 0, aten.dropout nothing at p=0 or outside training
+    (native_dropout draws in training whatever p)."""
     if "dropout_p" in values:
         return values["dropout_p"] != 0
     if "train" in values:
-        return values["train"] is not False and values["p"] != 0
+        return values["train"] is not False and (values["p"] != 0 or target.name().startswith("aten::native_dropout"))
     return True
-
-
-def _base(node: fx.Node) -> fx.Node:
-    """The node whose memory `node` views (itself where it is no view)."""
-    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 def _copy(g: fx.Graph, node: fx.Node, env: dict, owner: torch.nn.Module, attrs: dict[str, Any]) -> fx.Node:
