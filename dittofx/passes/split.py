@@ -14,7 +14,7 @@ counter updates were no-ops (`finish_step(cached_only=True)`), and the compute t
 step from Fn's output as the device graph does. On wan-cpu a cached step so came to +302 us over
 the ideal's (+478 us for the cond graph, +113 us for a host-decided cache step: bench/README.md,
 "Where a cached step's time goes"). Where Bn blocks follow the middle (a computed step would run
-them twice), or what follows the cond writes into a value made before it, draws random numbers
+them twice), or what follows the cond writes in place, may draw random numbers
 or returns a non-tensor (`speculates`), the head stops at the cond and the cache tail runs the
 cache path.
 
