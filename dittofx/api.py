@@ -121,8 +121,9 @@ def optimize(
     host's read of its decision (the one sync the cond makes too), then a cond-free tail that
     computes the middle (Bn, epilogue) or finishes the cached step (a copy of the head's outputs):
     inductor runs no CUDA graph for a graph holding a torch.cond, so this is the way to CUDA
-    graphs (`mode="reduce-overhead"`) with dynamic decisions. The head runs eagerly, or compiled with `torch.compile(head, fullgraph=True, **d)`
-    when a dict `d` is given (e.g. `{"mode": "reduce-overhead"}`). DBCache and TeaCache.
+    graphs (`mode="reduce-overhead"`) with dynamic decisions. The head runs eagerly, or compiled
+    with `torch.compile(head, fullgraph=True, **d)` when a dict `d` is given (e.g.
+    `{"mode": "reduce-overhead"}`). DBCache and TeaCache.
     `cuda_graphs` (experimental): dittofx compiles each of its graphs with inductor and replays
     it from a CUDA graph of its own, captured once per graph, state and input sizes. A step decided
     on the device is one capture: the head, then each tail under a CUDA-graph conditional node
@@ -180,9 +181,9 @@ _CACHE_DIT_ARGUMENTS = {
 
 
 def _refuse_other_arguments(arguments: dict[str, Any]) -> None:
+    allowed = ", ".join(n for n in inspect.signature(optimize).parameters if n not in ("model", "cache_dit_arguments"))
     for name, value in arguments.items():
         where = _CACHE_DIT_ARGUMENTS.get(name)
-        allowed = "cache_config, example_inputs, process_group, params_modifiers, split_at_decision, cuda_graphs"
         shown = f"{type(value).__name__}(...)" if is_dataclass(value) else repr(value)[:80]
         raise TypeError(
             f"dittofx.optimize({name}={shown}): " + (f"a cache_dit.enable_cache argument; {where}" if where else
