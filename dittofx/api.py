@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from .aot import export_program
-from .config import CacheConfig, DBPruneConfig, TeaCacheConfig, merge_config, parse_config
+from .config import CacheConfig, DBPruneConfig, TeaCacheConfig, config_field_names, merge_config, parse_config
 from .masks import as_count
 from .passes.partition import fn_bn_too_large
 from .patterns.chain import module_lists
@@ -133,8 +133,10 @@ def optimize(
     guard check or cudagraph-tree bookkeeping runs per call. Call the model without torch.compile
     (with fullgraph=True torch.compile refuses it, otherwise it compiles nothing). Off CUDA the
     compiled graphs run without capture. Its outputs are copies. DBCache and TeaCache.
-    `cache_dit_arguments`: keywords of `cache_dit.enable_cache` that dittofx takes elsewhere (or
-    any other keyword) are refused, saying where their setting goes.
+    `cache_dit_arguments`: keywords of `cache_dit.enable_cache` that dittofx takes elsewhere (its
+    calibrator, parallelism, attention and quantize configs; None passes), cache config fields given
+    as keywords (cache-dit's deprecated form) and any other keyword are refused, saying where their
+    setting goes.
     """
     _refuse_other_arguments(cache_dit_arguments)
     if is_pipeline(model):
@@ -181,14 +183,20 @@ _CACHE_DIT_ARGUMENTS = {
 
 
 def _refuse_other_arguments(arguments: dict[str, Any]) -> None:
+    """cache_dit.enable_cache's keywords left at their default (None) pass; any other refuses, saying
+    where its setting goes (a cache config field, as cache-dit's deprecated keywords: in cache_config)."""
     allowed = ", ".join(n for n in inspect.signature(optimize).parameters if n not in ("model", "cache_dit_arguments"))
     for name, value in arguments.items():
-        where = _CACHE_DIT_ARGUMENTS.get(name)
+        if name in _CACHE_DIT_ARGUMENTS and value is None:
+            continue
         shown = f"{type(value).__name__}(...)" if is_dataclass(value) else repr(value)[:80]
-        raise TypeError(
-            f"dittofx.optimize({name}={shown}): " + (f"a cache_dit.enable_cache argument; {where}" if where else
-            f"no such argument; dittofx.optimize takes {allowed}")
-        )  # fmt: skip
+        if name in _CACHE_DIT_ARGUMENTS:
+            why = f"a cache_dit.enable_cache argument; {_CACHE_DIT_ARGUMENTS[name]}"
+        elif name in config_field_names():
+            why = f"a cache config field: pass it in cache_config, dittofx.optimize(model, {{{name!r}: {shown}, ...}})"
+        else:
+            why = f"no such argument; dittofx.optimize takes {allowed}"
+        raise TypeError(f"dittofx.optimize({name}={shown}): {why}")
 
 
 def _split_option(split_at_decision: Any, cfg: CacheConfig) -> dict | None:

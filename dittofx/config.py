@@ -162,6 +162,11 @@ CacheConfig = DBCacheConfig | TeaCacheConfig | DBPruneConfig
 _ALIASES = {"scm_steps_mask_policy": "steps_mask_policy", "scm_steps_policy": "steps_computation_policy"}
 
 
+def config_field_names() -> set[str]:
+    """Every key a cache_config dict may hold, for any method (aliases and "method" included)."""
+    return {f.name for cls in _METHODS.values() for f in dataclasses.fields(cls)} | set(_ALIASES) | {"method"}
+
+
 def _check_int(name: str, value: Any, low: int, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}={value!r} ({type(value).__name__}): must be an int, {what}")

@@ -95,10 +95,13 @@ def test_bad_config_is_rejected_and_model_untouched(pixart, cfg, exc, words):
 ARGUMENTS = [
     # cache_dit.enable_cache's keywords, written as a cache-dit user would, and one no API has
     ("calibrator_config", "taylorseer", ["calibrator_config=TaylorSeerCalibratorConfig(...)", "'enable_taylorseer': True", "'taylorseer_order': k"]),
-    ("parallelism_config", None, ["parallelism_config=None", "enable_parallelism", "process_group="]),
+    ("parallelism_config", "ulysses", ["parallelism_config='ulysses'", "enable_parallelism", "process_group="]),
     ("attention_backend", "flash", ["attention_backend='flash'", "set_attention_backend"]),
-    ("quantize_config", None, ["quantize_config=None", "quantize the transformer first"]),
-    ("num_inference_steps", 28, ["num_inference_steps=28", "no such argument", "cache_config, example_inputs, process_group"]),
+    ("quantize_config", "float8", ["quantize_config='float8'", "quantize the transformer first"]),
+    # cache-dit's deprecated form: cache config fields as keywords
+    ("Fn_compute_blocks", 2, ["Fn_compute_blocks=2", "a cache config field", "dittofx.optimize(model, {'Fn_compute_blocks': 2, ...})"]),
+    ("scm_steps_mask_policy", "fast", ["scm_steps_mask_policy='fast'", "{'scm_steps_mask_policy': 'fast', ...}"]),
+    ("guidance_scale", 4.5, ["guidance_scale=4.5", "no such argument", "cache_config, example_inputs, process_group"]),
 ]
 
 
@@ -114,6 +117,15 @@ def test_a_cache_dit_argument_says_where_its_setting_goes_and_leaves_the_model_u
     for word in words:
         assert word in str(info.value), str(info.value)
     assert_untouched(model, before)
+
+
+def test_cache_dit_arguments_left_at_their_default_pass(pixart):
+    """calibrator_config=None etc. (cache_dit.enable_cache's defaults) set nothing: the model is
+    optimized as without them."""
+    model = pixart.build()
+    nones = dict.fromkeys(("calibrator_config", "parallelism_config", "attention_backend", "quantize_config"))
+    assert dittofx.optimize(model, {"residual_diff_threshold": 0.1}, **nones) is model
+    assert model._dittofx.cfg == dittofx.DBCacheConfig(residual_diff_threshold=0.1)
 
 
 def test_not_a_module():
