@@ -333,14 +333,16 @@ def _cachedit_row(spec: Spec, weights: torch.nn.Module, cname: str, how: str, mo
 
 # Dynamic decisions under CUDA graphs (issue 7 item 3). Inductor's CUDA graphs skip a graph holding
 # a torch.cond (its cond reads the predicate on the host), so the dynamic graph runs without them
-# under mode="reduce-overhead". Other ways, timed against the reduce-overhead ideal, as
-# (dittofx.optimize arguments, torch.compile arguments):
+# under mode="reduce-overhead": since split_at_decision's default, the plain reduce-overhead row
+# runs split (its head compiled by the model's compile) and split_at_decision=False keeps the cond.
+# Other ways, timed against the reduce-overhead ideal, as (dittofx.optimize arguments,
+# torch.compile arguments):
 # - split_at_decision: the head (prologue, Fn, gates, diff, a cached step's path) runs before the
 #   forward, the host reads its decision, the forward runs a cond-free tail: CUDA graphs hold every graph; the head
 #   compiled with reduce-overhead too, or eager;
-# - dynamo's "cudagraphs" backend (no inductor): cudagraph trees record the cond as CUDA-graph
+# - dynamo's "cudagraphs" backend (no inductor), with the cond: cudagraph trees record it as CUDA-graph
 #   conditional nodes, so nothing syncs, but the kernels are eager ones, unfused;
-# - inductor's graph partitions: the parts around the cond are CUDA-graphed, the cond itself (the
+# - inductor's graph partitions, with the cond: the parts around it are CUDA-graphed, the cond itself (the
 #   middle blocks, on computed steps) runs outside them after a host read of the predicate;
 # - cuda_graphs=True: dittofx compiles its graphs and replays them from CUDA graphs of its own, with
 #   no dynamo frame or cudagraph tree per call (no torch.compile: None); a step decided on the device
@@ -349,8 +351,9 @@ def _cachedit_row(spec: Spec, weights: torch.nn.Module, cname: str, how: str, mo
 CUDAGRAPH_VARIANTS: dict[str, tuple[dict, dict | None]] = {
     "split_at_decision, head reduce-overhead": ({"split_at_decision": {"mode": "reduce-overhead"}}, {"mode": "reduce-overhead"}),
     "split_at_decision, head eager": ({"split_at_decision": True}, {"mode": "reduce-overhead"}),
-    "backend=cudagraphs": ({}, {"backend": "cudagraphs"}),
-    "graph_partition": ({}, {"options": {"triton.cudagraphs": True, "graph_partition": True}}),
+    "split_at_decision=False (the torch.cond graph)": ({"split_at_decision": False}, {"mode": "reduce-overhead"}),
+    "backend=cudagraphs": ({"split_at_decision": False}, {"backend": "cudagraphs"}),
+    "graph_partition": ({"split_at_decision": False}, {"options": {"triton.cudagraphs": True, "graph_partition": True}}),
     "cuda_graphs=True, no torch.compile": ({"cuda_graphs": True}, None),
     "cuda_graphs=True split_at_decision=True, no torch.compile": ({"cuda_graphs": True, "split_at_decision": True}, None),
 }

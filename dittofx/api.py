@@ -18,7 +18,7 @@ from .config import CacheConfig, DBPruneConfig, TeaCacheConfig, config_field_nam
 from .masks import as_count
 from .passes.partition import fn_bn_too_large
 from .patterns.chain import module_lists
-from .runtime.engine import Engine, context_parallel_group
+from .runtime.engine import UNDER_CUDA_GRAPHS, EAGER, Engine, context_parallel_group
 from .runtime.state import HISTORY
 from .runtime.pipeline import attach_refresh, detach_refresh, is_pipeline, pipeline_transformers
 
@@ -96,7 +96,7 @@ def optimize(
     example_inputs: tuple[tuple, dict] | None = None,
     process_group: Any = None,
     params_modifiers: Mapping[str, Any] | list[Any] | None = None,
-    split_at_decision: bool | dict[str, Any] = False,
+    split_at_decision: bool | dict[str, Any] | None = None,
     cuda_graphs: bool = False,
     **cache_dit_arguments: Any,
 ) -> torch.nn.Module | DiffusionPipeline:
@@ -121,9 +121,13 @@ def optimize(
     host's read of its decision (the one sync the cond makes too), then a cond-free tail that
     computes the middle (Bn, epilogue) or finishes the cached step (a copy of the head's outputs):
     inductor runs no CUDA graph for a graph holding a torch.cond, so this is the way to CUDA
-    graphs (`mode="reduce-overhead"`) with dynamic decisions. The head runs eagerly, or compiled
-    with `torch.compile(head, fullgraph=True, **d)` when a dict `d` is given (e.g.
-    `{"mode": "reduce-overhead"}`). DBCache and TeaCache.
+    graphs (`mode="reduce-overhead"`) with dynamic decisions. None (the default): split where the
+    model's call runs under a torch.compile that records CUDA graphs (`mode="reduce-overhead"` or
+    `"max-autotune"`, of `torch.compile(model, ...)` or `model.compile(...)`), the head compiled by
+    that same compile; else the torch.cond stays. False: never split. True: split, the head run
+    eagerly. A dict `d`: split, the head compiled with `torch.compile(head, fullgraph=True, **d)`
+    (`{}` under a default-mode compile: a cached step then passes no weight of the middle to a
+    cond). DBCache and TeaCache (DBPrune never splits).
     `cuda_graphs` (experimental): dittofx compiles each of its graphs with inductor and replays
     it from a CUDA graph of its own, captured once per graph, state and input sizes. A step decided
     on the device is one capture: the head, then each tail under a CUDA-graph conditional node
@@ -154,7 +158,7 @@ def optimize(
     if params_modifiers is not None:
         raise ValueError(f"params_modifiers: model={type(model).__name__} is one transformer; {_ONE_CONFIG_PER_TRANSFORMER}")
     cfg = parse_config({} if cache_config is None else cache_config)
-    split = _split_option(split_at_decision, cfg)
+    split = _split_option(split_at_decision, cfg, cuda_graphs)
     group = _group_name(context_parallel_group(module) if process_group is None else process_group)
     _check_cuda_graphs(cuda_graphs, split, cfg, group)
     if example_inputs is not None:
@@ -199,14 +203,18 @@ def _refuse_other_arguments(arguments: dict[str, Any]) -> None:
         raise TypeError(f"dittofx.optimize({name}={shown}): {why}")
 
 
-def _split_option(split_at_decision: Any, cfg: CacheConfig) -> dict | None:
-    """`split_at_decision` as the engine takes it: None (off), or {"compile": None (eager head) or
-    torch.compile arguments for the head}."""
+def _split_option(split_at_decision: Any, cfg: CacheConfig, cuda_graphs: Any) -> str | dict | None:
+    """`split_at_decision` as the engine takes it: None (off), EAGER, torch.compile arguments for
+    the head, or UNDER_CUDA_GRAPHS (the default, where a split is possible: not DBPrune, nor with
+    cuda_graphs, whose graphs dittofx compiles and replays without torch.compile)."""
+    if split_at_decision is None:
+        return None if isinstance(cfg, DBPruneConfig) or cuda_graphs is True else UNDER_CUDA_GRAPHS
     if split_at_decision is False:
         return None
     if split_at_decision is not True and not isinstance(split_at_decision, Mapping):
         raise TypeError(
-            f"split_at_decision={split_at_decision!r}: must be True, False or a dict of torch.compile arguments for the head"
+            f"split_at_decision={split_at_decision!r}: must be None (split under CUDA graphs), True, False or a dict of "
+            "torch.compile arguments for the head"
         )
     if isinstance(cfg, DBPruneConfig):
         raise ValueError(
@@ -215,7 +223,7 @@ def _split_option(split_at_decision: Any, cfg: CacheConfig) -> dict | None:
             "off; allowed with 'dbcache' and 'teacache'"
         )
     if split_at_decision is True:
-        return {"compile": None}
+        return EAGER
     allowed = sorted(set(inspect.signature(torch.compile).parameters) - {"model"})
     unknown = sorted(set(split_at_decision) - set(allowed))
     if unknown:
@@ -224,15 +232,15 @@ def _split_option(split_at_decision: Any, cfg: CacheConfig) -> dict | None:
         torch.compile(lambda: None, **{"fullgraph": True, **split_at_decision})
     except Exception as err:
         raise ValueError(f"split_at_decision={dict(split_at_decision)!r}: torch.compile refuses it ({type(err).__name__}: {err})") from None
-    return {"compile": dict(split_at_decision)}
+    return dict(split_at_decision)
 
 
-def _check_cuda_graphs(cuda_graphs: Any, split: dict | None, cfg: CacheConfig, group: str | None) -> None:
+def _check_cuda_graphs(cuda_graphs: Any, split: str | dict | None, cfg: CacheConfig, group: str | None) -> None:
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs={cuda_graphs!r}: must be True or False")
-    if cuda_graphs and split is not None and split["compile"] is not None:
+    if cuda_graphs and isinstance(split, dict):
         raise ValueError(
-            f"cuda_graphs=True with split_at_decision={split['compile']!r}: cuda_graphs compiles the head itself, so "
+            f"cuda_graphs=True with split_at_decision={split!r}: cuda_graphs compiles the head itself, so "
             "torch.compile arguments for it do not apply; give split_at_decision=True (the host reads each decision "
             "between the head's replay and the tail's) or leave it out (the GPU reads it: conditional nodes)"
         )

@@ -111,10 +111,39 @@ def test_split_tails_under_inductor_equal_eager_and_the_head_compiles_when_asked
     assert (counter.frame_count, head_counter.frame_count) == (3, 1)  # compute, two tails; one head
 
 
+def test_by_default_a_compile_that_records_cuda_graphs_splits_with_its_own_compile_and_others_keep_the_cond():
+    """split_at_decision left out: under torch.compile(mode="reduce-overhead") the steps decided on
+    the device run split, the head compiled by the model's own compile (inductor, its mode: on CPU
+    it records no graph, but the split is taken all the same); a default-mode compile, an eager
+    call and split_at_decision=False run the torch.cond graph. Same schedule and outputs."""
+    z = zoo.get("pixart")
+    cfg = {"residual_diff_threshold": 0.1, "max_warmup_steps": 2, "num_inference_steps": STEPS, "max_continuous_cached_steps": 2}
+    torch._dynamo.reset()
+    models = {name: dittofx.optimize(z.build(), cfg, **opts) for name, opts in
+              (("eager", {}), ("reduce-overhead", {}), ("default mode", {}), ("never", {"split_at_decision": False}))}  # fmt: skip
+    runs = {name: TailCounter(m) for name, m in models.items()}
+    calls = {
+        "eager": models["eager"],
+        "reduce-overhead": torch.compile(models["reduce-overhead"], mode="reduce-overhead", fullgraph=True),
+        "default mode": torch.compile(models["default mode"], fullgraph=True, backend=CompileCounter()),
+        "never": torch.compile(models["never"], mode="reduce-overhead", fullgraph=True),
+    }
+    want = steps(calls["eager"], z)
+    for name in ("reduce-overhead", "default mode", "never"):
+        for a, b in zip(steps(calls[name], z), want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+        assert dittofx.summary(models[name])[0].cached_steps == dittofx.summary(models["eager"])[0].cached_steps
+    decided = {name: set(r.graphs) - {"compute", "cache"} for name, r in runs.items()}  # warmup: host-decided
+    assert decided == {"eager": {"device"}, "reduce-overhead": {"split-compute", "split-cache"}, "default mode": {"device"},
+                       "never": {"device"}}, decided  # fmt: skip
+    entry = models["reduce-overhead"]._dittofx.current[1]
+    assert entry.head_made_by is calls["reduce-overhead"].dynamo_ctx and entry.head.dynamo_ctx is entry.head_made_by
+
+
 def test_bad_split_option_raises_and_leaves_the_model_untouched():
     z = zoo.get("pixart")
     model = z.build()
-    with pytest.raises(TypeError, match=r"split_at_decision='yes': must be True, False or a dict of torch.compile arguments"):
+    with pytest.raises(TypeError, match=r"split_at_decision='yes': must be None \(split under CUDA graphs\), True, False or a dict"):
         dittofx.optimize(model, {}, split_at_decision="yes")
     with pytest.raises(ValueError, match=r"split_at_decision with method='dbprune'.*allowed with 'dbcache' and 'teacache'"):
         dittofx.optimize(model, {"method": "dbprune"}, split_at_decision=True)
@@ -139,7 +168,7 @@ def test_split_option_checked_for_every_pipeline_transformer_before_any_is_touch
     assert type(pipe) is cls and "_dittofx" not in pipe.transformer.__dict__ and "_dittofx" not in pipe.transformer_2.__dict__
     # a shared DBPrune config that every transformer replaces is fine
     dittofx.optimize(pipe, {"method": "dbprune"}, params_modifiers=[{"method": "dbcache"}, {"method": "dbcache"}], split_at_decision=True)
-    assert pipe.transformer._dittofx.split == {"compile": None}
+    assert pipe.transformer._dittofx.split == "eager"
 
 
 def test_a_compiled_head_mutates_only_static_inputs():

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch._dynamo import eval_frame
 from torch.utils import _pytree as pytree
 
 from ..config import CacheConfig, DBPruneConfig, TeaCacheConfig
@@ -39,6 +40,7 @@ from ..masks import steps_mask
 from .blockwise import Blockwise, BlockwiseConfigError, BlockwiseError, bind_arguments, close_at_scale, learn_chain
 from . import graphs as own_graphs
 from . import structure
+from .compile_context import enclosing_compile, records_cuda_graphs
 from .graphs import Replays
 from .state import HISTORY, SCALARS, CacheState, CacheStates, mark_static, normal_tensors
 
@@ -83,6 +85,7 @@ class Entry:
     pruned_blocks: list[int] = field(default_factory=list)  # DBPrune: chain positions of the prunable blocks
     recaptured: bool = False  # captured because the graphs of the same input structure were wrong at new sizes
     head: Callable | None = None  # the split head as run in the pre-hook (compiled if asked)
+    head_made_by: Any = None  # how `head` was made (Engine._split_how): made again when that changes
     # concrete input shapes the graph is known to be right for -> the state shapes they need
     # (p, then each carried middle output): worked out once per size, not per step
     state_shapes: dict[tuple, tuple] = field(default_factory=dict)
@@ -322,12 +325,14 @@ class Engine:
     """
 
     def __init__(
-        self, model: torch.nn.Module, cfg: CacheConfig, group: str | None = None, split: dict | None = None, cuda_graphs: bool = False
+        self, model: torch.nn.Module, cfg: CacheConfig, group: str | None = None, split: Any = None, cuda_graphs: bool = False
     ):
         self.model = model
         self.cfg = cfg
-        # split_at_decision: None = the device decision stays in the graph (torch.cond); else
-        # {"compile": None (the head runs eagerly) or torch.compile arguments for the head}
+        # split_at_decision: None = the device decision stays in the graph (torch.cond); EAGER (the
+        # head runs eagerly), torch.compile arguments for the head, or UNDER_CUDA_GRAPHS (the
+        # default: split where the model's call runs under a torch.compile that records CUDA
+        # graphs, the head compiled by that compile)
         self.split = split
         # cuda_graphs: dittofx compiles its graphs and replays them from CUDA graphs of its own
         # (graphs.py: a step decided on the device is one capture, its tails under conditional
@@ -1082,8 +1087,9 @@ class Engine:
         self._watch_timesteps(branch, args, kwargs)
         (decision, counted), head = self._host_decision(branch), ()
         decision = self._reuse_first_branch(branch, decision, state)
-        if decision == "device" and (self.split is not None or self._host_reads_for_own_graphs(device)):
-            head = self._run_head(entry, self._leading(entry, "split-head", state), leaves, branch, state)
+        how = self._split_how() if decision == "device" else None
+        if how is not None or (decision == "device" and self._host_reads_for_own_graphs(device)):
+            head = self._run_head(entry, self._leading(entry, "split-head", state), leaves, branch, state, how)
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
         elif decision == "device" and self.replays is None and "cond without CUDA graphs" not in self._warned and cuda_graphs_in_use(device):
             self._warn_once(
@@ -1094,7 +1100,8 @@ class Engine:
                 "uncached). %s",
                 type(self.model).__name__,
                 "DBPrune has no cond-free form of those steps: compile without CUDA graphs." if self.prune else
-                "dittofx.optimize(..., split_at_decision={'mode': 'reduce-overhead'}) keeps CUDA graphs for them.",
+                "split_at_decision={'mode': 'reduce-overhead'} keeps CUDA graphs for them (as its default does for a model "
+                "called under a torch.compile that records CUDA graphs).",
             )  # fmt: skip
         if counted is not None:  # the step runs (a head that raised did not): the host counts it
             self.host[branch] = counted
@@ -1254,19 +1261,33 @@ class Engine:
             return [*state.tensors(), *entry.live_state(), *entry.captured.constants]
         return entry.leading(graph, state.tensors())
 
-    def _run_head(self, entry: Entry, leading: list[torch.Tensor], leaves: list, branch: str, state: CacheState) -> tuple[torch.Tensor, ...]:
+    def _split_how(self) -> Any:
+        """How this step decided on the device runs its split head: None (not split: the step runs
+        its torch.cond), EAGER, torch.compile arguments, or (UNDER_CUDA_GRAPHS) the context of the
+        torch.compile the model's call runs under, where that records CUDA graphs (compile_context.py)."""
+        if self.split is UNDER_CUDA_GRAPHS:
+            context = enclosing_compile()
+            return context if context is not None and records_cuda_graphs(context) else None
+        return self.split
+
+    def _run_head(
+        self, entry: Entry, leading: list[torch.Tensor], leaves: list, branch: str, state: CacheState, how: Any
+    ) -> tuple[torch.Tensor, ...]:
         """The split head (prologue, Fn, gates, diff, a cached step's path: passes/split.py), run
         here, before the forward: the forward then runs a cond-free tail, which CUDA graphs can hold."""
         if self.replays is not None:
             with torch.no_grad():
                 return self.replays.get("split-head", entry.graphs, branch, state, leaves)(leading, leaves)
-        compile_args = self.split["compile"]
-        if entry.head is None:
+        if entry.head is None or entry.head_made_by is not how:
             graph = entry.graphs["split-head"]
-            entry.head = graph if compile_args is None else torch.compile(graph, **{"fullgraph": True, **compile_args})
-            if compile_args is not None:  # the model's buffers and constants reach it as plain inputs
-                for t in [*entry.live_state(), *entry.captured.constants]:
+            if how is EAGER:
+                entry.head = graph
+            else:
+                compiling = isinstance(how, eval_frame._TorchDynamoContext)
+                entry.head = how(graph) if compiling else torch.compile(graph, **{"fullgraph": True, **how})
+                for t in [*entry.live_state(), *entry.captured.constants]:  # they reach it as plain inputs
                     mark_static(t)
+            entry.head_made_by = how
         with torch.no_grad():
             return entry.head(*leading, *leaves)
 
@@ -1341,6 +1362,7 @@ class Engine:
 
 
 HEAD_KWARG = "_dittofx_head"
+EAGER, UNDER_CUDA_GRAPHS = "eager", "under CUDA graphs"  # split_at_decision=True; its default
 OUTSIDE_ITS_PIPELINE = (
     "is called outside the pipeline that dittofx.optimize was given, whose calls set its request length (a pipeline "
     "made with from_pipe shares this transformer): dittofx.optimize that pipeline too, or "
