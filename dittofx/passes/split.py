@@ -34,7 +34,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..runtime import gates
-from .sizes import SIZE_OPS
+from .sizes import SIZE_OPS, recompute_or_pass
 
 __all__ = ["SplitAtDecisionPass", "SIDES", "boundary", "speculates"]
 
@@ -58,24 +58,13 @@ def _plan(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
     cond = _cond_node(gm.graph)
     cut = nodes.index(cond)
     head = set(nodes[:cut]) - set(gm.graph.find_nodes(op="placeholder"))
-    tensors, again = {cond.args[0]: None}, {}
-
-    def need(node: fx.Node) -> None:
-        if node not in head or node in tensors or node in again:
-            return
-        if node.op == "get_attr" or node.target in SIZE_OPS:
-            for arg in node.all_input_nodes:
-                need(arg)
-            again[node] = None
-        else:
-            tensors[node] = None
-
-    for user in nodes[cut:]:
-        for node in user.all_input_nodes:
-            if not _is_branch(node, cond):
-                need(node)
+    pred = cond.args[0]
+    read = [node for user in nodes[cut:] for node in user.all_input_nodes if not _is_branch(node, cond)]
+    again, tensors = recompute_or_pass(
+        [pred, *read], lambda node: node.op == "get_attr" or node.target in SIZE_OPS, outside=lambda node: node not in head
+    )
     order = {n: i for i, n in enumerate(nodes)}
-    return [cond.args[0], *sorted(list(tensors)[1:], key=order.get)], sorted(again, key=order.get)
+    return [pred, *sorted((t for t in tensors if t is not pred), key=order.get)], sorted(again, key=order.get)
 
 
 def boundary(gm: fx.GraphModule) -> list[fx.Node]:
