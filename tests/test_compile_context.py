@@ -75,8 +75,14 @@ def test_which_compiles_record_cuda_graphs(compile_args, records):
     assert records_cuda_graphs(torch.compile(Plus(), **compile_args).dynamo_ctx) is records
 
 
-def test_inductors_global_cuda_graphs_setting_counts():
+def test_inductors_global_cuda_graphs_setting_counts_for_inductor_however_named():
+    from torch._inductor.compile_fx import compile_fx
+
+    named = {"torch.compile": lambda: torch.compile(Plus()), "compile_fx": lambda: torch.compile(Plus(), backend=compile_fx),
+             "dynamo.optimize": lambda: torch._dynamo.optimize("inductor")(Plus())}  # fmt: skip
+    for name, make in named.items():
+        with torch._inductor.config.patch({"triton.cudagraphs": True}):
+            assert records_cuda_graphs(make().dynamo_ctx), name
+        assert not records_cuda_graphs(make().dynamo_ctx), name
     with torch._inductor.config.patch({"triton.cudagraphs": True}):
-        assert records_cuda_graphs(torch.compile(Plus()).dynamo_ctx)
         assert not records_cuda_graphs(torch.compile(Plus(), options={"triton.cudagraphs": False}).dynamo_ctx)
-    assert not records_cuda_graphs(torch.compile(Plus()).dynamo_ctx)

@@ -41,13 +41,18 @@ def enclosing_compile(frame: FrameType | None = None) -> eval_frame._TorchDynamo
 
 def records_cuda_graphs(context: eval_frame._TorchDynamoContext) -> bool:
     """Whether the compile behind `context` records CUDA graphs: inductor with `triton.cudagraphs`
-    (mode="reduce-overhead" or "max-autotune", or set in its options or globally), or dynamo's
-    "cudagraphs" backend."""
+    (mode="reduce-overhead" or "max-autotune", or set in its options or globally; inductor also as
+    its registered function or compile_fx), or dynamo's "cudagraphs" backend."""
     backend = context.callback
     while hasattr(backend, "_torchdynamo_orig_backend"):  # dynamo's wrappers around the backend
         backend = backend._torchdynamo_orig_backend
-    if getattr(backend, "compiler_name", None) == "cudagraphs":
+    name = getattr(backend, "compiler_name", None)
+    if name == "cudagraphs":
         return True
-    if getattr(backend, "compiler_name", None) != "inductor":
-        return False
-    return bool(backend.config.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
+    if name == "inductor":  # torch.compile's wrapper, with the options the compile was given
+        return bool(backend.config.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch._inductor.compile_fx import compile_fx
+
+    function = getattr(backend, "compiler_fn", backend)  # torch.compile's wrapper of a backend given as a function
+    return function in (lookup_backend("inductor"), compile_fx) and bool(torch._inductor.config.triton.cudagraphs)
