@@ -11,6 +11,7 @@ and options, without the user naming them twice.
 from __future__ import annotations
 
 import sys
+import weakref
 from types import FrameType
 
 from torch._dynamo import eval_frame
@@ -42,7 +43,17 @@ def enclosing_compile(frame: FrameType | None = None) -> eval_frame._TorchDynamo
 def records_cuda_graphs(context: eval_frame._TorchDynamoContext) -> bool:
     """Whether the compile behind `context` records CUDA graphs: inductor with `triton.cudagraphs`
     (mode="reduce-overhead" or "max-autotune", or set in its options or globally; inductor also as
-    its registered function or compile_fx), or dynamo's "cudagraphs" backend."""
+    its registered function or compile_fx), or dynamo's "cudagraphs" backend. Worked out once per
+    compile (asked at every step the device decides)."""
+    if context not in _RECORDS:
+        _RECORDS[context] = _records(context)
+    return _RECORDS[context]
+
+
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _records(context: eval_frame._TorchDynamoContext) -> bool:
     backend = context.callback
     while hasattr(backend, "_torchdynamo_orig_backend"):  # dynamo's wrappers around the backend
         backend = backend._torchdynamo_orig_backend
