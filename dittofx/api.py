@@ -294,7 +294,7 @@ def _optimize_pipeline(
     if all(engines.values()):  # shared with a pipeline optimized before (from_pipe): its calls refresh them too
         given = cache_config is not None or params_modifiers is not None
         other = [n for n in names if given and configs[n] != engines[n].cfg]
-        if other or split_at_decision or cuda_graphs:
+        if other or split_at_decision is not None or cuda_graphs:
             raise ValueError(
                 f"pipeline {type(pipe).__name__}.{other[0] if other else names[0]}: already optimized with "
                 f"{engines[names[0]].cfg.short_name()} (optimized on its own, or shared with another pipeline, e.g. through "

@@ -69,14 +69,15 @@ def test_state_weights_and_constants_are_static_inputs_and_host_decided_steps_ho
 @pytest.mark.parametrize(
     "case, split, graphs_in_use, warned_at",
     [("dbcache dynamic", False, True, [2]), ("dbcache dynamic", True, True, []), ("dbcache dynamic", False, False, []),
-     ("dbprune", False, True, [2])],
+     ("dbprune", False, True, [2]), ("dbcache dynamic", None, True, [])],
 )  # fmt: skip
 def test_a_device_decided_step_warns_once_where_cuda_graphs_are_in_use(monkeypatch, caplog, case, split, graphs_in_use, warned_at):
     """Its graph holds the torch.cond, which inductor's CUDA graphs skip (on the H100, PixArt-512
     with a threshold under mode="reduce-overhead" ran 2.1x slower than uncached): said once, at
     the first step the device decides (here step 2, after two warmup steps), and not with
-    split_at_decision, whose tail graphs hold no cond. The advice is split_at_decision, except for
-    DBPrune, which refuses it. Whether CUDA-graph trees are in use is faked here (CPU);
+    split_at_decision, whose tail graphs hold no cond, nor with its default (None), which would have
+    split a call under CUDA graphs: one that runs the cond is not under them. The advice is
+    split_at_decision, except for DBPrune, which refuses it. Whether CUDA-graph trees are in use is faked here (CPU);
     `cuda_graphs_in_use` itself says False for a CPU device."""
     import logging
 

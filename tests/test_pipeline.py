@@ -158,6 +158,9 @@ def test_optimizing_the_pipeline_that_shares_the_transformer_makes_its_calls_set
             generate(i2i, 20, image=IMAGE, strength=0.5)
     with pytest.raises(ValueError, match=r"FluxImg2ImgPipeline.transformer: already optimized with DBCache_F1B0_W2.*shared with another pipeline"):
         dittofx.optimize(i2i, {"residual_diff_threshold": 0.3})
+    for option in ({"split_at_decision": False}, {"split_at_decision": {}}, {"cuda_graphs": True}):  # options of its own: refused too
+        with pytest.raises(ValueError, match=r"already optimized with DBCache_F1B0_W2.*no other options"):
+            dittofx.optimize(i2i, MASKED, **option)
     assert dittofx.optimize(i2i, MASKED) is i2i
     for steps, strength, runs in ((20, 0.5, 10), (12, 0.75, 9)):
         generate(i2i, steps, image=IMAGE, strength=strength)

@@ -4,7 +4,8 @@
       -> the block chain (patterns/chain.py); TeaCache: block 0's modulated input (patterns/modulation.py)
       -> PartitionPass: prologue | Fn | middle | Bn | epilogue (partition.py)
       -> CacheRewritePass once per decision kind (rewrite.py), or PruneRewritePass (prune.py)
-      -> SplitAtDecisionPass: the device graph as head and tails (split.py), where asked
+      -> SplitAtDecisionPass: the device graph as head and tails (split.py), unless never asked
+         (split_at_decision=False, DBPrune)
 
 Graph in, graphs out; the engine (runtime/engine.py) feeds them the live weights and the state.
 """

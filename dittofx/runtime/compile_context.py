@@ -14,9 +14,8 @@ import sys
 import weakref
 from types import FrameType
 
-from torch._dynamo import eval_frame
-
 import torch
+from torch._dynamo import eval_frame
 
 __all__ = ["enclosing_compile", "records_cuda_graphs"]
 
@@ -62,8 +61,11 @@ def _records(context: eval_frame._TorchDynamoContext) -> bool:
         return True
     if name == "inductor":  # torch.compile's wrapper, with the options the compile was given
         return bool(backend.config.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs))
-    from torch._dynamo.backends.registry import lookup_backend
-    from torch._inductor.compile_fx import compile_fx
-
     function = getattr(backend, "compiler_fn", backend)  # torch.compile's wrapper of a backend given as a function
-    return function in (lookup_backend("inductor"), compile_fx) and bool(torch._inductor.config.triton.cudagraphs)
+    inductor = (getattr(function, "__module__", None), getattr(function, "__name__", None)) in INDUCTOR_FUNCTIONS
+    return inductor and bool(torch._inductor.config.triton.cudagraphs)
+
+
+# inductor as a plain function: its registered backend, and compile_fx (named, not imported: a
+# compile with another backend would import inductor for this)
+INDUCTOR_FUNCTIONS = {("torch._dynamo.backends.inductor", "inductor"), ("torch._inductor.compile_fx", "compile_fx")}

@@ -75,8 +75,8 @@ class Entry:
     captured: CapturedGraph
     chain: Chain
     partition: Partition
-    # rewritten, per decision: "device" (torch.cond), "compute", "cache"; with split_at_decision
-    # also the device graph's halves: "split-head", "split-compute", "split-cache"
+    # rewritten, per decision: "device" (torch.cond), "compute", "cache"; unless split_at_decision
+    # is False, also the device graph's halves: "split-head", "split-compute", "split-cache"
     graphs: dict[str, fx.GraphModule]
     slots: list[tuple[torch.nn.Module, str, bool]]  # (owner module, attribute, is_parameter) per state placeholder
     key: tuple
@@ -1091,7 +1091,10 @@ class Engine:
         if how is not None or (decision == "device" and self._host_reads_for_own_graphs(device)):
             head = self._run_head(entry, self._leading(entry, "split-head", state), leaves, branch, state, how)
             decision = "split-cache" if bool(head[0]) else "split-compute"  # the step's one host sync
-        elif decision == "device" and self.replays is None and "cond without CUDA graphs" not in self._warned and cuda_graphs_in_use(device):
+        elif (
+            decision == "device" and self.replays is None and self.split is not UNDER_CUDA_GRAPHS  # else it would have split
+            and "cond without CUDA graphs" not in self._warned and cuda_graphs_in_use(device)
+        ):  # fmt: skip
             self._warn_once(
                 "cond without CUDA graphs",
                 "dittofx: CUDA graphs are in use in this process (torch.compile mode='reduce-overhead' or 'max-autotune'); "
