@@ -189,7 +189,6 @@ _CACHE_DIT_ARGUMENTS = {
 def _refuse_other_arguments(arguments: dict[str, Any]) -> None:
     """cache_dit.enable_cache's keywords left at their default (None) pass; any other refuses, saying
     where its setting goes (a cache config field, as cache-dit's deprecated keywords: in cache_config)."""
-    allowed = ", ".join(n for n in inspect.signature(optimize).parameters if n not in ("model", "cache_dit_arguments"))
     for name, value in arguments.items():
         if name in _CACHE_DIT_ARGUMENTS and value is None:
             continue
@@ -199,6 +198,7 @@ def _refuse_other_arguments(arguments: dict[str, Any]) -> None:
         elif name in config_field_names():
             why = f"a cache config field: pass it in cache_config, dittofx.optimize(model, {{{name!r}: {shown}, ...}})"
         else:
+            allowed = ", ".join(n for n in inspect.signature(optimize).parameters if n not in ("model", "cache_dit_arguments"))
             why = f"no such argument; dittofx.optimize takes {allowed}"
         raise TypeError(f"dittofx.optimize({name}={shown}): {why}")
 

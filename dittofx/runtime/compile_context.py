@@ -19,6 +19,10 @@ from torch._dynamo import eval_frame
 
 __all__ = ["enclosing_compile", "records_cuda_graphs"]
 
+# inductor as a plain function: its registered backend, and compile_fx (named, not imported: a
+# compile with another backend would import inductor for this)
+INDUCTOR_FUNCTIONS = {("torch._dynamo.backends.inductor", "inductor"), ("torch._inductor.compile_fx", "compile_fx")}
+
 
 def enclosing_compile(frame: FrameType | None = None) -> eval_frame._TorchDynamoContext | None:
     """The context of the torch.compile wrapping the call that runs `frame` (default: the caller's),
@@ -64,8 +68,3 @@ def _records(context: eval_frame._TorchDynamoContext) -> bool:
     function = getattr(backend, "compiler_fn", backend)  # torch.compile's wrapper of a backend given as a function
     inductor = (getattr(function, "__module__", None), getattr(function, "__name__", None)) in INDUCTOR_FUNCTIONS
     return inductor and bool(torch._inductor.config.triton.cudagraphs)
-
-
-# inductor as a plain function: its registered backend, and compile_fx (named, not imported: a
-# compile with another backend would import inductor for this)
-INDUCTOR_FUNCTIONS = {("torch._dynamo.backends.inductor", "inductor"), ("torch._inductor.compile_fx", "compile_fx")}
